@@ -1,0 +1,236 @@
+"""The Llama transformer, hand-written in PyTorch.
+
+Follows transformers' `modeling_llama.py` numerically (the oracle: RMSNorm and RoPE in float32, HF's
+`rotate_half` layout) and gpt-fast's shape for speed (a preallocated KV cache written at explicit positions,
+so every decode step has the same shapes). Module names mirror the checkpoint keys, so loading is a strict
+state-dict load.
+
+Shapes: B batch, T new tokens this call, S cache length, D hidden size, H query heads, K key/value heads,
+hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that can carry one unmerged LoRA adapter.
+
+    `adapter` is `(A [r, in], B [out, r], scale)` or None. It is a plain attribute, not a parameter, so the
+    state dict keeps the checkpoint's keys and swapping adapters never touches the base weight.
+    """
+
+    adapter: tuple[Tensor, Tensor, float] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.adapter is not None:
+            a, b, scale = self.adapter
+            y = y + F.linear(F.linear(x, a), b) * scale
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and scale in the model dtype, exactly as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
+    """Inverse frequencies [hd/2] in float32, with Llama 3 scaling when the config asks for it.
+
+    Llama 3 scaling divides low frequencies (wavelength longer than original_ctx / low_freq_factor) by
+    `factor`, keeps high frequencies (wavelength shorter than original_ctx / high_freq_factor), and blends
+    linearly in between. All four numbers come from the config: 3.1 uses factor 8, 3.2 uses 32.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    ctx = s.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > ctx / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= ctx / s.high_freq_factor) & (wavelen <= ctx / s.low_freq_factor)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, T, hd] for positions [B, T], computed in float32 then cast to the model dtype.
+
+    HF layout: the two halves of the head carry the same frequencies (`cat(freqs, freqs)`), paired with
+    `rotate_half`. Meta's checkpoints interleave pairs instead; HF's conversion permutes the q/k weights so
+    the two forms agree, which is why HF checkpoints load here without any reordering.
+    """
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [L, B, K, S, hd] each.
+
+    Sized per request (prompt + max_tokens), never to the model's whole context. Rows are written at their
+    own positions, so a batch of prompts of different lengths shares one cache without left padding.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, length: int, *, device, dtype: torch.dtype):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows (used when rows of a batch finish early)."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = Linear(config.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.hd, config.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None,
+                input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if kv is not None:
+            k_cache, v_cache = kv  # (B, K, S, hd)
+            if input_pos is None:  # prefill from position 0: store, then attend causally to the fresh keys
+                k_cache[:, :, :T] = k
+                v_cache[:, :, :T] = v
+            else:  # each row writes at its own positions, then attends over the whole cache under `mask`
+                rows = torch.arange(B, device=x.device)[:, None]
+                k_cache[rows, :, input_pos] = k.transpose(1, 2)
+                v_cache[rows, :, input_pos] = v.transpose(1, 2)
+                k, v = k_cache, v_cache
+
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, i, bias=bias)
+        self.up_proj = Linear(d, i, bias=bias)
+        self.down_proj = Linear(i, d, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The body: embedding, L decoder layers, final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Body plus output head: `Transformer(config)(input_ids)` gives logits [B, T, V]."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Not persistent: derived from the config, never read from a checkpoint.
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self, device: torch.device | str) -> None:
+        """Recompute the RoPE frequencies (after building on the meta device)."""
+        self.inv_freq = rope_frequencies(self.config, device)
+
+    def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """Logits for `input_ids` [B, T].
+
+        - no cache: a plain causal forward over positions 0..T-1.
+        - cache, no input_pos: prefill at positions 0..T-1, keys and values stored in the cache.
+        - cache and input_pos [B, T]: each row's tokens sit at its own positions; they attend to every
+          cached position at or before their own (decode, or continuing a prompt).
+        `logits_at` [B]: apply the head only at that position of each row and return [B, 1, V].
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            mask = None
+        else:
+            assert cache is not None, "input_pos needs a cache"
+            positions = input_pos
+            key_pos = torch.arange(cache.length, device=input_ids.device)
+            mask = (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.model.embed_tokens.weight.dtype)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for i, layer in enumerate(self.model.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, cos, sin, kv, input_pos, mask)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,88 @@
+"""Checkpoint loading: safetensors (single file or sharded index) into a `Transformer`.
+
+The model is built on the meta device and the checkpoint's tensors are assigned into it one by one, cast
+to the requested dtype on the way, so peak memory stays about one copy of the weights. Every key and shape
+is checked against the model before anything is assigned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import LlamaConfig
+from .errors import CheckpointError
+from .model import Transformer
+
+# Keys some exporters write that carry nothing the model needs (RoPE tables are derived from the config).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, shards in index order."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+        return files
+    if single.is_file():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pth")):
+        raise CheckpointError(f"{path}: only safetensors checkpoints are supported (found .bin/.pth files)")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
+               dtype: torch.dtype) -> Transformer:
+    """Build the model for `config` and fill it from the checkpoint at `path` (strict)."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # filled by the tie below; a tied checkpoint may still carry it
+
+    state: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    if key not in expected:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (not part of this config's model)")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != expected[key]:
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} has shape {list(shape)}, the config needs {list(expected[key])}"
+                        )
+                    if key in state:
+                        raise CheckpointError(f"{file.name}: tensor {key!r} appears in more than one file")
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: checkpoint is missing tensor(s) {shown}")
+
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # one Parameter object, not two sharing storage
+    model.reset_rope(device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,107 @@
+"""The hand-written model against transformers' LlamaForCausalLM on checkpoints it wrote itself."""
+
+import pytest
+import torch
+
+from fixtures import hf_model
+from llama32.config import LlamaConfig
+from llama32.model import KVCache, rope_frequencies
+from llama32.weights import load_model
+
+
+def ours(path, dtype=torch.float32):
+    config = LlamaConfig.from_file(path / "config.json")
+    return load_model(path, config, device="cpu", dtype=dtype)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["llama32", "llama31", "mha"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_logits_match_transformers(make_checkpoint, kind, sharded):
+    path = make_checkpoint(kind=kind, sharded=sharded)
+    model, ref = ours(path), hf_model(path)
+    # 200 positions: far past the 32-token original context the llama3 scaling bands are measured against.
+    ids = torch.randint(0, model.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(ids), ref(ids).logits
+    assert got.shape == (2, 200, model.config.vocab_size)
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_legacy_config_spelling_loads_the_same(make_checkpoint):
+    """rope_theta + rope_scaling (transformers 4.x files) and rope_parameters (5.x) give the same model."""
+    new, old = make_checkpoint(kind="llama32"), make_checkpoint(kind="llama32", legacy_config=True)
+    assert "rope_scaling" in (old / "config.json").read_text()
+    ids = torch.arange(100)[None] % 500
+    with torch.no_grad():
+        assert torch.equal(ours(new)(ids), ours(old)(ids))
+
+
+def test_llama3_scaling_changes_frequencies(make_checkpoint):
+    """The scaled band is not a no-op at this size: some frequencies are divided by the factor, some kept."""
+    config = LlamaConfig.from_file(make_checkpoint(kind="llama32") / "config.json")
+    plain = LlamaConfig(**{**config.__dict__, "rope_scaling": None})
+    scaled, base = rope_frequencies(config), rope_frequencies(plain)
+    ratio = base / scaled
+    assert torch.isclose(ratio[0], torch.tensor(1.0))  # highest frequency kept
+    assert torch.isclose(ratio[-1], torch.tensor(config.rope_scaling.factor))  # lowest divided by 32
+    assert ((ratio > 1.01) & (ratio < 31.9)).any()  # and some blended in between
+
+
+def test_tied_head_is_the_embedding(make_checkpoint):
+    model = ours(make_checkpoint(kind="llama32"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = ours(make_checkpoint(kind="llama31"))
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["llama32", "mha"])
+def test_prefill_then_decode_equals_full_forward(make_checkpoint, kind):
+    model = ours(make_checkpoint(kind=kind))
+    ids = torch.randint(0, model.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model.config, 2, 64, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :40], cache=cache)]
+        for t in range(40, 60):
+            steps.append(model(ids[:, t : t + 1], cache=cache, input_pos=torch.full((2, 1), t)))
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-5
+
+
+def test_batch_rows_equal_rows_alone(make_checkpoint):
+    """Rows of different lengths share one cache at their own positions and match single-row runs."""
+    model = ours(make_checkpoint(kind="llama32"))
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 512, (1, 30), generator=g), torch.randint(0, 512, (1, 18), generator=g)
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    batch[0], batch[1, :18] = a[0], b[0]
+    cache = KVCache(model.config, 2, 40, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        last = model(batch, cache=cache, logits_at=torch.tensor([29, 17]))
+        assert rel_err(last[0, 0], model(a)[0, -1]) <= 1e-5
+        assert rel_err(last[1, 0], model(b)[0, -1]) <= 1e-5
+        nxt = torch.tensor([[5], [7]])
+        step = model(nxt, cache=cache, input_pos=torch.tensor([[30], [18]]))
+        assert rel_err(step[0, 0], model(torch.cat([a, nxt[:1]], 1))[0, -1]) <= 1e-5
+        assert rel_err(step[1, 0], model(torch.cat([b, nxt[1:]], 1))[0, -1]) <= 1e-5
+    # and a plain batch equals its rows
+    with torch.no_grad():
+        both = model(torch.cat([a[:, :18], b], 0))
+        assert rel_err(both[1], model(b)[0]) <= 1e-5
+
+
+def test_bfloat16_follows_transformers_bfloat16(make_checkpoint):
+    path = make_checkpoint(kind="llama32")
+    ids = torch.arange(64)[None] % 500
+    with torch.no_grad():
+        lo = ours(path, torch.bfloat16)(ids)
+        ref = hf_model(path, dtype=torch.bfloat16, attn_implementation="sdpa")(ids).logits
+        hi = ours(path)(ids)
+    assert lo.dtype == torch.bfloat16
+    # same operations in the same dtype: far closer to transformers-bf16 than either is to float32
+    to_ref = ((lo.float() - ref.float()).abs().mean() / ref.float().abs().mean()).item()
+    to_fp32 = ((lo.float() - hi).abs().mean() / hi.abs().mean()).item()
+    assert to_ref < 0.01 and to_fp32 < 0.05, (to_ref, to_fp32)

@@ -1,0 +1,177 @@
+"""Loading: config parsing, strict tensor checks, dtype casting, and every loading error by its message."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llama32
+from llama32.config import LlamaConfig
+from llama32.errors import CheckpointError
+from llama32.weights import load_model
+
+
+@pytest.fixture
+def ckpt(make_checkpoint, tmp_path):
+    """A private, writable copy of the tiny Llama-3.2-like checkpoint."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint(kind="llama32"), dst)
+    return dst
+
+
+def load(path, dtype=torch.float32):
+    return load_model(path, LlamaConfig.from_file(path / "config.json"), device="cpu", dtype=dtype)
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_fields_read_from_file(make_checkpoint):
+    c = LlamaConfig.from_file(make_checkpoint(kind="llama32") / "config.json")
+    assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (64, 4, 2, 16)
+    assert c.tie_word_embeddings and c.rope_theta == 500000.0
+    assert c.rope_scaling.factor == 32.0 and c.rope_scaling.original_max_position_embeddings == 64
+    assert c.eos_token_id == (2, 3, 4) and c.bos_token_id == 1 and c.torch_dtype == torch.float32
+    legacy = LlamaConfig.from_file(make_checkpoint(kind="mha", legacy_config=True) / "config.json")
+    assert legacy.rope_scaling is None and legacy.head_dim == 16 and legacy.rms_norm_eps == 1e-6
+
+
+def test_llama_3_2_1b_config():
+    """The published Llama 3.2 1B config (transformers 4.x spelling) parses to the right shapes."""
+    c = LlamaConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "model_type": "llama", "num_attention_heads": 32,
+        "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 128256})
+    assert c.rope_scaling.factor == 32.0 and c.num_key_value_heads == 8 and c.torch_dtype == torch.bfloat16
+    assert c.eos_token_id == (128001, 128008, 128009)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"head_dim": None, "hidden_size": 66}, "not divisible by num_attention_heads"),
+    ({"hidden_size": None}, "'hidden_size' is missing"),
+    ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "missing 'low_freq_factor'"),
+    ({"dtype": "int8"}, "dtype 'int8'"),
+])
+def test_bad_config_is_named(ckpt, changes, message):
+    edit_config(ckpt, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        LlamaConfig.from_file(ckpt / "config.json")
+
+
+def test_missing_and_corrupt_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        LlamaConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        LlamaConfig.from_file(tmp_path / "config.json")
+
+
+def test_missing_tensor(ckpt):
+    sd = load_file(ckpt / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
+        load(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.9.mlp.up_proj.weight'"):
+        load(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \[64, 64\], "
+                                               r"the config needs \[32, 64\]"):
+        load(ckpt)
+
+
+def test_corrupt_file(ckpt):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or unreadable"):
+        load(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load(ckpt)
+
+
+def test_no_weights_file(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load(ckpt)
+
+
+def test_missing_shard(make_checkpoint, tmp_path):
+    dst = tmp_path / "sharded"
+    shutil.copytree(make_checkpoint(kind="llama31", sharded=True), dst)
+    victim = sorted(dst.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard file\\(s\\) missing: {victim.name}"):
+        load(dst)
+
+
+def test_untied_checkpoint_without_head(make_checkpoint, tmp_path):
+    dst = tmp_path / "untied"
+    shutil.copytree(make_checkpoint(kind="llama31"), dst)
+    sd = load_file(dst / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load(dst)
+
+
+def test_tied_checkpoint_carrying_a_head_is_fine(ckpt):
+    sd = load_file(ckpt / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    model = load(ckpt)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_cast_to_requested_dtype(make_checkpoint):
+    model = load(make_checkpoint(kind="llama31"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32  # RoPE stays in float32
+    assert not any(p.is_meta for p in model.parameters()) and not model.inv_freq.is_meta
+
+
+def test_load_defaults_to_checkpoint_dtype(make_checkpoint, llama3_tokenizer_dir):
+    path = make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir, dtype="bfloat16")
+    llm = llama32.load(path)
+    assert llm.dtype == torch.bfloat16 and llm.device == torch.device("cpu")
+    assert llama32.load(path, dtype="float32").model.lm_head.weight.dtype == torch.float32
+
+
+def test_load_needs_tokenizer(make_checkpoint):
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        llama32.load(make_checkpoint(kind="mha"))
+
+
+def test_plain_call_returns_logits(make_checkpoint, llama3_tokenizer_dir):
+    llm = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), dtype="float32")
+    ids = torch.tensor([llm.tokenizer.encode("Hello there")])
+    logits = llm.model(ids)
+    assert logits.shape == (1, ids.shape[1], 128256)
