@@ -1,0 +1,86 @@
+"""`llama32.load` and the `Llama` handle it returns: model + tokenizer + config, on one device and dtype."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LlamaConfig
+from .errors import CheckpointError
+from .hub import resolve
+from .tokenizer import Tokenizer
+from .weights import load_model
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16 or float16)")
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Llama:
+    """A loaded checkpoint: `.model` (a torch.nn.Module), `.tokenizer`, `.config`, `.generate(**request)`."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: LlamaConfig, *, path: Path,
+                 device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.lora: str | None = None  # the adapter applied to this handle by load(..., lora=...)
+        self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self.tokenizer.stop_ids | frozenset(self.config.eos_token_id)
+
+    def generate(self, **request: Any):
+        from .generate import generate
+        return generate(self, **request)
+
+    def __repr__(self) -> str:
+        return f"Llama({str(self.path)!r}, device={self.device}, dtype={self.dtype})"
+
+
+def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, lora: str | None = None) -> Llama:
+    """Load a Llama-family checkpoint from a local HF-layout directory or a hub repo id."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    path = resolve(source)
+    config = LlamaConfig.from_file(path / "config.json")
+    dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
+    tokenizer = Tokenizer.from_dir(path)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: tokenizer.json not found")
+    model = load_model(path, config, device=device, dtype=dtype)
+    llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype)
+    if lora is not None:
+        from .lora import apply_to_handle
+        apply_to_handle(llm, lora)
+    return llm

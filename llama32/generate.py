@@ -1,0 +1,195 @@
+"""`generate()`: a Workers AI request body in, a Workers AI result (or stream of chunks) out.
+
+Pipeline: validate the whole request (`requests.py`) → prompt ids → prefill into a KV cache sized to the
+request → decode one token per step with the sampler → text, tool calls and usage. `generate_batch` runs
+the same loop with many rows in one forward per step; `generate` is that loop with one row, so the two
+agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from . import lora as lora_mod
+from .api import Llama
+from .chat import split_tool_calls
+from .errors import InvalidRequest
+from .model import KVCache
+from .requests import Request, validate
+from .sampling import SamplerState, make_generator, sample
+from .tokenizer import StreamDecoder
+
+# Text that may be the start of a tool call: while the answer could still be one, streaming holds it back.
+_CALL_OPENERS = ("{", "[", "<|python_tag|>", "<function=")
+
+
+def generate(llm: Llama, **request: Any) -> dict | Iterator[dict]:
+    """Run one request. Returns the result dict, or an iterator of chunks when `stream=True`.
+
+    The request is validated in full before this returns, streaming or not.
+    """
+    req = validate(llm, request)
+    if req.stream:
+        return _stream(llm, req)
+    return _collect(_stream(llm, req))
+
+
+def generate_batch(llm: Llama, requests: list[dict]) -> list[dict]:
+    """Run many requests, batched: one forward per step for all rows that share an adapter.
+
+    Results equal calling `generate` on each request (each row keeps its own parameters, seed and stop).
+    """
+    if not isinstance(requests, (list, tuple)):
+        raise InvalidRequest(f"requests must be a list of request dicts, got {type(requests).__name__}")
+    reqs = []
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict):
+            raise InvalidRequest(f"requests[{i}] must be a dict, got {type(r).__name__}")
+        try:
+            req = validate(llm, r)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"requests[{i}]: {e}") from None
+        if req.stream:
+            raise InvalidRequest(f"requests[{i}].stream: streaming is not available in generate_batch")
+        reqs.append(req)
+    results: list[dict | None] = [None] * len(reqs)
+    groups: dict[Any, list[int]] = {}
+    for i, req in enumerate(reqs):
+        groups.setdefault(req.adapter_key, []).append(i)
+    for rows in groups.values():
+        outputs = [_Output(llm, reqs[i]) for i in rows]
+        for row, token, done in _decode([reqs[i] for i in rows], llm):
+            outputs[row].push(token, done)
+        for i, out in zip(rows, outputs):
+            results[i] = _collect(out.chunks())
+    return results  # type: ignore[return-value]
+
+
+def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
+    """Server-Sent Events text: `data: {json}\\n\\n` per chunk, then `data: [DONE]\\n\\n`."""
+    if isinstance(chunks, dict):
+        chunks = [chunks]
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _stream(llm: Llama, req: Request) -> Iterator[dict]:
+    out = _Output(llm, req)
+    for _, token, done in _decode([req], llm):
+        out.push(token, done)
+        yield from out.chunks()
+    yield from out.chunks()
+
+
+def _collect(chunks: Iterable[dict]) -> dict:
+    text, last = [], {}
+    for chunk in chunks:
+        text.append(chunk["response"])
+        last = chunk
+    return {"response": "".join(text), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
+
+
+class _Output:
+    """Turns one row's tokens into response chunks: incremental text, tool calls, usage on the last chunk.
+
+    When tools were offered, text that might still become a tool call is held back until it is either
+    clearly prose (then released) or finished (then parsed), so the streamed pieces always concatenate to
+    the non-streamed `response`.
+    """
+
+    def __init__(self, llm: Llama, req: Request):
+        self.req = req
+        self.decoder = StreamDecoder(llm.tokenizer)
+        self.stop_ids = llm.stop_ids
+        self.holding = bool(req.tool_names)
+        self.held = ""
+        self.pending: list[dict] = []
+        self.completion_tokens = 0
+
+    def push(self, token: int, done: bool) -> None:
+        self.completion_tokens += 1
+        piece = "" if token in self.stop_ids else self.decoder.push(token)
+        if done:
+            piece += self.decoder.flush()
+        if self.holding:
+            self.held += piece
+            head = self.held.lstrip()
+            if head and not any(head.startswith(o) or o.startswith(head) for o in _CALL_OPENERS):
+                piece, self.held, self.holding = self.held, "", False
+            else:
+                piece = ""
+        if piece:
+            self.pending.append({"response": piece})
+        if done:
+            calls: list[dict] = []
+            if self.held:
+                rest, calls = split_tool_calls(self.held, self.req.tool_names)
+                self.held = ""
+                if rest:
+                    self.pending.append({"response": rest})
+            p = len(self.req.prompt_ids)
+            final = {"response": "", "usage": {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
+                                                "total_tokens": p + self.completion_tokens}}
+            if calls:
+                final["tool_calls"] = calls
+            if self.pending and not self.pending[-1].get("usage"):
+                last = self.pending.pop()
+                final["response"] = last["response"]
+            self.pending.append(final)
+
+    def chunks(self) -> Iterator[dict]:
+        while self.pending:
+            yield self.pending.pop(0)
+
+
+@torch.inference_mode()
+def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
+    """The generation loop for a batch of rows: yields (row, token, finished) as tokens are drawn.
+
+    Rows sit at their own positions in one KV cache (right-padded prefill, per-row decode positions), so
+    prompts of different lengths need no left padding; rows that finish are dropped from the batch.
+    """
+    model, device, stop_ids = llm.model, llm.device, llm.stop_ids
+    lens = [len(r.prompt_ids) for r in reqs]
+    cache = KVCache(llm.config, len(reqs), max(n + r.max_tokens for n, r in zip(lens, reqs)),
+                    device=device, dtype=llm.dtype)
+    prompt = torch.zeros(len(reqs), max(lens), dtype=torch.long)
+    for i, r in enumerate(reqs):
+        prompt[i, : lens[i]] = torch.tensor(r.prompt_ids)
+    generators = [None if r.params.greedy else make_generator(r.seed, device) for r in reqs]
+    state = SamplerState([r.params for r in reqs], [r.prompt_ids for r in reqs], llm.config.vocab_size,
+                         device, generators)
+    last = torch.tensor(lens, device=device) - 1
+
+    with lora_mod.active(llm, reqs[0].adapter):
+        logits = model(prompt.to(device), cache=cache, logits_at=last)[:, -1]
+    rows = list(range(len(reqs)))  # original index of each live batch row
+    produced = [0] * len(reqs)
+    pos = last[:, None] + 1  # (B, 1): where each row's next token goes
+    while True:
+        tokens = sample(logits, state)  # (B,)
+        state.update(tokens)
+        keep = []
+        for i, token in enumerate(tokens.tolist()):
+            row = rows[i]
+            produced[row] += 1
+            done = token in stop_ids or produced[row] >= reqs[row].max_tokens
+            yield row, token, done
+            if not done:
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(rows):  # finished rows stop costing work
+            idx = torch.tensor(keep, device=device)
+            cache.select(idx)
+            state = state.select(idx)
+            tokens, pos = tokens[idx], pos[idx]
+            rows = [rows[i] for i in keep]
+        with lora_mod.active(llm, reqs[0].adapter):
+            logits = model(tokens[:, None], cache=cache, input_pos=pos)[:, -1]
+        pos = pos + 1
