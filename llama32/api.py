@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
-from .errors import CheckpointError
 from .hub import resolve
 from .tokenizer import Tokenizer
 from .weights import load_model
@@ -49,6 +48,8 @@ class Llama:
         self.dtype = dtype
         self.lora: str | None = None  # the adapter applied to this handle by load(..., lora=...)
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
+        self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
+        self._installed_adapter: Any = None  # what the model's projections carry right now
 
     @property
     def context_length(self) -> int:
@@ -76,8 +77,6 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     config = LlamaConfig.from_file(path / "config.json")
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     tokenizer = Tokenizer.from_dir(path)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path}: tokenizer.json not found")
     model = load_model(path, config, device=device, dtype=dtype)
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype)
     if lora is not None:

@@ -76,7 +76,7 @@ def download(repo_id: str, local: Path | None = None) -> Path:
         raise CheckpointError(
             f"{repo_id}: cannot download (no network, or HF_HUB_OFFLINE is set) and it is not in {local}. "
             "Download it on a connected machine with `python -m llama32 download "
-            f"{repo_id}` and copy {local}, or pass a local checkpoint directory"
+            f"{repo_id}` and copy the folder it prints to {local}, or pass a local checkpoint directory"
         ) from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"{repo_id}: download failed ({e}); set HF_TOKEN if the repo is gated") from None

@@ -156,7 +156,6 @@ def validate(llm: Any, request: dict) -> Request:
     lora = request.get("lora")
     if lora is not None and not isinstance(lora, str):
         raise InvalidRequest(f"lora must be a string (an adapter name or path), got {type(lora).__name__}")
-    adapter = lora_mod.resolve(llm, lora) if lora is not None else None
 
     tok = llm.tokenizer
     if has_prompt:
@@ -183,10 +182,17 @@ def validate(llm: Any, request: dict) -> Request:
             f"vocabulary of {vocab} ids"
         )
     context = llm.context_length
+    if len(ids) >= context:
+        field = "prompt" if has_prompt else "messages"
+        raise InvalidRequest(f"{field}: the prompt is {len(ids)} tokens, which leaves no room in the model's "
+                             f"context of {context} tokens; shorten it")
     if len(ids) + max_tokens > context:
         raise InvalidRequest(
             f"max_tokens: the prompt is {len(ids)} tokens and max_tokens is {max_tokens}, together beyond the "
             f"model's context of {context} tokens; allowed max_tokens here: at most {max(context - len(ids), 0)}"
         )
+    # Last, so a request rejected for anything else loads (and caches) no adapter.
+    adapter = lora_mod.resolve(llm, lora) if lora is not None else None
+    effective = adapter if adapter is not None else llm._default_adapter
     return Request(ids, params, max_tokens, seed, stream, frozenset(tool_names), adapter,
-                   adapter_key=id(adapter) if adapter is not None else None)
+                   adapter_key=None if effective is None else id(effective))

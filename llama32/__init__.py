@@ -1,0 +1,17 @@
+"""llama32: a pure-PyTorch reference implementation of Llama 3.2 1B Instruct.
+
+    llm = llama32.load("meta-llama/Llama-3.2-1B-Instruct")
+    out = llama32.generate(llm, prompt="What is the capital of France?")
+
+See README.md and the contract in shared/spec/API.md.
+"""
+
+from .api import Llama, load
+from .chat import parse_tool_calls, render_chat
+from .errors import CheckpointError, InvalidRequest
+from .generate import generate, generate_batch, to_sse
+
+__all__ = [
+    "Llama", "load", "generate", "generate_batch", "to_sse", "render_chat", "parse_tool_calls",
+    "InvalidRequest", "CheckpointError",
+]
