@@ -1,0 +1,321 @@
+"""`python -m llama32`: the command line over `llama32.load` and `llama32.generate`.
+
+    python -m llama32 "What is the capital of France?"         # stream one answer
+    python -m llama32 --chat                                   # a conversation on stdin
+    python -m llama32 download [REPO_ID]                       # fetch a checkpoint ahead of time
+
+Every request field of shared/spec/API.md has a flag; only the flags given are sent, so the defaults are the
+library's. Errors are one line on stderr, never a traceback; the exit status says which kind (see EXIT_HELP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+import llama32
+from llama32.hub import DEFAULT_MODEL
+from llama32.hub import download as hub_download
+
+PROG = "llama32"
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+CHAT_EXIT = ("/exit", "/quit")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+EXIT_HELP = """\
+exit status:
+  0    success
+  1    the checkpoint cannot be had or loaded (not downloaded and no network, gated repo without
+       HF_TOKEN, missing or corrupt files); the message says what to do
+  2    a usage error: a bad flag or value (argparse, or a request the library rejects, such as
+       --temperature 9), or an unreadable --tools file
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (piped into head, ...)
+
+environment:
+  HF_TOKEN         token for gated repos such as meta-llama/*
+  LLAMA32_WEIGHTS  where repo ids are downloaded (default: the checkout's weights/ folder)
+  HF_HUB_OFFLINE   set to 1 to never touch the network
+"""
+
+# (flag, request field, type, help). Flags left out are not sent, so the library's defaults apply.
+REQUEST_FLAGS = [
+    ("--max-tokens", "max_tokens", int, "most tokens to generate (library default 256)"),
+    ("--temperature", "temperature", float, "0..5; 0 is greedy (library default 0.6)"),
+    ("--top-p", "top_p", float, "0..2; nucleus sampling, >= 1 is off"),
+    ("--top-k", "top_k", int, "1..50; sample among the k most likely tokens"),
+    ("--seed", "seed", int, "1..9999999999; same request + seed + device + dtype gives the same output"),
+    ("--repetition-penalty", "repetition_penalty", float, "0..2; over prompt and answer (0 and 1 are off)"),
+    ("--frequency-penalty", "frequency_penalty", float, "0..2; by how often a token already appeared"),
+    ("--presence-penalty", "presence_penalty", float, "0..2; once a token has appeared at all"),
+    ("--lora", "lora", str, "a PEFT adapter: a directory, or a name under weights/loras/"),
+]
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after argparse (reported like argparse's own: exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Generate text with Llama 3.2 1B Instruct (or any Llama-family checkpoint).\n"
+                    "The answer streams to stdout; errors and --verbose statistics go to stderr.",
+        epilog="subcommand:\n  download [REPO_ID]   fetch a checkpoint ahead of time (default\n"
+               f"                       {DEFAULT_MODEL}) and print the directory it went to\n\n"
+               + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", nargs="?",
+                   help="the user message (read from stdin when left out and stdin is not a terminal)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a Hugging Face repo id or a local checkpoint directory (default {DEFAULT_MODEL}; "
+                        "a repo id is downloaded into weights/ on first use)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
+                   help="float32, bfloat16 or float16 (default: the checkpoint's torch_dtype)")
+
+    req = p.add_argument_group("request fields (sent only when given)")
+    for flag, _, typ, text in REQUEST_FLAGS:
+        req.add_argument(flag, type=typ, help=text, metavar={str: "ADAPTER"}.get(typ, typ.__name__.upper()))
+    req.add_argument("--raw", action="store_true",
+                     help="send the prompt as written, without the chat template (special tokens honoured)")
+    req.add_argument("--system", metavar="TEXT", help="a system message (the request then uses messages)")
+    req.add_argument("--tools", metavar="FILE.json", help="a JSON file holding a list of tools to offer")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help="print the whole result {response, tool_calls, usage} as one line of JSON, no streaming")
+    out.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    out.add_argument("--chat", action="store_true",
+                     help="a conversation: one user line at a time from stdin, history kept; "
+                          f"ends at end of input or {CHAT_EXIT[0]}")
+    out.add_argument("--verbose", action="store_true",
+                     help="after each answer, print token counts, time to first token and tok/s to stderr")
+    return p
+
+
+def build_download_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} download",
+        description="Fetch a checkpoint from the Hugging Face hub into weights/ (or $LLAMA32_WEIGHTS)\n"
+                    "and print the directory it went to. Gated repos (meta-llama/*) need HF_TOKEN.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("repo_id", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# The request
+
+
+def request_fields(args: argparse.Namespace) -> dict:
+    """The request fields the user set: everything else is left to the library's defaults."""
+    request = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in REQUEST_FLAGS}
+    request = {k: v for k, v in request.items() if v is not None}
+    if args.raw:
+        request["raw"] = True
+    if args.tools is not None:
+        request["tools"] = read_tools(args.tools)
+    return request
+
+
+def read_tools(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tools = json.load(fh)
+    except OSError as e:
+        raise UsageError(f"--tools: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"--tools: {path} is not valid JSON ({e})") from None
+    if not isinstance(tools, list):
+        raise UsageError(f"--tools: {path} must hold a JSON list of tools, got {type(tools).__name__}")
+    return tools
+
+
+def first_turn(args: argparse.Namespace) -> dict:
+    """The prompt part of a one-shot request: `prompt`, or `messages` when there is a system message."""
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise UsageError("a prompt is required (as an argument or on stdin), or use --chat")
+        prompt = sys.stdin.read().rstrip("\n")
+        if not prompt.strip():
+            raise UsageError("stdin held no prompt; give one as an argument, or use --chat")
+    if args.system is None:
+        return {"prompt": prompt}
+    return {"messages": [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running and printing
+
+
+def format_call(call: dict) -> str:
+    return f"[tool call] {call['name']}({json.dumps(call.get('arguments', {}), ensure_ascii=False)})"
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_once(llm: llama32.Llama, request: dict, args: argparse.Namespace) -> dict:
+    """Generate one answer, print it as the flags say, and return the result dict."""
+    start = time.perf_counter()
+    if args.json or args.no_stream:
+        result = llama32.generate(llm, **request)
+        first = None
+        if args.json:
+            write(json.dumps(result, ensure_ascii=False) + "\n")
+        else:
+            write(result["response"] + "\n" + "".join(format_call(c) + "\n" for c in result["tool_calls"]))
+    else:
+        chunks: Iterator[dict] = llama32.generate(llm, stream=True, **request)
+        pieces, first, last = [], None, {}
+        for chunk in chunks:
+            if first is None:
+                first = time.perf_counter()
+            if chunk["response"]:
+                write(chunk["response"])
+                pieces.append(chunk["response"])
+            last = chunk
+        result = {"response": "".join(pieces), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
+        write("\n" + "".join(format_call(c) + "\n" for c in result["tool_calls"]))
+    if args.verbose:
+        print(stats_line(result["usage"], start, first, time.perf_counter()), file=sys.stderr, flush=True)
+    return result
+
+
+def stats_line(usage: dict, start: float, first: float | None, end: float) -> str:
+    n = usage["completion_tokens"]
+    head = f"{PROG}: {usage['prompt_tokens']} prompt tokens, {n} completion tokens"
+    if first is None:  # not streamed: only the whole time is known
+        return f"{head}, {end - start:.3f} s in all, {n / max(end - start, 1e-9):.1f} tok/s"
+    # The first chunk comes after prefill and one decode step; the rate is over the steps after it.
+    rate = (n - 1) / (end - first) if n > 1 and end > first else n / max(end - start, 1e-9)
+    return f"{head}, time to first token {first - start:.3f} s, {rate:.1f} tok/s"
+
+
+def assistant_turn(result: dict) -> dict:
+    """The history entry for an answer; Llama 3.2's format carries at most one tool call per turn."""
+    calls = result["tool_calls"]
+    if len(calls) == 1:
+        return {"role": "assistant", "content": result["response"], "tool_calls": calls}
+    text = result["response"]
+    if calls:
+        text = (text + "\n" if text else "") + json.dumps([{"name": c["name"], "parameters": c["arguments"]}
+                                                            for c in calls], ensure_ascii=False)
+    return {"role": "assistant", "content": text}
+
+
+def chat(llm: llama32.Llama, request: dict, args: argparse.Namespace) -> int:
+    """Read user lines, answer each with the whole conversation so far. Returns the exit status."""
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    # Check the flags once before the first line is read (validation happens before any compute).
+    llama32.generate(llm, stream=True, messages=messages + [{"role": "user", "content": "hi"}], **request)
+    status = 0
+    pending = [args.prompt] if args.prompt is not None else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{PROG}: chatting with {args.model}; {CHAT_EXIT[0]} or Ctrl-D to end", file=sys.stderr)
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                if interactive:
+                    sys.stderr.write("\n")
+                return status
+        line = line.strip()
+        if not line:
+            continue
+        if line in CHAT_EXIT:
+            return status
+        messages.append({"role": "user", "content": line})
+        try:
+            result = run_once(llm, dict(request, messages=messages), args)
+        except llama32.InvalidRequest as e:  # e.g. the conversation outgrew the context: drop this turn
+            messages.pop()
+            print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+            status = 2
+            continue
+        messages.append(assistant_turn(result))
+
+
+def download(argv: list[str]) -> int:
+    args = build_download_parser().parse_args(argv)
+    if not _REPO_ID.match(args.repo_id):
+        raise UsageError(f"download: {args.repo_id!r} is not a Hugging Face repo id (org/name)")
+    print(hub_download(args.repo_id).resolve())
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.raw and (args.system is not None or args.chat):
+        parser.error("--raw sends the prompt as written: it cannot be combined with --system or --chat")
+    if args.json and args.no_stream:
+        args.no_stream = False  # --json already means no streaming
+    request = request_fields(args)
+    turn = None if args.chat else first_turn(args)  # read stdin before the (slow) load
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+
+    start = time.perf_counter()
+    llm = llama32.load(args.model, device=args.device, dtype=args.dtype)
+    if args.verbose:
+        print(f"{PROG}: loaded {llm.path} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
+              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if args.chat:
+        return chat(llm, request, args)
+    run_once(llm, dict(request, **turn), args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `llama32` command. Returns the exit status (see EXIT_HELP)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        # A subcommand beside an optional positional prompt: argparse subparsers would take any prompt for a
+        # command name, so `download` is recognised here (`llama32 -- download` asks about the word instead).
+        if argv[:1] == ["download"]:
+            return download(argv[1:])
+        return generate_main(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `llama32 ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    # The library's two user-facing errors; anything else is a bug and keeps its traceback.
+    except llama32.InvalidRequest as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except llama32.CheckpointError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
