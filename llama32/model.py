@@ -30,7 +30,10 @@ class Linear(nn.Linear):
     adapter: tuple[Tensor, Tensor, float] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.adapter is not None:
             a, b, scale = self.adapter
             y = y + F.linear(F.linear(x, a), b) * scale
@@ -193,7 +196,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # Not persistent: derived from the config, never read from a checkpoint.
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         if config.tie_word_embeddings:
@@ -234,3 +237,22 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.model.norm(x))
+
+
+def can_pack_for_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_for_cpu(model: Transformer) -> None:
+    """Store every projection's weight in oneDNN's blocked layout (bf16 on CPU only).
+
+    PyTorch's bf16 `F.linear` with one row of input (a decode step) runs far below memory bandwidth on
+    CPUs; the same product on prepacked weights is about 10x faster and bit-identical. The packed weight
+    replaces the dense one (`.to_dense()` gives it back), so memory stays one copy, except that a tied
+    head gets its own packed copy because the embedding lookup needs the dense matrix.
+    """
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.weight.is_mkldnn:
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+            module.weight = nn.Parameter(packed, requires_grad=False)

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
 from .errors import CheckpointError
-from .model import Transformer
+from .model import Transformer, can_pack_for_cpu, pack_for_cpu
 
 # Keys some exporters write that carry nothing the model needs (RoPE tables are derived from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -43,8 +43,11 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
-               dtype: torch.dtype) -> Transformer:
-    """Build the model for `config` and fill it from the checkpoint at `path` (strict)."""
+               dtype: torch.dtype, pack: bool = True) -> Transformer:
+    """Build the model for `config` and fill it from the checkpoint at `path` (strict).
+
+    `pack`: on CPU in bfloat16, store the projection weights prepacked for oneDNN (see `pack_for_cpu`).
+    """
     path = Path(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -82,7 +85,11 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the only reference now, so packing below frees each dense weight
     if config.tie_word_embeddings:
         model.tie_weights()  # one Parameter object, not two sharing storage
     model.reset_rope(device)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack and can_pack_for_cpu(device, dtype):
+        pack_for_cpu(model)
+    return model

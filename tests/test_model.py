@@ -105,3 +105,27 @@ def test_bfloat16_follows_transformers_bfloat16(make_checkpoint):
     to_ref = ((lo.float() - ref.float()).abs().mean() / ref.float().abs().mean()).item()
     to_fp32 = ((lo.float() - hi).abs().mean() / hi.abs().mean()).item()
     assert to_ref < 0.01 and to_fp32 < 0.05, (to_ref, to_fp32)
+
+
+def test_cpu_packed_weights_give_the_same_logits(make_checkpoint):
+    """bf16 on CPU loads prepacked weights (the fast decode path); results equal the plain F.linear path."""
+    from llama32.model import can_pack_for_cpu
+    if not can_pack_for_cpu("cpu", torch.bfloat16):
+        pytest.skip("this CPU has no oneDNN bf16 support")
+    path = make_checkpoint(kind="llama31")
+    config = LlamaConfig.from_file(path / "config.json")
+    packed = load_model(path, config, device="cpu", dtype=torch.bfloat16)
+    plain = load_model(path, config, device="cpu", dtype=torch.bfloat16, pack=False)
+    assert packed.lm_head.weight.is_mkldnn and packed.model.layers[0].mlp.up_proj.weight.is_mkldnn
+    assert not plain.lm_head.weight.is_mkldnn
+    assert torch.equal(packed.model.layers[1].self_attn.q_proj.weight.to_dense(),
+                       plain.model.layers[1].self_attn.q_proj.weight)
+    ids = torch.arange(40)[None] % 500
+    cache_a, cache_b = (KVCache(config, 1, 48, device="cpu", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        a, b = packed(ids), plain(ids)
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 1e-2
+        packed(ids, cache=cache_a), plain(ids, cache=cache_b)
+        step = torch.tensor([[7]]), torch.tensor([[40]])
+        assert torch.allclose(packed(step[0], cache=cache_a, input_pos=step[1]).float(),
+                              plain(step[0], cache=cache_b, input_pos=step[1]).float(), rtol=1e-2, atol=1e-2)
