@@ -67,7 +67,7 @@ BAD = [
     ({"prompt": "Hi", "frequency_penalty": -math.inf}, "frequency_penalty"),
     ({"prompt": "Hi", "presence_penalty": -0.5}, "presence_penalty"),
     ({"prompt": "Hi", "presence_penalty": True}, "presence_penalty"),
-    ({"prompt": "Hi", "lora": "no-such-adapter"}, "lora"),
+    ({"prompt": "Hi", "lora": "no-such-adapter", "max_tokens": 8}, "lora"),
     ({"prompt": "Hi", "lora": 7}, "lora"),
     ({"prompt": "<|image|> what is this?", "raw": True}, "prompt"),  # a token past the text vocabulary
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}},
@@ -92,6 +92,8 @@ def test_streaming_requests_are_validated_before_returning(llm):
 def test_context_error_says_how_much_fits(llm):
     with pytest.raises(InvalidRequest, match=r"max_tokens.*context of 256 tokens.*at most \d+"):
         llama32.generate(llm, prompt="Hi", max_tokens=256)
+    with pytest.raises(InvalidRequest, match=r"prompt is 3\d\d tokens, .*context of 256 tokens"):
+        llama32.generate(llm, prompt="word " * 300, max_tokens=1)
 
 
 EDGES = [
