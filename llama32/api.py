@@ -50,6 +50,11 @@ class Llama:
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
         self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
         self._installed_adapter: Any = None  # what the model's projections carry right now
+        # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
+        self.compiled = device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
+        self.compiled_shapes: dict[tuple[int, int], float] = {}  # (batch, cache length) -> compile seconds
+        self._compiled_step: Any = None
+        self._cache_pool: dict[tuple[int, int], Any] = {}
 
     @property
     def context_length(self) -> int:

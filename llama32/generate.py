@@ -9,6 +9,7 @@ agree by construction.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from .chat import split_tool_calls
 from .errors import InvalidRequest
 from .model import KVCache
 from .requests import Request, validate
-from .sampling import SamplerState, make_generator, sample
+from .sampling import SamplerState, exponential_noise, make_generator, sample
 from .tokenizer import StreamDecoder
 
 # Text that may be the start of a tool call: while the answer could still be one, streaming holds it back.
@@ -147,6 +148,43 @@ class _Output:
             yield self.pending.pop(0)
 
 
+def decode_step(model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                state: SamplerState, noise: torch.Tensor | None) -> torch.Tensor:
+    """One decode step for every live row: forward at each row's position, then the sampler.
+
+    This is the unit that is compiled (`Llama.compiled`): static shapes for a given batch and cache size,
+    no host sync, the sampler inside; the per-request random noise is drawn outside and passed in.
+    """
+    logits = model(tokens[:, None], cache=cache, input_pos=pos)[:, -1]
+    return sample(logits, state, noise)
+
+
+def _step_function(llm: Llama):
+    if not llm.compiled:
+        return decode_step
+    if llm._compiled_step is None:
+        # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
+        mode = "reduce-overhead" if llm.device.type == "cuda" else None
+        llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
+    return llm._compiled_step
+
+
+def _cache_for(llm: Llama, batch: int, length: int) -> KVCache:
+    """A KV cache for this request. The compiled path reuses one per shape, its length rounded up to a
+    multiple of 256, so a graph compiled (and CUDA-graph-recorded) for it serves later requests too."""
+    if not llm.compiled:
+        return KVCache(llm.config, batch, length, device=llm.device, dtype=llm.dtype)
+    length = min(-(-length // 256) * 256, llm.context_length)
+    cache = llm._cache_pool.get((batch, length))
+    if cache is None:
+        llm._cache_pool.clear()  # keep one: a cache can be large
+        cache = llm._cache_pool[(batch, length)] = KVCache(llm.config, batch, length, device=llm.device,
+                                                           dtype=llm.dtype)
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
+    return cache
+
+
 @torch.inference_mode()
 def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
     """The generation loop for a batch of rows: yields (row, token, finished) as tokens are drawn.
@@ -156,23 +194,22 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
     """
     model, device, stop_ids = llm.model, llm.device, llm.stop_ids
     lens = [len(r.prompt_ids) for r in reqs]
-    cache = KVCache(llm.config, len(reqs), max(n + r.max_tokens for n, r in zip(lens, reqs)),
-                    device=device, dtype=llm.dtype)
+    cache = _cache_for(llm, len(reqs), max(n + r.max_tokens for n, r in zip(lens, reqs)))
     prompt = torch.zeros(len(reqs), max(lens), dtype=torch.long)
     for i, r in enumerate(reqs):
         prompt[i, : lens[i]] = torch.tensor(r.prompt_ids)
     generators = [None if r.params.greedy else make_generator(r.seed, device) for r in reqs]
     state = SamplerState([r.params for r in reqs], [r.prompt_ids for r in reqs], llm.config.vocab_size,
                          device, generators)
+    step = _step_function(llm)
     last = torch.tensor(lens, device=device) - 1
 
     with lora_mod.active(llm, reqs[0].adapter):
-        logits = model(prompt.to(device), cache=cache, logits_at=last)[:, -1]
+        tokens = sample(model(prompt.to(device), cache=cache, logits_at=last)[:, -1], state)
     rows = list(range(len(reqs)))  # original index of each live batch row
     produced = [0] * len(reqs)
     pos = last[:, None] + 1  # (B, 1): where each row's next token goes
     while True:
-        tokens = sample(logits, state)  # (B,)
         state.update(tokens)
         keep = []
         for i, token in enumerate(tokens.tolist()):
@@ -186,10 +223,15 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
             return
         if len(keep) < len(rows):  # finished rows stop costing work
             idx = torch.tensor(keep, device=device)
-            cache.select(idx)
+            cache = cache.select(idx)
             state = state.select(idx)
             tokens, pos = tokens[idx], pos[idx]
             rows = [rows[i] for i in keep]
+        noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, device)
+        started = time.perf_counter()
         with lora_mod.active(llm, reqs[0].adapter):
-            logits = model(tokens[:, None], cache=cache, input_pos=pos)[:, -1]
+            tokens = step(model, tokens, pos, cache, state, noise)
+        if llm.compiled and (len(rows), cache.length) not in llm.compiled_shapes:
+            # the first call of a shape compiles it: its wall time is the compile cost, reported apart
+            llm.compiled_shapes[(len(rows), cache.length)] = time.perf_counter() - started
         pos = pos + 1

@@ -111,10 +111,11 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (used when rows of a batch finish early)."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+    def select(self, rows: Tensor) -> "KVCache":
+        """A new cache holding only these batch rows (used when rows of a batch finish early)."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        return new
 
 
 class Attention(nn.Module):

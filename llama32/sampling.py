@@ -328,14 +328,20 @@ def process_logits(logits: Tensor, state: SamplerState) -> Tensor:
     return x if state.all_greedy else _warp(x, state)
 
 
-def sample(logits: Tensor, state: SamplerState) -> Tensor:
-    """(B,) long: the next token of each row from its logits (B, V); call `state.update` with the result."""
+def sample(logits: Tensor, state: SamplerState, noise: Tensor | None = None) -> Tensor:
+    """(B,) long: the next token of each row from its logits (B, V); call `state.update` with the result.
+
+    `noise`: this step's `exponential_noise`, when the caller draws it (the compiled decode step takes it as
+    an input, since per-request generators stay outside a compiled graph).
+    """
     assert logits.shape == (len(state.params), state.vocab_size), (logits.shape, state.vocab_size)
     x = _penalise(logits, state)
     greedy_tokens = x.argmax(-1) if state.any_greedy else None
     if state.all_greedy:
         return greedy_tokens
-    tokens = draw(_warp(x, state), exponential_noise(state.generators, state.vocab_size, x.device))
+    if noise is None:
+        noise = exponential_noise(state.generators, state.vocab_size, x.device)
+    tokens = draw(_warp(x, state), noise)
     if greedy_tokens is not None:
         tokens = torch.where(state.greedy_mask, greedy_tokens, tokens)
     return tokens
