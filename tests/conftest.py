@@ -64,3 +64,17 @@ def llama3_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return fixtures.build_smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smol(smollm2_dir):
+    """SmolLM2-135M-Instruct loaded by llama32 in float32 on the CPU (shared: tests must not alter it)."""
+    import llama32
+
+    return llama32.load(smollm2_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smollm2_dir):
+    """The same checkpoint in transformers, the oracle."""
+    return fixtures.hf_model(smollm2_dir)

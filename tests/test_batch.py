@@ -10,9 +10,6 @@ def chatml(text):
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_dir):
-    return llama32.load(smollm2_dir, dtype="float32", device="cpu")
 
 
 def test_batch_equals_one_by_one(smol):

@@ -1,23 +1,15 @@
 """generate() on real weights (SmolLM2-135M-Instruct) against transformers' own generation loop."""
 
-import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import llama32
-from fixtures import hf_model
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_dir):
-    return llama32.load(smollm2_dir, dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def smol_hf(smollm2_dir):
-    return hf_model(smollm2_dir, attn_implementation="sdpa")
 
 
 class OpenAIPenalties(LogitsProcessor):

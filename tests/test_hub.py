@@ -3,7 +3,6 @@
 import pytest
 
 import llama32
-from llama32 import hub
 from llama32.errors import CheckpointError
 
 

