@@ -82,7 +82,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     config = LlamaConfig.from_file(path / "config.json")
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     tokenizer = Tokenizer.from_dir(path)
-    model = load_model(path, config, device=device, dtype=dtype)
+    # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
+    model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0")
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype)
     if lora is not None:
         from .lora import apply_to_handle

@@ -163,6 +163,8 @@ def _step_function(llm: Llama):
     if not llm.compiled:
         return decode_step
     if llm._compiled_step is None:
+        if any(p.is_mkldnn for p in llm.model.parameters()):
+            raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
         # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
         mode = "reduce-overhead" if llm.device.type == "cuda" else None
         llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)

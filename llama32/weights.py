@@ -46,7 +46,7 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
                dtype: torch.dtype, pack: bool = True) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
-    `pack`: on CPU in bfloat16, store the projection weights prepacked for oneDNN (see `pack_for_cpu`).
+    `pack`: on CPU, store the projection weights prepacked for oneDNN (see `pack_for_cpu`).
     """
     path = Path(path)
     with torch.device("meta"):

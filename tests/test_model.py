@@ -52,9 +52,14 @@ def test_llama3_scaling_changes_frequencies(make_checkpoint):
 
 
 def test_tied_head_is_the_embedding(make_checkpoint):
-    model = ours(make_checkpoint(kind="llama32"))
+    path = make_checkpoint(kind="llama32")
+    config = LlamaConfig.from_file(path / "config.json")
+    model = load_model(path, config, device="cpu", dtype=torch.float32, pack=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    untied = ours(make_checkpoint(kind="llama31"))
+    packed = ours(path)  # the packed head is its own copy of the embedding
+    assert torch.equal(packed.lm_head.weight.to_dense(), packed.model.embed_tokens.weight)
+    untied = load_model(p := make_checkpoint(kind="llama31"), LlamaConfig.from_file(p / "config.json"),
+                        device="cpu", dtype=torch.float32, pack=False)
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 

@@ -1,0 +1,82 @@
+"""Smoke test of benchmarks/bench.py: the whole script, end to end, at the tiny size on CPU.
+
+It checks that every scenario runs for both implementations and lands in the JSON (and the chart), not how
+fast anything is: no timing assertions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")  # the baseline
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench.py"
+
+
+def test_bench_smoke_tiny_cpu(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(SCRIPT), "--device", "cpu", "--size", "tiny", "--dtype", "float32",
+        "--scenarios", "decode1,decode32,prefill,load", "--prompt-tokens", "16", "--new-tokens", "8",
+        "--batch", "3", "--prefill-tokens", "64", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    report = json.loads((out / "results-cpu-float32.json").read_text())
+    # The JSON printed on stdout is the same report.
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == report
+    assert (out / "ckpt-tiny" / "model.safetensors").is_file()
+
+    settings = report["settings"]
+    assert settings["device"] == "cpu" and settings["dtype"] == "float32" and settings["threads"] == 1
+    assert settings["weight_bytes"] == settings["n_params"] * 4
+    for key in ("date", "torch", "device_name", "threads", "cpu_model"):
+        assert report["machine"][key], key
+
+    results = report["results"]
+    assert list(results) == ["decode1", "decode32", "prefill_64", "load"]
+    for scenario, by_impl in results.items():
+        assert set(by_impl) == {"llama32", "hf"}, scenario
+    for impl in ("llama32", "hf"):
+        d1, d32 = results["decode1"][impl], results["decode32"][impl]
+        assert d1["batch"] == 1 and d32["batch"] == 3
+        for d in (d1, d32):
+            assert d["prompt_tokens"] == 16
+            assert d["completion_tokens"] == [8] * d["batch"]  # every row produced all its tokens
+            assert d["ttft_s"] > 0 and d["total_s"] > 0 and d["e2e_tok_s"] > 0 and d["first_s"] > 0
+        p = results["prefill_64"][impl]
+        assert p["tokens"] == 64 and p["seconds"] > 0 and p["tok_s"] > 0
+        load = results["load"][impl]
+        assert load["load_s"] > 0 and load["peak_bytes"] > 0 and load["peak_ratio"] > 0
+    assert results["prefill_64"]["llama32"]["method"] == "model.forward"
+
+    metrics = {(r["scenario"], r["key"]) for r in report["table"]}
+    assert metrics == {
+        ("decode1", "decode_tok_s"), ("decode1", "ttft_s"), ("decode32", "decode_tok_s"), ("decode32", "ttft_s"),
+        ("prefill_64", "tok_s"), ("load", "load_s"), ("load", "peak_ratio"), ("load", "host_anon_peak_ratio"),
+    }  # fmt: skip
+    for row in report["table"]:
+        # decode_tok_s can only be missing if a whole run beat its own first token: none of that here
+        assert row["llama32"] > 0 and row["hf"] > 0 and row["ratio"] > 0, row
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        chart = out / "chart-cpu-float32.png"
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_scenario(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--scenarios", "decode1,warp", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "warp" in proc.stderr
+    assert not any(tmp_path.iterdir())  # rejected before building anything
