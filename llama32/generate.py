@@ -165,8 +165,10 @@ def _step_function(llm: Llama):
     if llm._compiled_step is None:
         if any(p.is_mkldnn for p in llm.model.parameters()):
             raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
-        # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
+        # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token. Each batch
+        # size a shrinking batch passes through is a shape of its own, so allow more than dynamo's default.
         mode = "reduce-overhead" if llm.device.type == "cuda" else None
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
     return llm._compiled_step
 
@@ -233,6 +235,8 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
         started = time.perf_counter()
         with lora_mod.active(llm, reqs[0].adapter):
             tokens = step(model, tokens, pos, cache, state, noise)
+        if llm.compiled:
+            tokens = tokens.clone()  # a CUDA graph's output buffer is overwritten by its next replay
         if llm.compiled and (len(rows), cache.length) not in llm.compiled_shapes:
             # the first call of a shape compiles it: its wall time is the compile cost, reported apart
             llm.compiled_shapes[(len(rows), cache.length)] = time.perf_counter() - started

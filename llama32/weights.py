@@ -17,6 +17,8 @@ from .config import LlamaConfig
 from .errors import CheckpointError
 from .model import Transformer, can_pack_for_cpu, pack_for_cpu
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
 # Keys some exporters write that carry nothing the model needs (RoPE tables are derived from the config).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -42,6 +44,33 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
+def _data_layout(file: Path) -> tuple[int, dict]:
+    """The byte offset where tensor data starts, and the header's per-tensor entries."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _read_tensor(fh, base: int, entry: dict, name: str) -> torch.Tensor:
+    """One tensor read into memory of its own.
+
+    Plain reads rather than safetensors' memory map: a mapped tensor keeps the whole file mapped, and every
+    page it touched counted against the process, for as long as any one tensor (the embedding, say) lives.
+    """
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{name} has dtype {entry['dtype']}, not a floating-point type")
+    start, end = entry["data_offsets"]
+    t = torch.empty(entry["shape"], dtype=dtype)
+    if t.numel():
+        fh.seek(base + start)
+        if fh.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
+            raise CheckpointError(f"{name} is truncated")
+    return t
+
+
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
                dtype: torch.dtype, pack: bool = True) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
@@ -58,7 +87,9 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            # safe_open checks the header and layout; the bytes are then read without mapping the file
+            with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
+                base, entries = _data_layout(file)
                 for key in f.keys():
                     if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
                         continue
@@ -71,7 +102,7 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
                         )
                     if key in state:
                         raise CheckpointError(f"{file.name}: tensor {key!r} appears in more than one file")
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    state[key] = _read_tensor(fh, base, entries[key], f"{file.name}: tensor {key!r}").to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
         except OSError as e:

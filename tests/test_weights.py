@@ -175,3 +175,19 @@ def test_plain_call_returns_logits(make_checkpoint, llama3_tokenizer_dir):
     ids = torch.tensor([llm.tokenizer.encode("Hello there")])
     logits = llm.model(ids)
     assert logits.shape == (1, ids.shape[1], 128256)
+
+
+def test_integer_tensor_is_refused(ckpt):
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor 'model.norm.weight' has dtype I32"):
+        load(ckpt)
+
+
+def test_weights_do_not_keep_the_file_mapped(ckpt):
+    """Loaded tensors own their memory: the checkpoint file can change underneath without changing them."""
+    model = load(ckpt, pack=False)
+    before = model.model.norm.weight.clone()
+    (ckpt / "model.safetensors").write_bytes(b"\0" * (ckpt / "model.safetensors").stat().st_size)
+    assert torch.equal(model.model.norm.weight, before)
