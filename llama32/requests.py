@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import lora as lora_mod
-from .chat import functions_to_tools, render_chat
+from .chat import functions_to_tools, render_chat, tool_names
 from .errors import InvalidRequest
 from .sampling import SamplingParams
 
@@ -96,32 +96,15 @@ def _check_messages(messages: Any) -> list[dict]:
 
 
 def _check_tools(tools: Any) -> list[str]:
+    """The offered names; `chat.tool_names` checks each entry's shape and name."""
     if not isinstance(tools, list):
         raise InvalidRequest("tools must be a list of {name, description, parameters} objects")
-    names = []
+    names = tool_names(tools)
     for i, t in enumerate(tools):
-        spec = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise InvalidRequest(
-                f"tools[{i}] must be {{name, description, parameters}} or {{type: 'function', function: {{...}}}} "
-                "with a non-empty string name"
-            )
+        spec = t.get("function", t)
         if "parameters" in spec and not isinstance(spec["parameters"], dict):
             raise InvalidRequest(f"tools[{i}].parameters must be an object (a JSON schema)")
-        names.append(spec["name"])
     return names
-
-
-def _check_functions(functions: Any) -> list[dict]:
-    if not isinstance(functions, list):
-        raise InvalidRequest("functions must be a list of {name, code} objects")
-    for i, f in enumerate(functions):
-        if not isinstance(f, dict) or set(f) - {"name", "code"}:
-            raise InvalidRequest(f"functions[{i}] must be an object with exactly the keys name and code")
-        for key in ("name", "code"):
-            if not isinstance(f.get(key), str) or (key == "name" and not f[key]):
-                raise InvalidRequest(f"functions[{i}].{key} is required and must be a string")
-    return functions
 
 
 def validate(llm: Any, request: dict) -> Request:
@@ -147,11 +130,14 @@ def validate(llm: Any, request: dict) -> Request:
     seed = _integer(request, "seed", 1, 9999999999)
 
     tools = request.get("tools")
-    tool_names = _check_tools(tools) if tools is not None else []
+    offered = _check_tools(tools) if tools is not None else []
     functions = request.get("functions")
     if functions is not None:
-        tools = list(tools or []) + functions_to_tools(_check_functions(functions))
-        tool_names += [f["name"] for f in functions]
+        tools = list(tools or []) + functions_to_tools(functions)  # checks each {name, code}
+        for i, f in enumerate(functions):
+            if set(f) - {"name", "code"}:
+                raise InvalidRequest(f"functions[{i}] must have exactly the keys name and code")
+        offered += [f["name"] for f in functions]
 
     lora = request.get("lora")
     if lora is not None and not isinstance(lora, str):
@@ -194,5 +180,5 @@ def validate(llm: Any, request: dict) -> Request:
     # Last, so a request rejected for anything else loads (and caches) no adapter.
     adapter = lora_mod.resolve(llm, lora) if lora is not None else None
     effective = adapter if adapter is not None else llm._default_adapter
-    return Request(ids, params, max_tokens, seed, stream, frozenset(tool_names), adapter,
+    return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter,
                    adapter_key=None if effective is None else id(effective))
