@@ -84,7 +84,6 @@ def _stream(llm: Llama, req: Request) -> Iterator[dict]:
     for _, token, done in _decode([req], llm):
         out.push(token, done)
         yield from out.chunks()
-    yield from out.chunks()
 
 
 def _collect(chunks: Iterable[dict]) -> dict:
@@ -138,9 +137,8 @@ class _Output:
                                                 "total_tokens": p + self.completion_tokens}}
             if calls:
                 final["tool_calls"] = calls
-            if self.pending and not self.pending[-1].get("usage"):
-                last = self.pending.pop()
-                final["response"] = last["response"]
+            if self.pending:  # the last piece of text rides on the final chunk
+                final["response"] = self.pending.pop()["response"]
             self.pending.append(final)
 
     def chunks(self) -> Iterator[dict]:
@@ -232,12 +230,13 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
             tokens, pos = tokens[idx], pos[idx]
             rows = [rows[i] for i in keep]
         noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, device)
-        started = time.perf_counter()
+        shape = (len(rows), cache.length)
+        first_call = llm.compiled and shape not in llm.compiled_shapes  # compiles: timed, reported apart
+        started = time.perf_counter() if first_call else 0.0
         with lora_mod.active(llm, reqs[0].adapter):
             tokens = step(model, tokens, pos, cache, state, noise)
         if llm.compiled:
             tokens = tokens.clone()  # a CUDA graph's output buffer is overwritten by its next replay
-        if llm.compiled and (len(rows), cache.length) not in llm.compiled_shapes:
-            # the first call of a shape compiles it: its wall time is the compile cost, reported apart
-            llm.compiled_shapes[(len(rows), cache.length)] = time.perf_counter() - started
+        if first_call:
+            llm.compiled_shapes[shape] = time.perf_counter() - started
         pos = pos + 1
