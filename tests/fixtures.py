@@ -313,22 +313,10 @@ def _kind_config(kind: str) -> dict:
                 original_max_position_embeddings=64,
             ),
         )
-    if kind == "llama31":  # Llama 3.1 8B shape: untied lm_head, GQA, llama3 rope scaling factor 8
-        return dict(
-            common,
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=32,
-            ),
-        )
+    if kind == "llama31":  # Llama 3.1 8B shape: the llama32 kind untied, 2 layers, rope factor 8 from context 32
+        base = _kind_config("llama32")
+        return dict(base, num_hidden_layers=2, tie_word_embeddings=False,
+                    rope_parameters=dict(base["rope_parameters"], factor=8.0, original_max_position_embeddings=32))
     if kind == "mha":  # Llama 2 shape: MHA, plain RoPE theta 1e4, untied; eps 1e-6 to catch a hard-coded 1e-5
         return dict(
             common,
