@@ -15,9 +15,9 @@ Scenarios (each measured for llama32 and, with `--baseline hf`, for transformers
   equal-length prompts, so no padding); decode tok/s counts every row's tokens.
 - prefill: one forward over each `--prefill-tokens` length with the logits of the last position only.
 - load: load time and peak memory, each load in a fresh process. Peak memory is CUDA's
-  max_memory_allocated, or on CPU the growth of the process's peak RSS (VmHWM) over the load plus one read
-  of every weight (a same-dtype CPU load keeps safetensors' lazily mapped pages), as a ratio to the
-  weights' bytes in the run dtype.
+  max_memory_allocated, or on CPU the growth of the process's peak RSS (VmHWM) over the load plus one
+  forward of 16 tokens (so lazily mapped pages a forward needs are counted, and pages it never reads are
+  not), as a ratio to the weights' bytes in the run dtype.
 
 Every timing follows a warm-up call (its time is kept as `first_s`, so compile time shows up there) and a
 device synchronisation. Output: a table on stdout, `<out>/results-<device>-<dtype>.json` and
@@ -438,13 +438,16 @@ class _AnonPeak(threading.Thread):
             self.peak = max(self.peak, _proc_status().get("RssAnon", 0))
 
 
-def _touch(module: torch.nn.Module) -> None:
-    """Read every weight once. safetensors maps the file and a same-dtype CPU load keeps those pages, so
-    weights only become resident when first used; without this, a "peak" would miss them entirely."""
+def _first_forward(which: str, model: torch.nn.Module, device: torch.device) -> None:
+    """One forward over a short prompt. Loads differ in what is resident when they return (safetensors maps
+    the file and a same-dtype CPU load keeps those pages; llama32 maps a tied embedding and reads rows as
+    tokens need them), so the peak is taken after the memory a first forward really touches."""
+    ids = torch.arange(1000, 1016, device=device)[None]
     with torch.inference_mode():
-        for p in module.parameters():
-            if p.layout == torch.strided and not p.is_mkldnn:  # packed layouts are a copy already in memory
-                p.sum()
+        if which == "hf":
+            model(input_ids=ids, logits_to_keep=1)
+        else:
+            model(ids, logits_at=torch.tensor([ids.shape[1] - 1], device=device))
 
 
 def _host_peak() -> int:
@@ -481,13 +484,13 @@ def load_child(which: str, ckpt: Path, device: torch.device, dtype: torch.dtype,
     else:
         seconds, model = timed(lambda: load_hf(ckpt, device, dtype), device)
     load_peak = _host_peak()
-    touch_s, _ = timed(lambda: _touch(model), device)
+    forward_s, _ = timed(lambda: _first_forward(which, model, device), device)
     peak = _host_peak()
     sampler.done.set()
     sampler.join()
     result: dict[str, Any] = {
         "load_s": seconds,
-        "touch_s": touch_s,
+        "first_forward_s": forward_s,
         "host_peak_growth_bytes": peak - before_rss,
         "host_peak_growth_load_only_bytes": load_peak - before_rss,
         "host_anon_peak_growth_bytes": sampler.peak - before_anon if before_anon else None,
@@ -512,7 +515,7 @@ def bench_load(which: str, ckpt: Path, device: torch.device, dtype_name: str, th
     peak = result["cuda_peak_bytes"] if device.type == "cuda" else result["host_peak_growth_bytes"]
     result.update(peak_bytes=peak, weight_bytes=weight_bytes, peak_ratio=peak / weight_bytes,
                   peak_source="cuda max_memory_allocated" if device.type == "cuda"
-                  else "VmHWM growth over load + reading every weight once")
+                  else "VmHWM growth over load + one forward of 16 tokens")
     if result.get("host_anon_peak_growth_bytes") is not None:
         result["host_anon_peak_ratio"] = result["host_anon_peak_growth_bytes"] / weight_bytes
     result["includes"] = "model + tokenizer" if which == "llama32" else "model"

@@ -29,6 +29,10 @@ class Linear(nn.Linear):
 
     adapter: tuple[Tensor, Tensor, float] | None = None
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # see Embedding
+            super().reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -38,6 +42,14 @@ class Linear(nn.Linear):
             a, b, scale = self.adapter
             y = y + F.linear(F.linear(x, a), b) * scale
         return y
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # Loading builds the model on the meta device, where any computation (random init included) does
+        # nothing but import torch._dynamo, about a second.
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class RMSNorm(nn.Module):
@@ -185,7 +197,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -198,8 +210,12 @@ class Transformer(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Not persistent: derived from the config, never read from a checkpoint.
-        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        # Not persistent: derived from the config, never read from a checkpoint. On the meta device (while
+        # loading) it is a placeholder until `reset_rope`.
+        device = self.lm_head.weight.device
+        inv_freq = torch.empty(config.head_dim // 2, device=device) if device.type == "meta" else None
+        self.register_buffer("inv_freq", rope_frequencies(config, device) if inv_freq is None else inv_freq,
+                             persistent=False)
         if config.tie_word_embeddings:
             self.tie_weights()
 
@@ -229,9 +245,10 @@ class Transformer(nn.Module):
             positions = input_pos
             key_pos = torch.arange(cache.length, device=input_ids.device)
             mask = (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.model.embed_tokens.weight.dtype)
+        dtype = self.model.norm.weight.dtype  # the embedding may be mapped from the file, in its dtype
+        cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
 
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        x = self.model.embed_tokens(input_ids).to(dtype)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, cos, sin, kv, input_pos, mask)
@@ -252,10 +269,15 @@ def pack_for_cpu(model: Transformer) -> None:
     A decode step multiplies one row of input by every weight, so it is bound by memory bandwidth. PyTorch's
     plain `F.linear` reaches about 19 GB/s on a 2-core EPYC in float32 (and far less in bfloat16); on
     prepacked weights the same product reaches about 30 GB/s. The packed weight
-    replaces the dense one (`.to_dense()` gives it back), so memory stays one copy, except that a tied
-    head gets its own packed copy because the embedding lookup needs the dense matrix.
+    replaces the dense one (`.to_dense()` gives it back), so memory stays one copy. A tied head is untied
+    here (the embedding lookup needs the dense matrix); `load_model` avoids that second copy by mapping
+    the embedding from the checkpoint file.
     """
     for module in model.modules():
         if isinstance(module, Linear) and not module.weight.is_mkldnn:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
-            module.weight = nn.Parameter(packed, requires_grad=False)
+            module.weight = nn.Parameter(pack_linear_weight(module.weight.detach()), requires_grad=False)
+
+
+def pack_linear_weight(weight: Tensor) -> Tensor:
+    """A [out, in] weight in oneDNN's blocked layout, for `torch.ops.mkldnn._linear_pointwise`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)

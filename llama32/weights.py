@@ -8,6 +8,7 @@ is checked against the model before anything is assigned.
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
 from .errors import CheckpointError
-from .model import Transformer, can_pack_for_cpu, pack_for_cpu
+from .model import Transformer, can_pack_for_cpu, pack_for_cpu, pack_linear_weight
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -71,13 +72,31 @@ def _read_tensor(fh, base: int, entry: dict, name: str) -> torch.Tensor:
     return t
 
 
+def _map_tensor(fh, base: int, entry: dict) -> torch.Tensor | None:
+    """The tensor as a view of the checkpoint file's pages (a private, copy-on-write mapping; nothing is
+    ever written), or None where its bytes are not aligned for its dtype. Only the rows that are read
+    become resident."""
+    dtype = _ST_DTYPES[entry["dtype"]]
+    start, end = entry["data_offsets"]
+    if (base + start) % dtype.itemsize or end == start:
+        return None
+    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize,
+                            offset=base + start).view(entry["shape"])
+
+
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
                dtype: torch.dtype, pack: bool = True) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
-    `pack`: on CPU, store the projection weights prepacked for oneDNN (see `pack_for_cpu`).
+    `pack`: on CPU, store the projection weights prepacked for oneDNN (see `pack_for_cpu`). A packed head
+    cannot serve embedding lookups, so a tied checkpoint then gets a packed head and an embedding mapped
+    from the checkpoint file: lookups touch a few rows per step, and memory stays about one copy of the
+    weights. (That one tensor does follow the file: overwrite the checkpoint in place and lookups change.)
     """
     path = Path(path)
+    packing = pack and can_pack_for_cpu(device, dtype)
+    embed_key = "model.embed_tokens.weight"
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -103,6 +122,12 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
                     if key in state:
                         raise CheckpointError(f"{file.name}: tensor {key!r} appears in more than one file")
                     state[key] = _read_tensor(fh, base, entries[key], f"{file.name}: tensor {key!r}").to(device=device, dtype=dtype)
+                    if key == embed_key and packing and config.tie_word_embeddings:
+                        # pack the head now, while little else is in memory, then drop the dense copy
+                        mapped = _map_tensor(fh, base, entries[key])
+                        if mapped is not None:
+                            state["lm_head.weight"] = pack_linear_weight(state[key])
+                            state[key] = mapped
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
         except OSError as e:
@@ -113,14 +138,15 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensor(s) {shown}")
 
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    tied = config.tie_word_embeddings and "lm_head.weight" not in state
+    if tied:
+        state["lm_head.weight"] = state[embed_key]
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the only reference now, so packing below frees each dense weight
-    if config.tie_word_embeddings:
+    if tied:
         model.tie_weights()  # one Parameter object, not two sharing storage
     model.reset_rope(device)
     model.eval().requires_grad_(False)
-    if pack and can_pack_for_cpu(device, dtype):
+    if packing:
         pack_for_cpu(model)
     return model

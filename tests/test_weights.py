@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import llama32
 from llama32.config import LlamaConfig
 from llama32.errors import CheckpointError
+from llama32.model import can_pack_for_cpu
 from llama32.weights import load_model
 
 
@@ -191,3 +195,57 @@ def test_weights_do_not_keep_the_file_mapped(ckpt):
     before = model.model.norm.weight.clone()
     (ckpt / "model.safetensors").write_bytes(b"\0" * (ckpt / "model.safetensors").stat().st_size)
     assert torch.equal(model.model.norm.weight, before)
+
+
+@pytest.mark.skipif(not can_pack_for_cpu("cpu", torch.float32), reason="no oneDNN on this CPU build")
+def test_packed_tied_model_maps_only_its_embedding(ckpt):
+    """With a packed head, the tied embedding is the one tensor read from the file's pages (by design: it
+    saves a second copy of the largest matrix); the head, packed at load, and the rest are the model's own."""
+    model = load(ckpt)
+    assert model.lm_head.weight.is_mkldnn and model.lm_head.weight is not model.model.embed_tokens.weight
+    head, norm = model.lm_head.weight.to_dense(), model.model.norm.weight.clone()
+    assert torch.equal(head, model.model.embed_tokens.weight)
+    (ckpt / "model.safetensors").write_bytes(b"\0" * (ckpt / "model.safetensors").stat().st_size)
+    assert torch.equal(model.lm_head.weight.to_dense(), head) and torch.equal(model.model.norm.weight, norm)
+    assert not model.model.embed_tokens.weight.any()  # it follows the file
+
+
+@pytest.mark.skipif(not can_pack_for_cpu("cpu", torch.float32), reason="no oneDNN on this CPU build")
+@pytest.mark.parametrize("stored, run", [("bfloat16", torch.float32), ("float32", torch.bfloat16)])
+def test_mapped_embedding_in_another_dtype(make_checkpoint, stored, run):
+    """A mapped embedding keeps the file's dtype; its rows are cast on lookup, exactly as a cast table."""
+    path = make_checkpoint(kind="llama32", dtype=stored)
+    packed, plain = load(path, dtype=run), load(path, dtype=run, pack=False)
+    assert packed.model.embed_tokens.weight.dtype == getattr(torch, stored)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(packed.model.embed_tokens(ids).to(run), plain.model.embed_tokens(ids))
+    a, b = packed(ids).float(), plain(ids).float()
+    assert (a - b).abs().max() <= (1e-4 if run == torch.float32 else 5e-2) * b.abs().max()
+
+
+_ANON_AFTER_LOAD = """
+import re, sys, pathlib, torch
+from llama32.config import LlamaConfig
+from llama32.model import can_pack_for_cpu
+from llama32.weights import load_model
+anon = lambda: int(re.search(r"RssAnon:\\s+(\\d+)", pathlib.Path("/proc/self/status").read_text()).group(1)) * 1024
+path = pathlib.Path(sys.argv[1])
+before = anon()
+model = load_model(path, LlamaConfig.from_file(path / "config.json"), device="cpu", dtype=torch.float32,
+                   pack=sys.argv[2] == "1")
+model(torch.tensor([[1, 2, 3]]))
+print(anon() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not can_pack_for_cpu("cpu", torch.float32),
+                    reason="needs Linux /proc and oneDNN")
+def test_packed_tied_model_holds_one_copy_of_the_embedding(make_checkpoint):
+    """A big vocabulary makes the embedding nearly all of the weights (64 MiB of 65): a packed head next to a
+    second, dense embedding would double the memory the loaded model holds."""
+    path = make_checkpoint(kind="llama32", vocab_size=262144)
+    weight_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    grown = {pack: int(subprocess.run([sys.executable, "-c", _ANON_AFTER_LOAD, str(path), pack], check=True,
+                                      capture_output=True, text=True).stdout) for pack in ("0", "1")}
+    assert grown["0"] < 1.2 * weight_bytes, grown
+    assert grown["1"] < 1.2 * weight_bytes, grown
