@@ -162,7 +162,13 @@ class Attention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            # Fold each key/value head's group of query heads into the query length, so that one plain
+            # attention per key/value head serves its group: the same arithmetic as `enable_gqa`, which on
+            # CPU in bfloat16 with a mask runs about 8x slower (1 ms a layer at 512 cached positions).
+            G, S = self.n_heads // self.n_kv, k.shape[2]
+            q = q.reshape(B, self.n_kv, G * T, self.hd)
+            mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

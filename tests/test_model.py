@@ -76,6 +76,19 @@ def test_prefill_then_decode_equals_full_forward(make_checkpoint, kind):
     assert rel_err(torch.cat(steps, 1), full) <= 1e-5
 
 
+def test_chunk_through_the_cache_equals_full_forward(make_checkpoint):
+    """Many new tokens in one call at explicit positions (the masked path, with grouped query heads): each
+    sees the cache up to its own position and no further."""
+    model = ours(make_checkpoint(kind="llama32"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(model.config, 2, 64, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        full = model(ids)
+        head = model(ids[:, :25], cache=cache)
+        rest = model(ids[:, 25:], cache=cache, input_pos=torch.arange(25, 60).expand(2, 35))
+    assert rel_err(torch.cat([head, rest], 1), full) <= 1e-5
+
+
 def test_batch_rows_equal_rows_alone(make_checkpoint):
     """Rows of different lengths share one cache at their own positions and match single-row runs."""
     model = ours(make_checkpoint(kind="llama32"))
