@@ -53,6 +53,8 @@ class Llama:
         # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
         self.compiled = device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
         self.compiled_shapes: dict[tuple[int, int], float] = {}  # (batch, cache length) -> compile seconds
+        # On CUDA each decode step is launched before the previous one's tokens are read back (see _decode).
+        self.lookahead = device.type == "cuda"
         self._compiled_step: Any = None
         self._cache_pool: dict[tuple[int, int], Any] = {}
 

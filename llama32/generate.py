@@ -182,9 +182,39 @@ def _cache_for(llm: Llama, batch: int, length: int) -> KVCache:
         llm._cache_pool.clear()  # keep one: a cache can be large
         cache = llm._cache_pool[(batch, length)] = KVCache(llm.config, batch, length, device=llm.device,
                                                            dtype=llm.dtype)
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
+        _mark_static(cache)
     return cache
+
+
+def _mark_static(cache: KVCache) -> None:
+    """The step writes into the cache in place: a CUDA graph may do so only into inputs marked static
+    (others would be copied in and out at every replay, or keep the step from being recorded at all)."""
+    torch._dynamo.mark_static_address(cache.k)
+    torch._dynamo.mark_static_address(cache.v)
+
+
+class _Readback:
+    """Tokens on their way to the host. On CUDA, an asynchronous copy into pinned memory that is waited for
+    only when read, so a step launched after it can already run while the host reads these tokens."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.copied = tokens, None
+        if tokens.device.type == "cuda":
+            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.tokens.copy_(tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def tolist(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.tokens.tolist()
+
+
+def _batch_size(live: int, compiled: bool) -> int:
+    """The batch a decode step runs with `live` unfinished rows: exactly those, or on the compiled path
+    the next power of two, so a shrinking batch passes through few compiled shapes (each one a compile)."""
+    return live if not compiled else 1 << (live - 1).bit_length()
 
 
 @torch.inference_mode()
@@ -192,7 +222,10 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
     """The generation loop for a batch of rows: yields (row, token, finished) as tokens are drawn.
 
     Rows sit at their own positions in one KV cache (right-padded prefill, per-row decode positions), so
-    prompts of different lengths need no left padding; rows that finish are dropped from the batch.
+    prompts of different lengths need no left padding. Rows that finish leave the batch: at once, or on the
+    compiled path when the batch can halve (until then they ride along, their tokens ignored).
+    With `llm.lookahead` (CUDA), each step is launched before the previous step's tokens are read, so the
+    device never waits for the host; a step computed for rows that turn out to have finished is dropped.
     """
     model, device, stop_ids = llm.model, llm.device, llm.stop_ids
     lens = [len(r.prompt_ids) for r in reqs]
@@ -206,31 +239,10 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
     step = _step_function(llm)
     last = torch.tensor(lens, device=device) - 1
 
-    with lora_mod.active(llm, reqs[0].adapter):
-        tokens = sample(model(prompt.to(device), cache=cache, logits_at=last)[:, -1], state)
-    rows = list(range(len(reqs)))  # original index of each live batch row
-    produced = [0] * len(reqs)
-    pos = last[:, None] + 1  # (B, 1): where each row's next token goes
-    while True:
-        state.update(tokens)
-        keep = []
-        for i, token in enumerate(tokens.tolist()):
-            row = rows[i]
-            produced[row] += 1
-            done = token in stop_ids or produced[row] >= reqs[row].max_tokens
-            yield row, token, done
-            if not done:
-                keep.append(i)
-        if not keep:
-            return
-        if len(keep) < len(rows):  # finished rows stop costing work
-            idx = torch.tensor(keep, device=device)
-            cache = cache.select(idx)
-            state = state.select(idx)
-            tokens, pos = tokens[idx], pos[idx]
-            rows = [rows[i] for i in keep]
+    def advance(tokens, pos, cache, state):
+        """Launch one decode step; returns the next tokens (on the device, not yet read)."""
         noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, device)
-        shape = (len(rows), cache.length)
+        shape = (len(tokens), cache.length)
         first_call = llm.compiled and shape not in llm.compiled_shapes  # compiles: timed, reported apart
         started = time.perf_counter() if first_call else 0.0
         with lora_mod.active(llm, reqs[0].adapter):
@@ -239,4 +251,48 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
             tokens = tokens.clone()  # a CUDA graph's output buffer is overwritten by its next replay
         if first_call:
             llm.compiled_shapes[shape] = time.perf_counter() - started
-        pos = pos + 1
+        return tokens
+
+    with lora_mod.active(llm, reqs[0].adapter):
+        tokens = sample(model(prompt.to(device), cache=cache, logits_at=last)[:, -1], state)
+    rows: list[int | None] = list(range(len(reqs)))  # original index of each batch row; None once finished
+    produced = [0] * len(reqs)
+    pos = last[:, None] + 1  # (B, 1): where each row's next token goes
+    while True:
+        state.update(tokens)
+        drawn = _Readback(tokens)
+        if llm.lookahead:
+            following = advance(tokens, pos, cache, state)
+        finished = []
+        for i, token in enumerate(drawn.tolist()):
+            row = rows[i]
+            if row is None:
+                continue
+            produced[row] += 1
+            done = token in stop_ids or produced[row] >= reqs[row].max_tokens
+            yield row, token, done
+            if done:
+                rows[i] = None
+                finished.append(i)
+        live = [i for i, row in enumerate(rows) if row is not None]
+        if not live:
+            return
+        if llm.lookahead:  # the step already launched is the one that carries on
+            tokens, pos = following, pos + 1
+        if finished:
+            # A finished row that stays writes from position 0 of its own cache row again, which keeps it
+            # inside the cache for as long as any row can still run.
+            pos = pos.index_fill(0, torch.tensor(finished, device=device), 0)
+        size = _batch_size(len(live), llm.compiled)
+        if size < len(rows):  # finished rows stop costing work
+            keep = live + [i for i, row in enumerate(rows) if row is None][: size - len(live)]
+            idx = torch.tensor(keep, device=device)
+            cache = cache.select(idx)
+            if llm.compiled:
+                _mark_static(cache)
+            state = state.select(idx)
+            tokens, pos = tokens[idx], pos[idx]
+            rows = [rows[i] for i in keep]
+        if not llm.lookahead:
+            tokens = advance(tokens, pos, cache, state)
+            pos = pos + 1

@@ -1,5 +1,7 @@
 """generate_batch: many requests in one forward per step, each row equal to generate() alone."""
 
+import sys
+
 import pytest
 
 import llama32
@@ -12,24 +14,80 @@ def chatml(text):
 
 
 
-def test_batch_equals_one_by_one(smol):
-    requests = [
-        dict(prompt=chatml("What is the capital of France?"), raw=True, temperature=0, max_tokens=30),  # stops early
-        dict(prompt=chatml("Write a long story about a dragon who learns to bake bread in a small village."),
-             raw=True, temperature=0, max_tokens=24, repetition_penalty=1.2),
-        dict(prompt=chatml("List three colours."), raw=True, temperature=0, max_tokens=6),  # stops at max_tokens
-        dict(prompt=chatml("Say hi."), raw=True, temperature=0.9, top_p=0.9, seed=11, max_tokens=16),
-        dict(prompt=chatml("Describe the sea in detail, please, using many adjectives."), raw=True, temperature=0,
-             max_tokens=20, frequency_penalty=0.7, presence_penalty=0.3),
-        dict(messages=[{"role": "user", "content": "Count to five."}], temperature=1.1, top_k=5, seed=3,
-             max_tokens=12),
-    ]
-    batch = llama32.generate_batch(smol, requests)
-    single = [llama32.generate(smol, **r) for r in requests]
-    assert batch == single
-    counts = [r["usage"]["completion_tokens"] for r in single]
+REQUESTS = [
+    dict(prompt=chatml("What is the capital of France?"), raw=True, temperature=0, max_tokens=30),  # stops early
+    dict(prompt=chatml("Write a long story about a dragon who learns to bake bread in a small village."),
+         raw=True, temperature=0, max_tokens=24, repetition_penalty=1.2),
+    dict(prompt=chatml("List three colours."), raw=True, temperature=0, max_tokens=6),  # stops at max_tokens
+    dict(prompt=chatml("Say hi."), raw=True, temperature=0.9, top_p=0.9, seed=11, max_tokens=16),
+    dict(prompt=chatml("Describe the sea in detail, please, using many adjectives."), raw=True, temperature=0,
+         max_tokens=20, frequency_penalty=0.7, presence_penalty=0.3),
+    dict(messages=[{"role": "user", "content": "Count to five."}], temperature=1.1, top_k=5, seed=3,
+         max_tokens=12),
+]
+
+
+# Three rows end at once (max_tokens), leaving three that sample with their own seeds: a batch that halves
+# to four then carries one finished row along.
+TOGETHER = [dict(prompt=chatml(f"Name a {thing}."), raw=True, temperature=0, max_tokens=3)
+            for thing in ("fruit", "river", "planet")] + [
+    dict(prompt=chatml(f"Tell me about {thing}."), raw=True, temperature=0.9, seed=seed, max_tokens=10)
+    for thing, seed in (("cats", 1), ("the moon", 2), ("tea", 3))]
+
+
+@pytest.fixture(scope="module")
+def one_by_one(smol):
+    return [llama32.generate(smol, **r) for r in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def together_one_by_one(smol):
+    return [llama32.generate(smol, **r) for r in TOGETHER]
+
+
+def test_batch_equals_one_by_one(smol, one_by_one):
+    assert llama32.generate_batch(smol, REQUESTS) == one_by_one
+    counts = [r["usage"]["completion_tokens"] for r in one_by_one]
     assert counts[0] < 30 and counts[2] == 6  # one row stopped on end-of-turn, one on max_tokens
-    assert len({r["usage"]["prompt_tokens"] for r in single}) > 3  # mixed prompt lengths
+    assert len({r["usage"]["prompt_tokens"] for r in one_by_one}) > 3  # mixed prompt lengths
+
+
+def batch_sizes(llm, monkeypatch):
+    """Records the batch size of every forward the model runs."""
+    sizes, forward = [], llm.model.forward
+    monkeypatch.setattr(llm.model, "forward", lambda ids, **kw: sizes.append(len(ids)) or forward(ids, **kw))
+    return sizes
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("halving", [False, True])
+@pytest.mark.parametrize("together", [False, True])
+def test_finished_rows_leave_the_batch(smol, one_by_one, together_one_by_one, monkeypatch, lookahead, halving,
+                                       together):
+    """Rows leave as they finish: at once, or (as on the compiled path) when the batch can halve, the
+    finished rows riding along until then. With lookahead (as on CUDA) each step is launched before the
+    previous tokens are read, and a step computed for rows that finished is dropped. Results never change."""
+    gen = sys.modules["llama32.generate"]
+    if halving:
+        to_power_of_two = gen._batch_size
+        monkeypatch.setattr(gen, "_batch_size", lambda live, compiled: to_power_of_two(live, True))
+    monkeypatch.setattr(smol, "lookahead", lookahead)
+    requests, expected = (TOGETHER, together_one_by_one) if together else (REQUESTS, one_by_one)
+    sizes = batch_sizes(smol, monkeypatch)
+    assert llama32.generate_batch(smol, requests) == expected
+    counts = [r["usage"]["completion_tokens"] for r in expected]
+    if together:
+        assert counts[:3] == [3, 3, 3] and min(counts[3:]) > 3
+    assert sizes[0] == len(requests)  # the prefill
+    steps = sizes[1:]
+    assert len(steps) == max(counts) - 1 + lookahead  # lookahead: one step past the last row's end
+    # step n runs the rows still going (lookahead: as known before step n-1's tokens were read), or the
+    # power of two above their number, and never more than the batch had
+    for n, size in enumerate(steps, start=1):
+        live = sum(c > n - lookahead for c in counts)
+        want = live if not halving else 1 << (live - 1).bit_length()
+        assert size == min(want, len(requests)), (n, steps, counts)
+    assert steps[-1] < len(requests)
 
 
 def test_batch_validates_every_request_first(smol):

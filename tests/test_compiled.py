@@ -13,12 +13,13 @@ REQUESTS = [
 
 
 def run(llm, compiled):
-    llm.compiled = compiled
+    """Compiled runs also look ahead, as they do on CUDA."""
+    llm.compiled = llm.lookahead = compiled
     try:
         single = [llama32.generate(llm, **r) for r in REQUESTS]
         batch = llama32.generate_batch(llm, REQUESTS)
     finally:
-        llm.compiled = False
+        llm.compiled = llm.lookahead = False
     return single, batch
 
 
