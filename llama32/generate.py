@@ -172,25 +172,24 @@ def _step_function(llm: Llama):
 
 
 def _cache_for(llm: Llama, batch: int, length: int) -> KVCache:
-    """A KV cache for this request. The compiled path reuses one per shape, its length rounded up to a
-    multiple of 256, so a graph compiled (and CUDA-graph-recorded) for it serves later requests too."""
+    """A KV cache for this request. The compiled path reuses one per (batch, length), the length rounded up
+    to a power of two (at least 256), so that few shapes are ever compiled and a graph compiled (and
+    CUDA-graph-recorded) for one serves later requests at the same addresses. Caches of one length are
+    kept for every batch size a shrinking batch passes through; a request of another length drops them."""
     if not llm.compiled:
         return KVCache(llm.config, batch, length, device=llm.device, dtype=llm.dtype)
-    length = min(-(-length // 256) * 256, llm.context_length)
+    length = min(max(256, 1 << (length - 1).bit_length()), llm.context_length)
+    if any(n != length for _, n in llm._cache_pool):
+        llm._cache_pool.clear()  # a cache can be large
     cache = llm._cache_pool.get((batch, length))
     if cache is None:
-        llm._cache_pool.clear()  # keep one: a cache can be large
         cache = llm._cache_pool[(batch, length)] = KVCache(llm.config, batch, length, device=llm.device,
                                                            dtype=llm.dtype)
-        _mark_static(cache)
+        # The step writes into the cache in place: a CUDA graph may do so only into inputs marked static
+        # (others would be copied in and out at every replay, or keep the step from being recorded at all).
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
     return cache
-
-
-def _mark_static(cache: KVCache) -> None:
-    """The step writes into the cache in place: a CUDA graph may do so only into inputs marked static
-    (others would be copied in and out at every replay, or keep the step from being recorded at all)."""
-    torch._dynamo.mark_static_address(cache.k)
-    torch._dynamo.mark_static_address(cache.v)
 
 
 class _Readback:
@@ -287,9 +286,7 @@ def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
         if size < len(rows):  # finished rows stop costing work
             keep = live + [i for i, row in enumerate(rows) if row is None][: size - len(live)]
             idx = torch.tensor(keep, device=device)
-            cache = cache.select(idx)
-            if llm.compiled:
-                _mark_static(cache)
+            cache = cache.select(idx, out=_cache_for(llm, size, cache.length) if llm.compiled else None)
             state = state.select(idx)
             tokens, pos = tokens[idx], pos[idx]
             rows = [rows[i] for i in keep]

@@ -123,11 +123,16 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
-    def select(self, rows: Tensor) -> "KVCache":
-        """A new cache holding only these batch rows (used when rows of a batch finish early)."""
-        new = KVCache.__new__(KVCache)
-        new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        return new
+    def select(self, rows: Tensor, out: "KVCache | None" = None) -> "KVCache":
+        """A cache holding only these batch rows (used when rows of a batch finish early): a new one, or
+        `out`, of the same length with room for exactly these rows, filled in place."""
+        if out is None:
+            out = KVCache.__new__(KVCache)
+            out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        else:
+            torch.index_select(self.k, 1, rows, out=out.k)
+            torch.index_select(self.v, 1, rows, out=out.v)
+        return out
 
 
 class Attention(nn.Module):

@@ -33,6 +33,11 @@ def test_compiled_equals_eager_on_cpu(make_checkpoint, llama3_tokenizer_dir, mon
     assert compiled == eager
     assert llm.compiled_shapes and all(s > 0 for s in llm.compiled_shapes.values())
     assert eager[0] == eager[1]  # and batch equals one by one
+    # cache lengths are powers of two, so few shapes get compiled; the same requests again compile nothing
+    assert {n for _, n in llm.compiled_shapes} == {256}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert run(llm, True) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
