@@ -591,6 +591,26 @@ def run_impl(runner, args, maker: PromptMaker, work: dict[str, list[Prompt]]) ->
     return out
 
 
+_ROUND_KEYS = ("decode_tok_s", "ttft_s", "tok_s")  # the figures the table shows
+
+
+def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """One result per scenario and implementation: the first round's, with each table figure replaced by
+    its median over the rounds (every round's value is kept under `<key>_rounds`)."""
+    if len(rounds) <= 1:
+        return rounds[0] if rounds else {}
+    merged: dict[str, dict] = {}
+    for scenario, by_impl in rounds[0].items():
+        for impl, first in by_impl.items():
+            value = dict(first, rounds=len(rounds))
+            for key in _ROUND_KEYS:
+                values = [rnd[scenario][impl].get(key) for rnd in rounds]
+                if key in first and None not in values:
+                    value[key], value[f"{key}_rounds"] = statistics.median(values), values
+            merged.setdefault(scenario, {})[impl] = value
+    return merged
+
+
 # (scenario, metric label, key in the scenario's result, unit, which way is better)
 def table_rows(results: dict[str, dict], impls: list[str]) -> list[dict]:
     specs = []
@@ -612,8 +632,12 @@ def table_rows(results: dict[str, dict], impls: list[str]) -> list[dict]:
     for scenario, metric, key, unit, better in specs:
         values = {impl: results[scenario].get(impl, {}).get(key) for impl in impls}
         ours, base = values.get("llama32"), values.get("hf")
-        rows.append({"scenario": scenario, "metric": metric, "key": key, "unit": unit, "better": better,
-                     "llama32": ours, "hf": base, "ratio": ours / base if ours and base else None})
+        row = {"scenario": scenario, "metric": metric, "key": key, "unit": unit, "better": better,
+               "llama32": ours, "hf": base, "ratio": ours / base if ours and base else None}
+        per_round = [results[scenario].get(impl, {}).get(f"{key}_rounds") for impl in ("llama32", "hf")]
+        if all(per_round):  # each round's ratio: the two were measured minutes apart, not hours
+            row["ratio_rounds"] = [a / b if a and b else None for a, b in zip(*per_round)]
+        rows.append(row)
     return rows
 
 
@@ -621,9 +645,10 @@ def print_table(rows: list[dict]) -> None:
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
 
-    header = ("scenario", "metric", "llama32", "hf", "llama32/hf", "better")
+    header = ("scenario", "metric", "llama32", "hf", "llama32/hf", "better", "ratio by round")
     lines = [header] + [(r["scenario"], r["metric"] + f" [{r['unit']}]", fmt(r["llama32"]), fmt(r["hf"]),
-                         fmt(r["ratio"]), r["better"]) for r in rows]
+                         fmt(r["ratio"]), r["better"], " ".join(fmt(x) for x in r.get("ratio_rounds", [])))
+                        for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for j, line in enumerate(lines):
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
@@ -681,6 +706,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated prompt lengths for prefill (default: 2048,8192 on cuda; 512 on cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median kept "
                                                              "(default: 3 on cuda, 1 on cpu)")
+    p.add_argument("--rounds", type=int, default=1, help="run every scenario this many times, alternating "
+                   "llama32 and the baseline, and keep each figure's median (for machines whose speed drifts)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -701,7 +728,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeats = 1 if on_cpu else 3
     if args.new_tokens is None:
         args.new_tokens = 64 if on_cpu else 256
-    for name in ("prompt_tokens", "new_tokens", "batch", "repeats"):
+    for name in ("prompt_tokens", "new_tokens", "batch", "repeats", "rounds"):
         if getattr(args, name) < (2 if name in ("prompt_tokens", "new_tokens") else 1):
             p.error(f"--{name.replace('_', '-')} is too small")
     if min(args.prefill_tokens) < 2:
@@ -735,15 +762,21 @@ def main(argv: list[str] | None = None) -> int:
                                             weight_bytes))
             print(f"{impl}: load done", file=sys.stderr, flush=True)
     work = make_workload(args, maker)
-    for impl in impls if work else []:
-        runner = (Llama32Runner(ckpt, args.device, dtype, args.compile) if impl == "llama32"
-                  else HFRunner(ckpt, args.device, dtype))
-        for scenario, value in run_impl(runner, args, maker, work).items():
+    rounds: list[dict[str, dict]] = []
+    for r in range(args.rounds if work else 0):  # llama32, hf, llama32, hf...: drift hits both alike
+        rounds.append({})
+        for impl in impls:
+            runner = (Llama32Runner(ckpt, args.device, dtype, args.compile) if impl == "llama32"
+                      else HFRunner(ckpt, args.device, dtype))
+            for scenario, value in run_impl(runner, args, maker, work).items():
+                rounds[-1].setdefault(scenario, {})[impl] = value
+            del runner  # one model in memory at a time
+            gc.collect()
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+    for scenario, by_impl in merge_rounds(rounds).items():
+        for impl, value in by_impl.items():
             record(impl, scenario, value)
-        del runner  # one model in memory at a time
-        gc.collect()
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     order = ["decode1", "decode32"] + [f"prefill_{n}" for n in args.prefill_tokens] + ["load"]
@@ -757,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes": weight_bytes, "device": args.device.type, "dtype": args.dtype,
             "baseline": args.baseline, "scenarios": args.scenarios, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "batch": args.batch, "prefill_tokens": args.prefill_tokens,
-            "repeats": args.repeats, "threads": torch.get_num_threads(), "compile": args.compile,
+            "repeats": args.repeats, "rounds": args.rounds, "threads": torch.get_num_threads(), "compile": args.compile,
             "seed": args.seed, "hf_attn_implementation": "sdpa",
         },
         "results": results,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,27 @@ def test_bench_smoke_tiny_cpu(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         chart = out / "chart-cpu-float32.png"
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rounds_alternate_and_keep_medians(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(SCRIPT), "--device", "cpu", "--size", "tiny", "--dtype", "float32",
+        "--scenarios", "decode1,prefill", "--prompt-tokens", "16", "--new-tokens", "4", "--prefill-tokens", "32",
+        "--rounds", "3", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("llama32: decode1 done") == 3 and proc.stderr.count("hf: decode1 done") == 3
+    report = json.loads((out / "results-cpu-float32.json").read_text())
+    assert report["settings"]["rounds"] == 3
+    for impl in ("llama32", "hf"):
+        d = report["results"]["decode1"][impl]
+        assert len(d["decode_tok_s_rounds"]) == 3 and d["decode_tok_s"] == statistics.median(d["decode_tok_s_rounds"])
+        p = report["results"]["prefill_32"][impl]
+        assert len(p["tok_s_rounds"]) == 3 and p["tok_s"] == statistics.median(p["tok_s_rounds"])
+    for row in report["table"]:
+        assert len(row["ratio_rounds"]) == 3 and all(r > 0 for r in row["ratio_rounds"]), row
 
 
 def test_bench_rejects_unknown_scenario(tmp_path):
