@@ -106,7 +106,8 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path):
         try:
-            # safe_open checks the header and layout; the bytes are then read without mapping the file
+            # safe_open checks the header and layout; the bytes are then read into memory of their own
+            # (all but a packed model's tied embedding, see below)
             with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
                 base, entries = _data_layout(file)
                 for key in f.keys():
