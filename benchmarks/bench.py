@@ -258,15 +258,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def repeat(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float], Any]:
-    """Median seconds over `repeats` calls, every call's seconds, and the last call's result."""
-    times, result = [], None
-    for _ in range(repeats):
-        t, result = timed(fn, device)
-        times.append(t)
-    return statistics.median(times), times, result
-
-
 # --- the two implementations ------------------------------------------------------------------------------------------
 
 
@@ -367,51 +358,82 @@ def load_hf(ckpt: Path, device: torch.device, dtype: torch.dtype):
 # --- scenarios --------------------------------------------------------------------------------------------------------
 
 
-def bench_decode(runner, prompts: list[Prompt], n: int, repeats: int, maker: PromptMaker,
-                 seed: int) -> dict[str, Any]:
-    """Greedy decode of `n` tokens for a batch of prompts; also fixes up rows that stop early.
+def bench_decode(runners: list, prompts: list[Prompt], n: int, repeats: int, maker: PromptMaker,
+                 seed: int) -> dict[str, dict[str, Any]]:
+    """Greedy decode of `n` tokens for a batch of prompts, by every runner, their timed calls alternating
+    (llama32, hf, llama32, hf, ...) so that a machine whose speed drifts slows both alike.
 
     Random weights can still land on a stop token now and then; a row that does is given a fresh prompt
-    (warm-up doubles as the probe), so both implementations time the same number of tokens.
+    (the first runner's warm-up doubles as the probe), so every implementation times the same tokens.
     """
-    device = runner.device
+    device = runners[0].device
     for p in prompts:
-        runner.check_prompt(p)
-    first_s, counts = timed(lambda: runner.generate(prompts, n), device)
+        for runner in runners:
+            runner.check_prompt(p)
+    first_s = {}
+    probe = runners[0]
+    first_s[probe.name], counts = timed(lambda: probe.generate(prompts, n), device)
     for attempt in range(5):
         short = [i for i, c in enumerate(counts) if c < n]
         if not short:
             break
         for i in short:
             prompts[i] = maker.make(len(prompts[i].ids), seed + 1000 * (attempt + 1) + i)
-        first_s, counts = timed(lambda: runner.generate(prompts, n), device)
-    timed(lambda: runner.generate(prompts, 1), device)  # warm the one-token path too
-    ttft, ttfts, _ = repeat(lambda: runner.generate(prompts, 1), device, repeats)
-    total, totals, counts = repeat(lambda: runner.generate(prompts, n), device, repeats)
-    decode_tokens = sum(c - 1 for c in counts)
-    return {
-        "batch": len(prompts),
-        "prompt_tokens": len(prompts[0].ids),
-        "new_tokens": n,
-        "completion_tokens": counts,
-        "ttft_s": ttft,
-        "total_s": total,
-        "decode_tok_s": decode_tokens / (total - ttft) if total > ttft else None,
-        "e2e_tok_s": sum(counts) / total,
-        "first_s": first_s,
-        "warmup_extra_s": first_s - total,  # compile, lazy page-in, allocator growth: the first call's extra
-        "ttft_runs_s": ttfts,
-        "total_runs_s": totals,
-    }
+        first_s[probe.name], counts = timed(lambda: probe.generate(prompts, n), device)
+    for runner in runners[1:]:
+        first_s[runner.name], _ = timed(lambda: runner.generate(prompts, n), device)
+    for runner in runners:
+        timed(lambda: runner.generate(prompts, 1), device)  # warm the one-token path too
+    ttfts: dict[str, list[float]] = {r.name: [] for r in runners}
+    totals: dict[str, list[float]] = {r.name: [] for r in runners}
+    last_counts: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for runner in runners:
+            ttfts[runner.name].append(timed(lambda: runner.generate(prompts, 1), device)[0])
+            seconds, last_counts[runner.name] = timed(lambda: runner.generate(prompts, n), device)
+            totals[runner.name].append(seconds)
+    out = {}
+    for runner in runners:
+        name, counts = runner.name, last_counts[runner.name]
+        decode_tokens = sum(c - 1 for c in counts)
+        ttft, total = statistics.median(ttfts[name]), statistics.median(totals[name])
+        out[name] = {
+            "batch": len(prompts),
+            "prompt_tokens": len(prompts[0].ids),
+            "new_tokens": n,
+            "completion_tokens": counts,
+            "ttft_s": ttft,
+            "total_s": total,
+            "decode_tok_s": decode_tokens / (total - ttft) if total > ttft else None,
+            "e2e_tok_s": sum(counts) / total,
+            "first_s": first_s[name],
+            "warmup_extra_s": first_s[name] - total,  # compile, lazy page-in, allocator growth
+            "ttft_runs_s": ttfts[name],
+            "total_runs_s": totals[name],
+            # each timed call's own rate: with the calls alternating, run i of one implementation and run i
+            # of the other were measured back to back
+            "decode_tok_s_runs": [decode_tokens / (b - a) if b > a else None
+                                  for a, b in zip(ttfts[name], totals[name])],
+        }
+    return out
 
 
-def bench_prefill(runner, prompt: Prompt, repeats: int) -> dict[str, Any]:
-    device = runner.device
-    first_s, _ = timed(lambda: runner.prefill(prompt), device)
-    seconds, runs, _ = repeat(lambda: runner.prefill(prompt), device, repeats)
+def bench_prefill(runners: list, prompt: Prompt, repeats: int) -> dict[str, dict[str, Any]]:
+    """One forward over the prompt, logits at the last position, by every runner, alternating."""
+    device = runners[0].device
+    first_s = {r.name: timed(lambda: r.prefill(prompt), device)[0] for r in runners}
+    runs: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(repeats):
+        for runner in runners:
+            runs[runner.name].append(timed(lambda: runner.prefill(prompt), device)[0])
     n = len(prompt.ids)
-    return {"tokens": n, "seconds": seconds, "tok_s": n / seconds, "first_s": first_s,
-            "warmup_extra_s": first_s - seconds, "runs_s": runs, "method": runner.prefill_method}
+    out = {}
+    for runner in runners:
+        seconds = statistics.median(runs[runner.name])
+        out[runner.name] = {"tokens": n, "seconds": seconds, "tok_s": n / seconds, "first_s": first_s[runner.name],
+                            "warmup_extra_s": first_s[runner.name] - seconds, "runs_s": runs[runner.name],
+                            "tok_s_runs": [n / t for t in runs[runner.name]], "method": runner.prefill_method}
+    return out
 
 
 def _proc_status() -> dict[str, int]:
@@ -576,39 +598,23 @@ def make_workload(args, maker: PromptMaker) -> dict[str, list[Prompt]]:
     return work
 
 
-def run_impl(runner, args, maker: PromptMaker, work: dict[str, list[Prompt]]) -> dict[str, dict]:
+def run_all(runners: list, args, maker: PromptMaker, work: dict[str, list[Prompt]]) -> dict[str, dict]:
+    """Every scenario for every runner: {scenario: {name: result}}."""
     out: dict[str, dict] = {}
-    print(f"{runner.name}: loaded in {runner.load_s:.2f}s", file=sys.stderr, flush=True)
+    for runner in runners:
+        print(f"{runner.name}: loaded in {runner.load_s:.2f}s", file=sys.stderr, flush=True)
     for scenario, prompts in work.items():
         if scenario.startswith("decode"):
-            out[scenario] = bench_decode(runner, prompts, args.new_tokens, args.repeats, maker, args.seed)
+            out[scenario] = bench_decode(runners, prompts, args.new_tokens, args.repeats, maker, args.seed)
         else:
-            out[scenario] = bench_prefill(runner, prompts[0], args.repeats)
-        print(f"{runner.name}: {scenario} done", file=sys.stderr, flush=True)
-    llm = getattr(runner, "llm", None)
-    if llm is not None and llm.compiled_shapes:  # compile seconds per (batch, cache length), apart from the timings
-        out["compile"] = {"seconds_by_shape": {f"{b}x{n}": t for (b, n), t in llm.compiled_shapes.items()}}
+            out[scenario] = bench_prefill(runners, prompts[0], args.repeats)
+        print(f"{scenario} done", file=sys.stderr, flush=True)
+    for runner in runners:
+        llm = getattr(runner, "llm", None)
+        if llm is not None and llm.compiled_shapes:  # compile seconds per (batch, cache length), apart
+            out.setdefault("compile", {})[runner.name] = {
+                "seconds_by_shape": {f"{b}x{n}": t for (b, n), t in llm.compiled_shapes.items()}}
     return out
-
-
-_ROUND_KEYS = ("decode_tok_s", "ttft_s", "tok_s")  # the figures the table shows
-
-
-def merge_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
-    """One result per scenario and implementation: the first round's, with each table figure replaced by
-    its median over the rounds (every round's value is kept under `<key>_rounds`)."""
-    if len(rounds) <= 1:
-        return rounds[0] if rounds else {}
-    merged: dict[str, dict] = {}
-    for scenario, by_impl in rounds[0].items():
-        for impl, first in by_impl.items():
-            value = dict(first, rounds=len(rounds))
-            for key in _ROUND_KEYS:
-                values = [rnd[scenario][impl].get(key) for rnd in rounds]
-                if key in first and None not in values:
-                    value[key], value[f"{key}_rounds"] = statistics.median(values), values
-            merged.setdefault(scenario, {})[impl] = value
-    return merged
 
 
 # (scenario, metric label, key in the scenario's result, unit, which way is better)
@@ -634,9 +640,9 @@ def table_rows(results: dict[str, dict], impls: list[str]) -> list[dict]:
         ours, base = values.get("llama32"), values.get("hf")
         row = {"scenario": scenario, "metric": metric, "key": key, "unit": unit, "better": better,
                "llama32": ours, "hf": base, "ratio": ours / base if ours and base else None}
-        per_round = [results[scenario].get(impl, {}).get(f"{key}_rounds") for impl in ("llama32", "hf")]
-        if all(per_round):  # each round's ratio: the two were measured minutes apart, not hours
-            row["ratio_rounds"] = [a / b if a and b else None for a, b in zip(*per_round)]
+        runs = [results[scenario].get(impl, {}).get(f"{key}_runs") for impl in ("llama32", "hf")]
+        if all(runs):  # each pair of back-to-back calls' ratio
+            row["ratio_runs"] = [a / b if a and b else None for a, b in zip(*runs)]
         rows.append(row)
     return rows
 
@@ -645,9 +651,9 @@ def print_table(rows: list[dict]) -> None:
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
 
-    header = ("scenario", "metric", "llama32", "hf", "llama32/hf", "better", "ratio by round")
+    header = ("scenario", "metric", "llama32", "hf", "llama32/hf", "better", "ratio by run")
     lines = [header] + [(r["scenario"], r["metric"] + f" [{r['unit']}]", fmt(r["llama32"]), fmt(r["hf"]),
-                         fmt(r["ratio"]), r["better"], " ".join(fmt(x) for x in r.get("ratio_rounds", [])))
+                         fmt(r["ratio"]), r["better"], " ".join(fmt(x) for x in r.get("ratio_runs", [])))
                         for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for j, line in enumerate(lines):
@@ -704,10 +710,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="rows in the decode32 scenario (default 32)")
     p.add_argument("--prefill-tokens", default=None,
                    help="comma-separated prompt lengths for prefill (default: 2048,8192 on cuda; 512 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median kept "
-                                                             "(default: 3 on cuda, 1 on cpu)")
-    p.add_argument("--rounds", type=int, default=1, help="run every scenario this many times, alternating "
-                   "llama32 and the baseline, and keep each figure's median (for machines whose speed drifts)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, alternating between the "
+                                                          "implementations; the median is kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -724,11 +728,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
     args.prefill_tokens = [int(n) for n in (args.prefill_tokens or ("512" if on_cpu else "2048,8192")).split(",")]
-    if args.repeats is None:
-        args.repeats = 1 if on_cpu else 3
     if args.new_tokens is None:
         args.new_tokens = 64 if on_cpu else 256
-    for name in ("prompt_tokens", "new_tokens", "batch", "repeats", "rounds"):
+    for name in ("prompt_tokens", "new_tokens", "batch", "repeats"):
         if getattr(args, name) < (2 if name in ("prompt_tokens", "new_tokens") else 1):
             p.error(f"--{name.replace('_', '-')} is too small")
     if min(args.prefill_tokens) < 2:
@@ -762,24 +764,18 @@ def main(argv: list[str] | None = None) -> int:
                                             weight_bytes))
             print(f"{impl}: load done", file=sys.stderr, flush=True)
     work = make_workload(args, maker)
-    rounds: list[dict[str, dict]] = []
-    for r in range(args.rounds if work else 0):  # llama32, hf, llama32, hf...: drift hits both alike
-        rounds.append({})
-        for impl in impls:
-            runner = (Llama32Runner(ckpt, args.device, dtype, args.compile) if impl == "llama32"
-                      else HFRunner(ckpt, args.device, dtype))
-            for scenario, value in run_impl(runner, args, maker, work).items():
-                rounds[-1].setdefault(scenario, {})[impl] = value
-            del runner  # one model in memory at a time
-            gc.collect()
-            if args.device.type == "cuda":
-                torch.cuda.empty_cache()
-    for scenario, by_impl in merge_rounds(rounds).items():
-        for impl, value in by_impl.items():
-            record(impl, scenario, value)
+    if work:
+        # Both models in memory at once, so that their timed calls can alternate.
+        runners = [Llama32Runner(ckpt, args.device, dtype, args.compile) if impl == "llama32"
+                   else HFRunner(ckpt, args.device, dtype) for impl in impls]
+        for scenario, by_impl in run_all(runners, args, maker, work).items():
+            for impl, value in by_impl.items():
+                record(impl, scenario, value)
+        del runners
+        gc.collect()
 
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    order = ["decode1", "decode32"] + [f"prefill_{n}" for n in args.prefill_tokens] + ["load"]
+    order = ["decode1", "decode32"] + [f"prefill_{n}" for n in args.prefill_tokens] + ["load", "compile"]
     results = {k: results[k] for k in order if k in results}
     rows = table_rows(results, impls)
     report = {
@@ -790,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes": weight_bytes, "device": args.device.type, "dtype": args.dtype,
             "baseline": args.baseline, "scenarios": args.scenarios, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "batch": args.batch, "prefill_tokens": args.prefill_tokens,
-            "repeats": args.repeats, "rounds": args.rounds, "threads": torch.get_num_threads(), "compile": args.compile,
+            "repeats": args.repeats, "threads": torch.get_num_threads(), "compile": args.compile,
             "seed": args.seed, "hf_attn_implementation": "sdpa",
         },
         "results": results,

@@ -73,25 +73,26 @@ def test_bench_smoke_tiny_cpu(tmp_path):
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_rounds_alternate_and_keep_medians(tmp_path):
+def test_bench_alternates_and_keeps_medians(tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(SCRIPT), "--device", "cpu", "--size", "tiny", "--dtype", "float32",
         "--scenarios", "decode1,prefill", "--prompt-tokens", "16", "--new-tokens", "4", "--prefill-tokens", "32",
-        "--rounds", "3", "--threads", "1", "--out", str(out),
+        "--repeats", "5", "--threads", "1", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("llama32: decode1 done") == 3 and proc.stderr.count("hf: decode1 done") == 3
     report = json.loads((out / "results-cpu-float32.json").read_text())
-    assert report["settings"]["rounds"] == 3
+    assert report["settings"]["repeats"] == 5
     for impl in ("llama32", "hf"):
         d = report["results"]["decode1"][impl]
-        assert len(d["decode_tok_s_rounds"]) == 3 and d["decode_tok_s"] == statistics.median(d["decode_tok_s_rounds"])
+        assert len(d["ttft_runs_s"]) == len(d["total_runs_s"]) == len(d["decode_tok_s_runs"]) == 5
+        assert d["total_s"] == statistics.median(d["total_runs_s"])
         p = report["results"]["prefill_32"][impl]
-        assert len(p["tok_s_rounds"]) == 3 and p["tok_s"] == statistics.median(p["tok_s_rounds"])
-    for row in report["table"]:
-        assert len(row["ratio_rounds"]) == 3 and all(r > 0 for r in row["ratio_rounds"]), row
+        assert len(p["tok_s_runs"]) == 5 and p["seconds"] == statistics.median(p["runs_s"])
+    ours, base = (report["results"]["decode1"][impl]["decode_tok_s_runs"] for impl in ("llama32", "hf"))
+    row = next(r for r in report["table"] if r["key"] == "decode_tok_s")
+    assert row["ratio_runs"] == [a / b for a, b in zip(ours, base)]
 
 
 def test_bench_rejects_unknown_scenario(tmp_path):
