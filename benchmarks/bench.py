@@ -19,8 +19,9 @@ Scenarios (each measured for llama32 and, with `--baseline hf`, for transformers
   forward of 16 tokens (so lazily mapped pages a forward needs are counted, and pages it never reads are
   not), as a ratio to the weights' bytes in the run dtype.
 
-Every timing follows a warm-up call (its time is kept as `first_s`, so compile time shows up there) and a
-device synchronisation. Output: a table on stdout, `<out>/results-<device>-<dtype>.json` and
+Both models are loaded at once and their timed calls alternate, so a machine whose speed drifts slows both
+alike; each figure is the median of `--repeats` calls. Every timing follows a warm-up call (its time is kept
+as `first_s`, so compile time shows up there) and a device synchronisation. Output: a table on stdout, `<out>/results-<device>-<dtype>.json` and
 `<out>/chart-<device>-<dtype>.png`.
 """
 
