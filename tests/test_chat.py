@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from llama32.chat import functions_to_tools, render_chat, tool_names
 from llama32.errors import InvalidRequest
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "shared/spec/llama-3.2-instruct-chat-template.jinja"
+# The official Llama 3.2 instruct chat template, the oracle: a byte-for-byte copy of the project's spec
+# (shared/spec beside the repository), kept here so the tests need nothing outside the repository.
+TEMPLATE = Path(__file__).resolve().parent / "data" / "llama-3.2-instruct-chat-template.jinja"
+SPEC_TEMPLATE = Path(__file__).resolve().parents[2] / "shared" / "spec" / TEMPLATE.name
 DATE = "26 Jul 2024"
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
@@ -301,3 +304,8 @@ def test_random_conversations_match_transformers(hf_render, system, first, rest,
     messages = ([] if system is None else [{"role": "system", "content": system}])
     messages += [{"role": "user", "content": first}] + rest
     assert render_chat(messages, tools, date_string=date) == hf_render(messages, tools, date_string=date)
+
+
+@pytest.mark.skipif(not SPEC_TEMPLATE.is_file(), reason="the spec folder is not beside this checkout")
+def test_template_copy_is_the_spec():
+    assert TEMPLATE.read_bytes() == SPEC_TEMPLATE.read_bytes()
