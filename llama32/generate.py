@@ -17,16 +17,11 @@ import torch
 
 from . import lora as lora_mod
 from .api import Llama
-from .chat import split_tool_calls
 from .errors import InvalidRequest
 from .model import KVCache
+from .output import Output
 from .requests import Request, validate
 from .sampling import SamplerState, exponential_noise, make_generator, sample
-from .tokenizer import StreamDecoder
-
-# Text that may be the start of a tool call: while the answer could still be one, streaming holds it back.
-_CALL_OPENERS = ("{", "[", "<|python_tag|>", "<function=")
-
 
 def generate(llm: Llama, **request: Any) -> dict | Iterator[dict]:
     """Run one request. Returns the result dict, or an iterator of chunks when `stream=True`.
@@ -62,7 +57,7 @@ def generate_batch(llm: Llama, requests: list[dict]) -> list[dict]:
     for i, req in enumerate(reqs):
         groups.setdefault(req.adapter_key, []).append(i)
     for rows in groups.values():
-        outputs = [_Output(llm, reqs[i]) for i in rows]
+        outputs = [Output(llm, reqs[i]) for i in rows]
         for row, token, done in _decode([reqs[i] for i in rows], llm):
             outputs[row].push(token, done)
         for i, out in zip(rows, outputs):
@@ -80,7 +75,7 @@ def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
 
 
 def _stream(llm: Llama, req: Request) -> Iterator[dict]:
-    out = _Output(llm, req)
+    out = Output(llm, req)
     for _, token, done in _decode([req], llm):
         out.push(token, done)
         yield from out.chunks()
@@ -92,58 +87,6 @@ def _collect(chunks: Iterable[dict]) -> dict:
         text.append(chunk["response"])
         last = chunk
     return {"response": "".join(text), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
-
-
-class _Output:
-    """Turns one row's tokens into response chunks: incremental text, tool calls, usage on the last chunk.
-
-    When tools were offered, text that might still become a tool call is held back until it is either
-    clearly prose (then released) or finished (then parsed), so the streamed pieces always concatenate to
-    the non-streamed `response`.
-    """
-
-    def __init__(self, llm: Llama, req: Request):
-        self.req = req
-        self.decoder = StreamDecoder(llm.tokenizer)
-        self.stop_ids = llm.stop_ids
-        self.holding = bool(req.tool_names)
-        self.held = ""
-        self.pending: list[dict] = []
-        self.completion_tokens = 0
-
-    def push(self, token: int, done: bool) -> None:
-        self.completion_tokens += 1
-        piece = "" if token in self.stop_ids else self.decoder.push(token)
-        if done:
-            piece += self.decoder.flush()
-        if self.holding:
-            self.held += piece
-            head = self.held.lstrip()
-            if head and not any(head.startswith(o) or o.startswith(head) for o in _CALL_OPENERS):
-                piece, self.held, self.holding = self.held, "", False
-            else:
-                piece = ""
-        if piece:
-            self.pending.append({"response": piece})
-        if done:
-            calls: list[dict] = []
-            if self.held:
-                rest, calls = split_tool_calls(self.held, self.req.tool_names)
-                self.held = ""
-                if rest:
-                    self.pending.append({"response": rest})
-            p = len(self.req.prompt_ids)
-            final = {"response": "", "usage": {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
-                                                "total_tokens": p + self.completion_tokens}}
-            if calls:
-                final["tool_calls"] = calls
-            if self.pending:  # the last piece of text rides on the final chunk
-                final["response"] = self.pending.pop()["response"]
-            self.pending.append(final)
-
-    def chunks(self) -> Iterator[dict]:
-        while self.pending:
-            yield self.pending.pop(0)
 
 
 def decode_step(model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,

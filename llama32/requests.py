@@ -31,6 +31,9 @@ class Request:
     tool_names: frozenset[str]  # names offered through tools/functions; empty: no tool-call parsing
     adapter: Any  # the resolved LoRA adapter for this request, or None for the handle's own
     adapter_key: Any  # requests with equal keys can share a batch
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives per token
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one that appears
 
 
 def _number(request: dict, name: str, lo: float, hi: float, default: float | None = None) -> float | None:

@@ -7,7 +7,7 @@ through the same output stage generate() and streaming use.
 import pytest
 
 import llama32
-from llama32.generate import _Output
+from llama32.output import Output
 from llama32.requests import validate
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
@@ -22,7 +22,7 @@ def llm(make_checkpoint, llama3_tokenizer_dir):
 def answer(llm, text, **request):
     """Push `text`'s tokens, then <|eot_id|>, through the output stage; return (chunks, result)."""
     req = validate(llm, dict(prompt="What is the weather?", max_tokens=64, **request))
-    out = _Output(llm, req)
+    out = Output(llm, req)
     ids = llm.tokenizer.encode(text) + [llm.tokenizer.eot_id]
     chunks = []
     for i, token in enumerate(ids):
