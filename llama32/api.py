@@ -38,8 +38,9 @@ def default_device() -> torch.device:
 class Llama:
     """A loaded checkpoint: `.model` (a torch.nn.Module), `.tokenizer`, `.config`, `.generate(**request)`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: LlamaConfig, *, path: Path,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None, config: LlamaConfig, *, path: Path,
+                 device: torch.device, dtype: torch.dtype, max_batch: int | None = None,
+                 kv_cache_bytes: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -52,11 +53,11 @@ class Llama:
         self._installed_adapter: Any = None  # what the model's projections carry right now
         # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
         self.compiled = device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
-        self.compiled_shapes: dict[tuple[int, int], float] = {}  # (batch, cache length) -> compile seconds
-        # On CUDA each decode step is launched before the previous one's tokens are read back (see _decode).
-        self.lookahead = device.type == "cuda"
+        self.compiled_shapes: dict[tuple[int, int], float] = {}  # (batch, positions attended) -> compile seconds
         self._compiled_step: Any = None
-        self._cache_pool: dict[tuple[int, int], Any] = {}
+        from .engine import GenerationLoop
+        # The one generation loop that serves every request on this handle (its thread starts on first use).
+        self.loop = GenerationLoop(self, max_batch=max_batch, kv_cache_bytes=kv_cache_bytes)
 
     @property
     def context_length(self) -> int:
@@ -64,7 +65,8 @@ class Llama:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        return self.tokenizer.stop_ids | frozenset(self.config.eos_token_id)
+        own = self.tokenizer.stop_ids if self.tokenizer is not None else frozenset()
+        return own | frozenset(self.config.eos_token_id)
 
     def generate(self, **request: Any):
         from .generate import generate
@@ -75,18 +77,30 @@ class Llama:
 
 
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, lora: str | None = None) -> Llama:
-    """Load a Llama-family checkpoint from a local HF-layout directory or a hub repo id."""
+         dtype: str | torch.dtype | None = None, lora: str | None = None, quantize: str | None = None,
+         max_batch: int | None = None, kv_cache_bytes: int | None = None) -> Llama:
+    """Load a Llama-family checkpoint from a local HF-layout directory or a hub repo id.
+
+    `max_batch`: the most requests the handle's generation loop decodes together (default 8 on CPU, 32 on
+    CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine.py).
+    A checkpoint without tokenizer.json loads model-only: `llm.tokenizer` is None.
+    """
+    for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r} is not available in this version; use quantize=None")
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
     path = resolve(source)
     config = LlamaConfig.from_file(path / "config.json")
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0")
-    llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype)
+    llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
+                kv_cache_bytes=kv_cache_bytes)
     if lora is not None:
         from .lora import apply_to_handle
         apply_to_handle(llm, lora)

@@ -1,32 +1,30 @@
-"""`generate()`: a Workers AI request body in, a Workers AI result (or stream of chunks) out.
+"""`generate()`, `generate_batch()` and `score()`: thin clients of the handle's generation loop (engine.py).
 
-Pipeline: validate the whole request (`requests.py`) → prompt ids → prefill into a KV cache sized to the
-request → decode one token per step with the sampler → text, tool calls and usage. `generate_batch` runs
-the same loop with many rows in one forward per step; `generate` is that loop with one row, so the two
-agree by construction.
+Each validates its whole request on the caller's thread (`requests.py`: a bad request raises here, before
+any compute), submits it to `llm.loop`, and reads what comes back: response chunks (output.py) or a
+scoring forward's log-probabilities. Every request in flight on a handle, from any thread, shares the loop's
+batched forward passes; each result equals the same request run alone.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-
-from . import lora as lora_mod
 from .api import Llama
+from .engine import Job
 from .errors import InvalidRequest
-from .model import KVCache
 from .output import Output
-from .requests import Request, validate
-from .sampling import SamplerState, exponential_noise, make_generator, sample
+from .requests import Request, require_tokenizer, validate
+
 
 def generate(llm: Llama, **request: Any) -> dict | Iterator[dict]:
     """Run one request. Returns the result dict, or an iterator of chunks when `stream=True`.
 
-    The request is validated in full before this returns, streaming or not.
+    The request is validated in full before this returns, streaming or not. A stream joins the loop when
+    first read; closing it (or dropping it) cancels the request within one step.
     """
     req = validate(llm, request)
     if req.stream:
@@ -35,9 +33,9 @@ def generate(llm: Llama, **request: Any) -> dict | Iterator[dict]:
 
 
 def generate_batch(llm: Llama, requests: list[dict]) -> list[dict]:
-    """Run many requests, batched: one forward per step for all rows that share an adapter.
+    """Run many requests at once through the loop; results equal calling `generate` on each request.
 
-    Results equal calling `generate` on each request (each row keeps its own parameters, seed and stop).
+    Every request is validated before any is submitted, so a bad one fails the call and runs nothing.
     """
     if not isinstance(requests, (list, tuple)):
         raise InvalidRequest(f"requests must be a list of request dicts, got {type(requests).__name__}")
@@ -52,17 +50,58 @@ def generate_batch(llm: Llama, requests: list[dict]) -> list[dict]:
         if req.stream:
             raise InvalidRequest(f"requests[{i}].stream: streaming is not available in generate_batch")
         reqs.append(req)
-    results: list[dict | None] = [None] * len(reqs)
-    groups: dict[Any, list[int]] = {}
-    for i, req in enumerate(reqs):
-        groups.setdefault(req.adapter_key, []).append(i)
-    for rows in groups.values():
-        outputs = [Output(llm, reqs[i]) for i in rows]
-        for row, token, done in _decode([reqs[i] for i in rows], llm):
-            outputs[row].push(token, done)
-        for i, out in zip(rows, outputs):
-            results[i] = _collect(out.chunks())
-    return results  # type: ignore[return-value]
+    jobs = [llm.loop.submit(Job(req, Output(llm, req))) for req in reqs]
+    return [_collect(_chunks(llm, job)) for job in jobs]
+
+
+def score(llm: Llama, text: str, *, context: str = "") -> dict:
+    """How likely the model finds `text` after `context` (both raw text): one entry per token of `text`.
+
+    The ids are BOS (when the tokenizer has one) + encode(context) + encode(text), scored in one forward.
+    """
+    return score_batch(llm, [{"text": text, "context": context}], _where="")[0]
+
+
+def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list[dict]:
+    """`score` for each `{"text", "context"}` item (context optional), all submitted to the loop at once."""
+    tok = require_tokenizer(llm)
+    if not isinstance(items, (list, tuple)):
+        raise InvalidRequest(f"items must be a list of {{text, context}} dicts, got {type(items).__name__}")
+    prepared = []
+    for i, item in enumerate(items):
+        where = f"{_where}[{i}]." if _where else ""
+        if not isinstance(item, dict) or set(item) - {"text", "context"}:
+            raise InvalidRequest(f"{_where}[{i}] must be a dict with keys text and (optionally) context")
+        text, context = item.get("text"), item.get("context", "")
+        if context is None:
+            context = ""
+        for name, value in (("text", text), ("context", context)):
+            if not isinstance(value, str):
+                raise InvalidRequest(f"{where}{name} must be a string, got {type(value).__name__}")
+        head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(context)
+        tail = tok.encode(text)
+        if not tail:
+            raise InvalidRequest(f"{where}text must encode to at least one token, got {text!r}")
+        if not head:
+            raise InvalidRequest(f"{where}context: this tokenizer has no BOS token, so the first token of "
+                                 "text has nothing to be predicted from; give a non-empty context")
+        ids = head + tail
+        if len(ids) > llm.context_length:
+            raise InvalidRequest(f"{where}text: context and text are {len(ids)} tokens, beyond the model's "
+                                 f"context of {llm.context_length}")
+        outside = sorted({t for t in ids if t >= llm.config.vocab_size})
+        if outside:
+            raise InvalidRequest(f"{where}text: token(s) {outside} are outside the model's vocabulary")
+        prepared.append((ids, len(head)))
+    jobs = [llm.loop.submit(Job(ids=ids, n_context=n)) for ids, n in prepared]
+    results = []
+    for job, (ids, n) in zip(jobs, prepared):
+        logprobs, greedy = next(iter(job.results()))
+        total = sum(logprobs)
+        results.append({"tokens": [tok.decode([t]) for t in ids[n:]], "ids": ids[n:], "logprobs": logprobs,
+                        "is_greedy": greedy, "sum_logprob": total,
+                        "perplexity": math.exp(-total / len(logprobs))})
+    return results
 
 
 def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
@@ -75,164 +114,27 @@ def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
 
 
 def _stream(llm: Llama, req: Request) -> Iterator[dict]:
-    out = Output(llm, req)
-    for _, token, done in _decode([req], llm):
-        out.push(token, done)
-        yield from out.chunks()
+    yield from _chunks(llm, llm.loop.submit(Job(req, Output(llm, req))))
+
+
+def _chunks(llm: Llama, job: Job) -> Iterator[dict]:
+    try:
+        for chunks in job.results():
+            yield from chunks
+    finally:
+        if not job.finished:
+            llm.loop.cancel(job)
 
 
 def _collect(chunks: Iterable[dict]) -> dict:
-    text, last = [], {}
+    text, last, logprobs, any_logprobs = [], {}, [], False
     for chunk in chunks:
         text.append(chunk["response"])
+        if "logprobs" in chunk:
+            any_logprobs = True
+            logprobs.extend(chunk["logprobs"])
         last = chunk
-    return {"response": "".join(text), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
-
-
-def decode_step(model: torch.nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                state: SamplerState, noise: torch.Tensor | None) -> torch.Tensor:
-    """One decode step for every live row: forward at each row's position, then the sampler.
-
-    This is the unit that is compiled (`Llama.compiled`): static shapes for a given batch and cache size,
-    no host sync, the sampler inside; the per-request random noise is drawn outside and passed in.
-    """
-    logits = model(tokens[:, None], cache=cache, input_pos=pos)[:, -1]
-    return sample(logits, state, noise)
-
-
-def _step_function(llm: Llama):
-    if not llm.compiled:
-        return decode_step
-    if llm._compiled_step is None:
-        if any(p.is_mkldnn for p in llm.model.parameters()):
-            raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
-        # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token. Each batch
-        # size a shrinking batch passes through is a shape of its own, so allow more than dynamo's default.
-        mode = "reduce-overhead" if llm.device.type == "cuda" else None
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
-    return llm._compiled_step
-
-
-def _cache_for(llm: Llama, batch: int, length: int) -> KVCache:
-    """A KV cache for this request. The compiled path reuses one per (batch, length), the length rounded up
-    to a power of two (at least 256), so that few shapes are ever compiled and a graph compiled (and
-    CUDA-graph-recorded) for one serves later requests at the same addresses. Caches of one length are
-    kept for every batch size a shrinking batch passes through; a request of another length drops them."""
-    if not llm.compiled:
-        return KVCache(llm.config, batch, length, device=llm.device, dtype=llm.dtype)
-    length = min(max(256, 1 << (length - 1).bit_length()), llm.context_length)
-    if any(n != length for _, n in llm._cache_pool):
-        llm._cache_pool.clear()  # a cache can be large
-    cache = llm._cache_pool.get((batch, length))
-    if cache is None:
-        cache = llm._cache_pool[(batch, length)] = KVCache(llm.config, batch, length, device=llm.device,
-                                                           dtype=llm.dtype)
-        # The step writes into the cache in place: a CUDA graph may do so only into inputs marked static
-        # (others would be copied in and out at every replay, or keep the step from being recorded at all).
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
-    return cache
-
-
-class _Readback:
-    """Tokens on their way to the host. On CUDA, an asynchronous copy into pinned memory that is waited for
-    only when read, so a step launched after it can already run while the host reads these tokens."""
-
-    def __init__(self, tokens: torch.Tensor):
-        self.tokens, self.copied = tokens, None
-        if tokens.device.type == "cuda":
-            self.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.tokens.copy_(tokens, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-
-    def tolist(self) -> list[int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.tokens.tolist()
-
-
-def _batch_size(live: int, compiled: bool) -> int:
-    """The batch a decode step runs with `live` unfinished rows: exactly those, or on the compiled path
-    the next power of two, so a shrinking batch passes through few compiled shapes (each one a compile)."""
-    return live if not compiled else 1 << (live - 1).bit_length()
-
-
-@torch.inference_mode()
-def _decode(reqs: list[Request], llm: Llama) -> Iterator[tuple[int, int, bool]]:
-    """The generation loop for a batch of rows: yields (row, token, finished) as tokens are drawn.
-
-    Rows sit at their own positions in one KV cache (right-padded prefill, per-row decode positions), so
-    prompts of different lengths need no left padding. Rows that finish leave the batch: at once, or on the
-    compiled path when the batch can halve (until then they ride along, their tokens ignored).
-    With `llm.lookahead` (CUDA), each step is launched before the previous step's tokens are read, so the
-    device never waits for the host; a step computed for rows that turn out to have finished is dropped.
-    """
-    model, device, stop_ids = llm.model, llm.device, llm.stop_ids
-    lens = [len(r.prompt_ids) for r in reqs]
-    cache = _cache_for(llm, len(reqs), max(n + r.max_tokens for n, r in zip(lens, reqs)))
-    prompt = torch.zeros(len(reqs), max(lens), dtype=torch.long)
-    for i, r in enumerate(reqs):
-        prompt[i, : lens[i]] = torch.tensor(r.prompt_ids)
-    generators = [None if r.params.greedy else make_generator(r.seed, device) for r in reqs]
-    state = SamplerState([r.params for r in reqs], [r.prompt_ids for r in reqs], llm.config.vocab_size,
-                         device, generators)
-    step = _step_function(llm)
-    last = torch.tensor(lens, device=device) - 1
-
-    def advance(tokens, pos, cache, state):
-        """Launch one decode step; returns the next tokens (on the device, not yet read)."""
-        noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, device)
-        shape = (len(tokens), cache.length)
-        first_call = llm.compiled and shape not in llm.compiled_shapes  # compiles: timed, reported apart
-        started = time.perf_counter() if first_call else 0.0
-        with lora_mod.active(llm, reqs[0].adapter):
-            tokens = step(model, tokens, pos, cache, state, noise)
-        if llm.compiled:
-            tokens = tokens.clone()  # a CUDA graph's output buffer is overwritten by its next replay
-        if first_call:
-            llm.compiled_shapes[shape] = time.perf_counter() - started
-        return tokens
-
-    with lora_mod.active(llm, reqs[0].adapter):
-        tokens = sample(model(prompt.to(device), cache=cache, logits_at=last)[:, -1], state)
-    rows: list[int | None] = list(range(len(reqs)))  # original index of each batch row; None once finished
-    produced = [0] * len(reqs)
-    pos = last[:, None] + 1  # (B, 1): where each row's next token goes
-    while True:
-        state.update(tokens)
-        drawn = _Readback(tokens)
-        if llm.lookahead:
-            following = advance(tokens, pos, cache, state)
-        finished = []
-        for i, token in enumerate(drawn.tolist()):
-            row = rows[i]
-            if row is None:
-                continue
-            produced[row] += 1
-            done = token in stop_ids or produced[row] >= reqs[row].max_tokens
-            yield row, token, done
-            if done:
-                rows[i] = None
-                finished.append(i)
-        live = [i for i, row in enumerate(rows) if row is not None]
-        if not live:
-            return
-        if llm.lookahead:  # the step already launched is the one that carries on
-            tokens, pos = following, pos + 1
-        if finished:
-            # A finished row that stays writes from position 0 of its own cache row again, which keeps it
-            # inside the cache for as long as any row can still run.
-            pos = pos.index_fill(0, torch.tensor(finished, device=device), 0)
-        size = _batch_size(len(live), llm.compiled)
-        if size < len(rows):  # finished rows stop costing work
-            keep = live + [i for i, row in enumerate(rows) if row is None][: size - len(live)]
-            idx = torch.tensor(keep, device=device)
-            cache = cache.select(idx, out=_cache_for(llm, size, cache.length) if llm.compiled else None)
-            state = state.select(idx)
-            tokens, pos = tokens[idx], pos[idx]
-            rows = [rows[i] for i in keep]
-        if not llm.lookahead:
-            tokens = advance(tokens, pos, cache, state)
-            pos = pos + 1
+    result = {"response": "".join(text), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
+    if any_logprobs:
+        result["logprobs"] = logprobs
+    return result

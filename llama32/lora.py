@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -80,18 +83,60 @@ class Adapter:
         return f"Adapter({self.name!r}, r={self.r}, scale={self.scale:g}, modules={len(self.modules)})"
 
 
+_LOADING = threading.Lock()  # one adapter load at a time, so two threads never load (and cache) it twice
+
+
 def resolve(llm: Any, lora: str) -> Adapter:
-    """The adapter `lora` (a path, or a name under `weights/loras/`), loaded once per handle and cached."""
+    """The adapter `lora` (a path, or a name under `weights/loras/`), loaded once per handle and cached.
+
+    Loaded adapters are never changed afterwards, so requests on any thread may share them."""
     if not isinstance(lora, str) or not lora.strip():
         raise InvalidRequest(f"lora must be a non-empty adapter name or path, got {lora!r}")
     path = _locate(lora)
     key = str(path.resolve())
-    cached = llm._adapters.get(key)
-    if cached is not None:
-        return cached
-    adapter = _load(llm, lora, path)
-    llm._adapters[key] = adapter
-    return adapter
+    with _LOADING:
+        cached = llm._adapters.get(key)
+        if cached is None:
+            cached = llm._adapters[key] = _load(llm, lora, path)
+    return cached
+
+
+class RowAdapters:
+    """Each row of a batch with its own adapter, or none: what `model.Linear` adds per row.
+
+    Rows are grouped by adapter and each group's `scale * B (A x)` is computed on just its rows and added
+    into theirs (the S-LoRA / punica idea in plain PyTorch: one small product per adapter in the batch, not
+    one per row). A row's arithmetic is the same as with its adapter alone, and no module is changed, so
+    requests with different adapters share one forward from any number of threads.
+    """
+
+    def __init__(self, llm: Any, adapters: Sequence[Adapter | None]):
+        groups: dict[int, tuple[Adapter, list[int]]] = {}
+        for row, adapter in enumerate(adapters):
+            if adapter is not None:
+                groups.setdefault(id(adapter), (adapter, []))[1].append(row)
+        projections = _projections(llm)
+        device = llm.device
+        # id(linear) -> [(rows, A, B, scale)]; rows None when the group is the whole batch
+        self.by_module: dict[int, list[tuple[Tensor | None, Tensor, Tensor, float]]] = {}
+        for adapter, rows in groups.values():
+            idx = None if len(rows) == len(adapters) else torch.tensor(rows, device=device)
+            for name, (a, b, scale) in adapter.modules.items():
+                self.by_module.setdefault(id(projections[name]), []).append((idx, a, b, scale))
+
+    @classmethod
+    def of(cls, llm: Any, adapters: Sequence[Adapter | None]) -> "RowAdapters | None":
+        """None when no row has an adapter (the plain forward then needs nothing)."""
+        return cls(llm, adapters) if any(a is not None for a in adapters) else None
+
+    def add(self, linear: Linear, x: Tensor, y: Tensor) -> Tensor:
+        """y (the base product of `linear` on x [B, T, in]) plus each row's adapter, if any."""
+        for rows, a, b, scale in self.by_module.get(id(linear), ()):
+            if rows is None:
+                y = y + F.linear(F.linear(x, a), b) * scale
+            else:
+                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b) * scale)
+        return y
 
 
 def apply_to_handle(llm: Any, lora: str | None) -> None:

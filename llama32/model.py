@@ -21,10 +21,11 @@ from .config import LlamaConfig
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that can carry one unmerged LoRA adapter.
+    """`nn.Linear` that can add LoRA adapters, unmerged.
 
-    `adapter` is `(A [r, in], B [out, r], scale)` or None. It is a plain attribute, not a parameter, so the
-    state dict keeps the checkpoint's keys and swapping adapters never touches the base weight.
+    `adapter` is the handle's own adapter (`load(..., lora=...)`): `(A [r, in], B [out, r], scale)` or None,
+    a plain attribute, not a parameter, so the state dict keeps the checkpoint's keys. Per-request adapters
+    never touch it: they come in as `lora`, a `lora.RowAdapters` that gives each row of the batch its own.
     """
 
     adapter: tuple[Tensor, Tensor, float] | None = None
@@ -33,11 +34,13 @@ class Linear(nn.Linear):
         if not self.weight.is_meta:  # see Embedding
             super().reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lora=None) -> Tensor:
         if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)
+        if lora is not None:
+            return lora.add(self, x, y)
         if self.adapter is not None:
             a, b, scale = self.adapter
             y = y + F.linear(F.linear(x, a), b) * scale
@@ -104,34 +107,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [L, B, K, S, hd] each.
+    """Preallocated keys and values: one [B, K, S, hd] tensor per layer for each of k and v.
 
-    Sized per request (prompt + max_tokens), never to the model's whole context. Rows are written at their
-    own positions, so a batch of prompts of different lengths shares one cache without left padding.
+    Rows are written at their own positions, so a batch of prompts of different lengths shares one cache
+    without left padding. `view(rows, length)` gives a cache over some rows and the first positions of this
+    one, sharing its memory (the generation loop's slots; see engine.py).
     """
 
     def __init__(self, config: LlamaConfig, batch: int, length: int, *, device, dtype: torch.dtype):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
-    def select(self, rows: Tensor, out: "KVCache | None" = None) -> "KVCache":
-        """A cache holding only these batch rows (used when rows of a batch finish early): a new one, or
-        `out`, of the same length with room for exactly these rows, filled in place."""
-        if out is None:
-            out = KVCache.__new__(KVCache)
-            out.k, out.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        else:
-            torch.index_select(self.k, 1, rows, out=out.k)
-            torch.index_select(self.v, 1, rows, out=out.v)
+    def view(self, rows: slice, length: int | None = None) -> "KVCache":
+        """Rows `rows` (a slice) and positions [0, length) of this cache, in the same memory."""
+        out = KVCache.__new__(KVCache)
+        out.k = [t[rows, :, :length] for t in self.k]
+        out.v = [t[rows, :, :length] for t in self.v]
         return out
 
 
@@ -146,11 +146,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.hd, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None,
-                input_pos: Tensor | None, mask: Tensor | None) -> Tensor:
+                input_pos: Tensor | None, mask: Tensor | None, lora=None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        q = self.q_proj(x, lora).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv is not None:
@@ -174,7 +174,7 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
 
 
 class MLP(nn.Module):
@@ -185,8 +185,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(d, i, bias=bias)
         self.down_proj = Linear(i, d, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, lora=None) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -198,9 +198,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
-                mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                mask: Tensor | None, lora=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaModel(nn.Module):
@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(self.config, device)
 
     def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
-                logits_at: Tensor | None = None) -> Tensor:
+                logits_at: Tensor | None = None, lora=None) -> Tensor:
         """Logits for `input_ids` [B, T].
 
         - no cache: a plain causal forward over positions 0..T-1.
@@ -246,6 +246,7 @@ class Transformer(nn.Module):
         - cache and input_pos [B, T]: each row's tokens sit at its own positions; they attend to every
           cached position at or before their own (decode, or continuing a prompt).
         `logits_at` [B]: apply the head only at that position of each row and return [B, 1, V].
+        `lora`: per-row LoRA adapters (`lora.RowAdapters`) in place of the handle's own.
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -262,10 +263,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids).to(dtype)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, kv, input_pos, mask)
+            x = layer(x, cos, sin, kv, input_pos, mask, lora)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x))  # the head is never adapted
 
 
 def can_pack_for_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:

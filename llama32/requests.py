@@ -12,13 +12,15 @@ from typing import Any
 
 from . import lora as lora_mod
 from .chat import functions_to_tools, render_chat, tool_names
-from .errors import InvalidRequest
+from .errors import CheckpointError, InvalidRequest
 from .sampling import SamplingParams
 
 MAX_CHARS = 131072
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 FIELDS = ("prompt", "raw", "messages", "tools", "functions", "stream", "max_tokens", "temperature", "top_p",
-          "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "lora")
+          "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "lora",
+          "logprobs", "top_logprobs", "stop")
+MAX_STOPS = 4
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,29 @@ def _check_tools(tools: Any) -> list[str]:
     return names
 
 
+def _stops(request: dict) -> tuple[str, ...]:
+    v = request.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    allowed = f"a non-empty string or a list of 1..{MAX_STOPS} non-empty strings"
+    if not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS:
+        raise InvalidRequest(f"stop must be {allowed}, got {v!r}"[:300])
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s or len(s) > MAX_CHARS:
+            where = "stop" if isinstance(v, str) else f"stop[{i}]"
+            raise InvalidRequest(f"{where} must be a non-empty string (stop is {allowed}), got {s!r}"[:300])
+    return tuple(stops)
+
+
+def require_tokenizer(llm: Any):
+    """The handle's tokenizer; a model-only checkpoint has none, and text in or out needs one."""
+    if llm.tokenizer is None:
+        raise CheckpointError(f"{llm.path}: this checkpoint has no tokenizer.json, so it cannot take or give "
+                              "text (llm.model(ids) works); copy the tokenizer files of its base model beside it")
+    return llm.tokenizer
+
+
 def validate(llm: Any, request: dict) -> Request:
     """Check `request` against the contract and the loaded model; return what the loop needs."""
     unknown = [k for k in request if k not in FIELDS]
@@ -131,6 +156,11 @@ def validate(llm: Any, request: dict) -> Request:
         presence_penalty=_number(request, "presence_penalty", 0, 2),
     )
     seed = _integer(request, "seed", 1, 9999999999)
+    logprobs = _boolean(request, "logprobs")
+    top_logprobs = _integer(request, "top_logprobs", 0, 20, default=0)
+    if top_logprobs and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true")
+    stop = _stops(request)
 
     tools = request.get("tools")
     offered = _check_tools(tools) if tools is not None else []
@@ -146,7 +176,7 @@ def validate(llm: Any, request: dict) -> Request:
     if lora is not None and not isinstance(lora, str):
         raise InvalidRequest(f"lora must be a string (an adapter name or path), got {type(lora).__name__}")
 
-    tok = llm.tokenizer
+    tok = require_tokenizer(llm)
     if has_prompt:
         prompt = _text("prompt", request["prompt"], min_chars=1)
         if raw:
@@ -184,4 +214,5 @@ def validate(llm: Any, request: dict) -> Request:
     adapter = lora_mod.resolve(llm, lora) if lora is not None else None
     effective = adapter if adapter is not None else llm._default_adapter
     return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter,
-                   adapter_key=None if effective is None else id(effective))
+                   adapter_key=None if effective is None else id(effective), logprobs=logprobs,
+                   top_logprobs=top_logprobs, stop=stop)

@@ -215,6 +215,17 @@ class SamplerState:
             self.seen[torch.tensor(rows, device=dev, dtype=torch.long),
                       torch.tensor(cols, device=dev, dtype=torch.long)] = True
 
+    @classmethod
+    def over(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], vocab_size: int,
+             device: torch.device | str, *, seen: Tensor, counts: Tensor, bias: Tensor) -> SamplerState:
+        """A state whose history lives in the caller's (B, V) tensors (the generation loop's slot rows):
+        `update` writes into them in place. `seen` must hold each repetition-penalised row's prompt ids."""
+        new = cls.__new__(cls)
+        new._setup(params, vocab_size, torch.device(device), generators)
+        new.seen = seen if new.uses_repetition else None
+        new.counts, new.bias = (counts, bias) if new.uses_frequency_presence else (None, None)
+        return new
+
     def _setup(self, params, vocab_size, device, generators) -> None:
         self.params = tuple(params)
         # Greedy rows never touch a generator, even when given one.

@@ -169,9 +169,18 @@ def test_load_defaults_to_checkpoint_dtype(make_checkpoint, llama3_tokenizer_dir
     assert llama32.load(path, dtype="float32").model.lm_head.weight.dtype == torch.float32
 
 
-def test_load_needs_tokenizer(make_checkpoint):
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
-        llama32.load(make_checkpoint(kind="mha"))
+def test_model_only_checkpoint(make_checkpoint):
+    """A checkpoint straight from a model's save_pretrained (no tokenizer.json) loads: the model works, and
+    anything that takes or gives text says the tokenizer is missing, before any compute."""
+    llm = llama32.load(make_checkpoint(kind="mha"), dtype="float32")
+    assert llm.tokenizer is None
+    assert llm.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, llm.config.vocab_size)
+    for call in (lambda: llama32.generate(llm, prompt="Hi"), lambda: llama32.generate(llm, prompt="Hi", stream=True),
+                 lambda: llama32.generate_batch(llm, [{"prompt": "Hi"}]), lambda: llama32.score(llm, "Hi"),
+                 lambda: llama32.score_batch(llm, [{"text": "Hi"}])):
+        with pytest.raises(CheckpointError, match="no tokenizer.json"):
+            call()
+    assert llm.loop.stats() == {"running": 0, "waiting": 0}
 
 
 def test_plain_call_returns_logits(make_checkpoint, llama3_tokenizer_dir):
@@ -210,8 +219,12 @@ def test_packed_tied_model_maps_only_its_embedding(ckpt):
     assert not model.model.embed_tokens.weight.any()  # it follows the file
 
 
-@pytest.mark.skipif(not can_pack_for_cpu("cpu", torch.float32), reason="no oneDNN on this CPU build")
-@pytest.mark.parametrize("stored, run", [("bfloat16", torch.float32), ("float32", torch.bfloat16)])
+# Each case maps the embedding only where its run dtype is packed: skip exactly where that packing is absent
+# (an AVX2-only CPU packs float32 but has no oneDNN bfloat16).
+@pytest.mark.parametrize("stored, run", [
+    pytest.param(stored, run, marks=pytest.mark.skipif(not can_pack_for_cpu("cpu", run),
+                                                       reason=f"this CPU has no oneDNN {run} packing"))
+    for stored, run in (("bfloat16", torch.float32), ("float32", torch.bfloat16))])
 def test_mapped_embedding_in_another_dtype(make_checkpoint, stored, run):
     """A mapped embedding keeps the file's dtype; its rows are cast on lookup, exactly as a cast table."""
     path = make_checkpoint(kind="llama32", dtype=stored)

@@ -1,0 +1,418 @@
+"""The generation loop: one per handle, serving every `generate`, stream, `generate_batch` and `score` in flight.
+
+Callers validate their request on their own thread (so a bad request raises there, before any compute),
+then submit it as a `Job`. One loop thread owns the model's generation state and runs, over and over:
+1. admit: waiting jobs, in arrival order, take free rows ("slots") of one preallocated KV cache, up to
+   `max_batch` at once; each is prefilled alone, at its own slot, and draws its first token;
+2. step: one decode forward for every running row, each at its own position (no left padding), then the
+   sampler with each row's own parameters, generator and LoRA adapter;
+3. retire: a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
+   cancelled (a stream closed or dropped), freeing its slot for the next waiting job.
+Tokens reach each caller through its `Output` (output.py) and a queue. A row's arithmetic does not depend on
+the other rows (its own positions, its own noise, its own adapter's product), so a request gets the same
+tokens alone or in any batch (float32 greedy token for token; seeded sampling the same draws).
+
+Memory: the KV cache holds `capacity` slots of `slot_length` positions, each position costing
+2 (k and v) x layers x kv_heads x head_dim x dtype bytes (32 KiB for Llama 3.2 1B in bfloat16). The slot
+length is what the budget `kv_cache_bytes` allows (default 1 GiB on CPU, 4 GiB on CUDA), at most the model's
+context. A request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to
+it, once the rows ahead of it have finished. Each decode step attends only over the positions in use
+(rounded up to a power of two), not the whole slot.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .lora import RowAdapters
+from .model import KVCache
+from .output import Output
+from .requests import Request
+from .sampling import SamplerState, SamplingParams, exponential_noise, make_generator, sample
+
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
+DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+_IDLE = SamplingParams(temperature=0)  # what a free row "samples" with: greedy, ignored
+_END = object()  # a job's last event
+_MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Job:
+    """One request in the loop: a generation (with its `Output`) or a scoring forward (`ids`)."""
+
+    def __init__(self, req: Request | None = None, output: Output | None = None, ids: list[int] | None = None,
+                 n_context: int = 0):
+        self.req, self.output = req, output
+        self.ids, self.n_context = ids, n_context  # scoring: all ids, and how many of them are context
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # chunk lists, a result, then _END or an exception
+        self.cancelled = False
+        self.finished = False
+        # generation state, kept by the loop
+        self.adapter = None
+        self.generator: torch.Generator | None = None
+        self.token = 0  # the last drawn token, fed to the next step
+        self.pos = 0  # where that token goes
+        self.produced = 0
+
+    def results(self) -> Iterator[Any]:
+        """What the loop sends this job, as it comes; raises the loop's error for it, if any."""
+        while True:
+            item = self.events.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class _Rows:
+    """A KV cache and the jobs in its rows, with each row's penalty history ((capacity, V) tensors)."""
+
+    def __init__(self, llm: Any, capacity: int, length: int):
+        self.cache = KVCache(llm.config, capacity, length, device=llm.device, dtype=llm.dtype)
+        V = llm.config.vocab_size
+        self.seen = torch.zeros(capacity, V, dtype=torch.bool, device=llm.device)
+        self.counts = torch.zeros(capacity, V, device=llm.device)
+        self.bias = torch.zeros(capacity, V, device=llm.device)
+        self.jobs: list[Job | None] = [None] * capacity
+
+    def live(self) -> list[int]:
+        return [i for i, j in enumerate(self.jobs) if j is not None]
+
+
+class GenerationLoop:
+    """The handle's one generation loop (see the module docstring). Thread-safe: `submit` from anywhere."""
+
+    def __init__(self, llm: Any, max_batch: int | None = None, kv_cache_bytes: int | None = None):
+        self.llm = llm
+        device = llm.device.type
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(device, 8)
+        self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES.get(device, 1 << 30)
+        c = llm.config
+        self.position_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * llm.dtype.itemsize
+        self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
+        self.slot_length = max(1, min(llm.context_length, self.kv_cache_bytes // (self.capacity * self.position_bytes)))
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._rows: _Rows | None = None  # the shared cache, allocated on first use
+        self._solo: _Rows | None = None  # a request longer than a slot, in a cache of its own
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._warned = False
+
+    # -- the callers' side ------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            self._waiting.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._closing = False
+                self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="llama32-loop",
+                                                daemon=True)
+                self._thread.start()
+                _LOOPS.add(self)
+            self._cond.notify()
+        return job
+
+    def close(self) -> None:
+        """Stop the loop thread once it is idle (it starts again on the next submit)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`: it leaves the batch (or the queue) at the next step."""
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        """{"running": rows decoding now, "waiting": requests queued behind them}."""
+        with self._cond:
+            running = sum(len(r.live()) for r in (self._rows, self._solo) if r is not None)
+            return {"running": running, "waiting": len(self._waiting)}
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def _run_once(self, idle: float) -> bool:
+        """Admit and step once; False when there was nothing to do for `idle` seconds (or closing)."""
+        with self._cond:
+            if not self._waiting and not (self._rows and self._rows.live()):
+                if self._closing:
+                    return False
+                self._cond.wait(idle)
+                if not self._waiting:
+                    return False
+            admitted = self._admit()
+        with torch.inference_mode():
+            for job in admitted:
+                self._guarded([job], lambda: self._start(job))
+            if self._rows is not None and self._rows.live():
+                self._guarded([self._rows.jobs[i] for i in self._rows.live()], lambda: self._step(self._rows))
+        return True
+
+    def _admit(self) -> list[Job]:
+        """Move waiting jobs into free slots, in arrival order (under the lock). Scoring jobs and a request
+        too long for a slot are taken only from the head of the queue, so nothing overtakes them."""
+        admitted = []
+        rows = self._rows
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                job.events.put(_END)
+                continue
+            if job.req is None or len(job.req.prompt_ids) + job.req.max_tokens > self.slot_length:
+                if admitted or (rows is not None and rows.live()):
+                    break  # served alone: once the rows ahead of it are done
+                admitted.append(self._waiting.popleft())
+                break
+            if rows is None:
+                rows = self._rows = _Rows(self.llm, self.capacity, self.slot_length)
+            free = [i for i, j in enumerate(rows.jobs) if j is None]
+            if not free or len(rows.live()) >= self.max_batch:
+                break
+            rows.jobs[free[0]] = job
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _guarded(self, jobs: list[Job], work) -> None:
+        """Run `work`; if it raises, the jobs it was for fail with that error and leave. Others go on."""
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - the error goes to the callers; the loop must live
+            for job in jobs:
+                self._retire(job)
+                job.events.put(e)
+
+    def _start(self, job: Job) -> None:
+        if job.req is None:
+            self._score(job)
+            return
+        if job in (self._rows.jobs if self._rows else ()):
+            rows, slot = self._rows, self._rows.jobs.index(job)
+        else:  # longer than a slot: a cache of its own, for as long as it runs
+            rows, slot = _Rows(self.llm, 1, len(job.req.prompt_ids) + job.req.max_tokens), 0
+            rows.jobs[0] = job
+            with self._cond:
+                self._solo = rows
+        self._prefill(rows, slot, job)
+        if rows is self._solo:
+            while rows.live():
+                self._step(rows)
+            with self._cond:
+                self._solo = None
+
+    def _prefill(self, rows: _Rows, slot: int, job: Job) -> None:
+        llm, req = self.llm, job.req
+        job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
+        job.generator = None if req.params.greedy else make_generator(req.seed, llm.device)
+        rows.seen[slot] = False
+        rows.counts[slot] = 0
+        rows.bias[slot] = 0
+        if req.params.uses_repetition:
+            ids = torch.tensor([i for i in req.prompt_ids if 0 <= i < llm.config.vocab_size], device=llm.device)
+            rows.seen[slot, ids] = True
+        ids = torch.tensor([req.prompt_ids], device=llm.device)
+        n = ids.shape[1]
+        logits = llm.model(ids, cache=rows.cache.view(slice(slot, slot + 1)),
+                           logits_at=torch.tensor([n - 1], device=llm.device),
+                           lora=RowAdapters.of(llm, [job.adapter]))[:, -1]
+        job.pos = n
+        self._emit(rows, [slot], logits)
+
+    def _step(self, rows: _Rows) -> None:
+        """One decode step for every running row of `rows`."""
+        llm = self.llm
+        for i in rows.live():
+            job = rows.jobs[i]
+            if job.cancelled:  # a closed stream leaves before the step, not after it
+                self._retire(job)
+                job.events.put(_END)
+        live = rows.live()
+        if not live:
+            return
+        n = live[-1] + 1
+        compiled = llm.compiled
+        if compiled:
+            n = min(_pow2(n), len(rows.jobs))
+        jobs = rows.jobs[:n]
+        tokens = torch.tensor([j.token if j else 0 for j in jobs], device=llm.device)
+        pos = torch.tensor([j.pos if j else 0 for j in jobs], device=llm.device)
+        attended = min(rows.cache.length, max(_MIN_ATTENDED, _pow2(max(j.pos for j in jobs if j) + 1)))
+        cache = rows.cache.view(slice(0, n), attended)
+        state = self._state(rows, n)
+        lora = RowAdapters.of(llm, [j.adapter if j else None for j in jobs])
+        want = self._logprobs_wanted(jobs)
+        noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, llm.device)
+        step = decode_step
+        if compiled:
+            step = self._compiled_step()
+        shape = (n, attended)
+        started = time.perf_counter()
+        try:
+            out = step(llm.model, tokens, pos, cache, state, noise, lora, want)
+        except Exception as e:  # noqa: BLE001 - a compile or capture failure: answer eagerly, say so once
+            if not compiled:
+                raise
+            self._compile_failed(e)
+            out = decode_step(llm.model, tokens, pos, cache, state, noise, lora, want)
+        if compiled and shape not in llm.compiled_shapes:
+            llm.compiled_shapes[shape] = time.perf_counter() - started
+        for j in jobs:
+            if j is not None:
+                j.pos += 1
+        self._deliver(rows, [i for i in range(n) if jobs[i] is not None], *out)
+
+    def _state(self, rows: _Rows, n: int) -> SamplerState:
+        jobs = rows.jobs[:n]
+        return SamplerState.over([j.req.params if j else _IDLE for j in jobs], [j.generator if j else None for j in jobs],
+                                 self.llm.config.vocab_size, self.llm.device,
+                                 seen=rows.seen[:n], counts=rows.counts[:n], bias=rows.bias[:n])
+
+    @staticmethod
+    def _logprobs_wanted(jobs: list[Job | None]) -> int | None:
+        """None when no row asks for log-probabilities, else the most alternatives any row asks for."""
+        asks = [j.req.top_logprobs for j in jobs if j is not None and j.req.logprobs]
+        return max(asks) if asks else None
+
+    def _emit(self, rows: _Rows, slots: list[int], logits: Tensor) -> None:
+        """Sample from a prefill's logits (rows `slots`, in order) and deliver."""
+        assert len(slots) == 1
+        s = slots[0]
+        state = SamplerState.over([rows.jobs[s].req.params], [rows.jobs[s].generator], self.llm.config.vocab_size,
+                                  self.llm.device, seen=rows.seen[s:s + 1], counts=rows.counts[s:s + 1],
+                                  bias=rows.bias[s:s + 1])
+        tokens = sample(logits, state)
+        state.update(tokens)
+        want = self._logprobs_wanted([rows.jobs[s]])
+        self._deliver(rows, slots, tokens, *token_logprobs(logits, tokens, want), first=s)
+
+    def _deliver(self, rows: _Rows, slots: list[int], tokens: Tensor, logprob: Tensor | None,
+                 top: tuple[Tensor, Tensor] | None, *, first: int = 0) -> None:
+        """Push each row's new token into its output; retire the rows that are complete or cancelled.
+
+        Row `s` of `slots` reads column `s - first` of the step's outputs."""
+        stop_ids = self.llm.stop_ids
+        drawn = tokens.tolist()
+        lps = logprob.tolist() if logprob is not None else None
+        tops = (top[0].tolist(), top[1].tolist()) if top is not None else None
+        for s in slots:
+            job, k = rows.jobs[s], s - first
+            if job.cancelled:
+                self._retire(job)
+                job.events.put(_END)
+                continue
+            job.token = drawn[k]
+            job.produced += 1
+            lp = None
+            if job.req.logprobs:
+                n = job.req.top_logprobs
+                lp = (lps[k], list(zip(tops[0][k][:n], tops[1][k][:n])))
+            done = job.token in stop_ids or job.produced >= job.req.max_tokens
+            done = job.output.push(job.token, done, lp)
+            chunks = list(job.output.chunks())
+            if chunks:
+                job.events.put(chunks)
+            if done:
+                self._retire(job)
+                job.events.put(_END)
+
+    def _retire(self, job: Job) -> None:
+        job.finished = True
+        with self._cond:
+            for rows in (self._rows, self._solo):
+                if rows is not None and job in rows.jobs:
+                    rows.jobs[rows.jobs.index(job)] = None
+
+    def _score(self, job: Job) -> None:
+        llm = self.llm
+        ids = torch.tensor([job.ids], device=llm.device)
+        logits = llm.model(ids)[0, job.n_context - 1: -1].float()  # each text token's predicting position
+        targets = ids[0, job.n_context:]
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(-1, targets[:, None])[:, 0]
+        job.events.put((chosen.tolist(), (logits.argmax(-1) == targets).tolist()))
+        job.finished = True
+        job.events.put(_END)
+
+    # -- compiling ---------------------------------------------------------------------------------------
+
+    def _compiled_step(self):
+        llm = self.llm
+        if llm._compiled_step is None:
+            if any(p.is_mkldnn for p in llm.model.parameters()):
+                raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
+            # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
+            mode = "reduce-overhead" if llm.device.type == "cuda" else None
+            llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
+        return llm._compiled_step
+
+    def _compile_failed(self, error: Exception) -> None:
+        if not self._warned:
+            warnings.warn(f"llama32: compiling the decode step failed ({type(error).__name__}: {error}); "
+                          "running eagerly from now on", RuntimeWarning, stacklevel=2)
+            self._warned = True
+        self.llm.compiled = False
+
+
+_LOOPS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _serve(ref: weakref.ref) -> None:
+    """The loop thread. It holds its loop only while working or briefly waiting, so a handle nobody uses
+    any more is collected, and its thread ends soon after."""
+    while True:
+        loop = ref()
+        if loop is None:
+            return
+        if not loop._run_once(idle=0.5) and loop._closing:
+            return
+        del loop
+
+
+@atexit.register
+def _close_all() -> None:
+    # Threads still inside torch when the interpreter finalises can abort the process: end them first.
+    for loop in list(_LOOPS):
+        loop.close()
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int | None) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """The model's own log-probabilities (float32 log_softmax of the raw logits, before any penalty or
+    temperature) of the drawn `tokens`, and the `k` most likely (ids, values); (None, None) when k is None."""
+    if k is None:
+        return None, None
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    values, ids = logp.topk(max(k, 1), dim=-1)
+    return chosen, (ids, values)
+
+
+def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, state: SamplerState,
+                noise: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
+    """One decode step for rows [0, B): forward at each row's position, then the sampler.
+
+    This is the unit that is compiled (`Llama.compiled`). Returns (tokens, logprob, top) as `token_logprobs`.
+    """
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    drawn = sample(logits, state, noise)
+    state.update(drawn)
+    return (drawn, *token_logprobs(logits, drawn, logprobs))
