@@ -1,0 +1,187 @@
+"""The generation loop (engine.py): many callers on threads, each result equal to its solo run; streams that
+close cancel their row; a bad request disturbs nothing; max_batch and the KV-cache budget are honoured."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import llama32
+from llama32 import InvalidRequest
+from test_lora import write_adapter
+
+GREEDY = dict(raw=True, temperature=0)
+
+
+def chatml(text):
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+MIXED = [
+    dict(prompt=chatml("What is the capital of France?"), max_tokens=20, **GREEDY),
+    dict(prompt=chatml("Write a poem about the sea."), max_tokens=24, **GREEDY, repetition_penalty=1.3),
+    dict(prompt=chatml("Name three colours."), raw=True, temperature=0.8, seed=5, top_p=0.9, max_tokens=16),
+    dict(prompt=chatml("Tell me a joke."), raw=True, temperature=1.0, seed=17, top_k=40, max_tokens=18,
+         frequency_penalty=0.5, presence_penalty=0.4),
+    dict(prompt=chatml("Count to ten."), max_tokens=30, stream=True, **GREEDY),
+    dict(prompt=chatml("Why is the sky blue?"), raw=True, temperature=0.7, seed=99, top_k=5, top_p=0.8,
+         max_tokens=22, stream=True),
+    dict(prompt=chatml("Say hello in French."), max_tokens=12, logprobs=True, top_logprobs=3, **GREEDY),
+    dict(prompt=chatml("List two fruits."), max_tokens=25, stop=["\n", "."], **GREEDY),
+]
+
+
+def run(llm, request):
+    out = llama32.generate(llm, **request)
+    if request.get("stream"):
+        chunks = list(out)
+        return {"text": "".join(c["response"] for c in chunks), "usage": chunks[-1]["usage"]}
+    return out
+
+
+def same(got: list[dict], want: list[dict]) -> bool:
+    """Equal results: text, calls, usage and tokens exactly; log-probabilities to float32 rounding (a batched
+    matrix product may sum in another order than a single row's)."""
+    def split(r):
+        entries = r.get("logprobs", [])
+        rest = {k: v for k, v in r.items() if k != "logprobs"}
+        return rest, [(e["id"], [t["id"] for t in e["top_logprobs"]]) for e in entries], \
+            [e["logprob"] for e in entries] + [t["logprob"] for e in entries for t in e["top_logprobs"]]
+    for g, w in zip(got, want, strict=True):
+        (g_rest, g_ids, g_lp), (w_rest, w_ids, w_lp) = split(g), split(w)
+        assert g_rest == w_rest and g_ids == w_ids
+        assert g_lp == pytest.approx(w_lp, abs=1e-4)
+    return True
+
+
+def in_threads(fn, args_list):
+    results, errors = [None] * len(args_list), []
+
+    def work(i, args):
+        try:
+            results[i] = fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    return results
+
+
+def test_threads_get_their_solo_answers(smol, monkeypatch):
+    solo = [run(smol, r) for r in MIXED]
+    sizes, forward = [], smol.model.forward
+    monkeypatch.setattr(smol.model, "forward", lambda ids, **kw: sizes.append(len(ids)) or forward(ids, **kw))
+    together = in_threads(run, [(smol, r) for r in MIXED + MIXED])
+    assert same(together, solo + solo)
+    assert max(sizes) > 1  # the threads really shared forward passes
+    assert smol.loop.stats() == {"running": 0, "waiting": 0}
+
+
+def test_threads_with_different_adapters_share_steps(make_checkpoint, llama3_tokenizer_dir, tmp_path):
+    base = make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir)
+    a = str(write_adapter(base, tmp_path / "a", seed=1))
+    b = str(write_adapter(base, tmp_path / "b", seed=2, r=8, lora_alpha=16))
+    llm = llama32.load(base, device="cpu", dtype="float32")
+    reqs = [dict(prompt=p, raw=True, temperature=0, max_tokens=10, **({"lora": l} if l else {}))
+            for p in ("Hello there", "One two three") for l in (None, a, b)]
+    solo = [llama32.generate(llm, **r) for r in reqs]
+    assert len({s["response"] for s in solo[:3]}) == 3  # each adapter changes the answer
+    assert in_threads(lambda r: llama32.generate(llm, **r), [(r,) for r in reqs * 2]) == solo * 2
+    # and nothing was left installed on the shared modules
+    assert all(getattr(m, "adapter", None) is None for m in llm.model.modules())
+
+
+def test_closing_a_stream_cancels_its_row(smol):
+    stream = llama32.generate(smol, prompt=chatml("Write a very long story."), max_tokens=2000, stream=True,
+                              **GREEDY)
+    next(stream), next(stream)
+    assert smol.loop.stats()["running"] == 1
+    stream.close()
+    deadline = time.time() + 3  # far less than the 2000 tokens would take
+    while smol.loop.stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert smol.loop.stats() == {"running": 0, "waiting": 0}
+    assert run(smol, MIXED[0]) == run(smol, MIXED[0])  # and the model answers as before
+
+
+def test_dropping_a_stream_cancels_its_row(smol):
+    stream = llama32.generate(smol, prompt=chatml("Write a very long story."), max_tokens=2000, stream=True,
+                              **GREEDY)
+    next(stream)
+    del stream  # the generator is closed when collected
+    deadline = time.time() + 3  # far less than the 2000 tokens would take
+    while smol.loop.stats()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert smol.loop.stats()["running"] == 0
+
+
+def test_a_bad_request_mid_flight_disturbs_nothing(smol):
+    want = run(smol, MIXED[1])
+    stream = llama32.generate(smol, **dict(MIXED[1], stream=True))
+    first = next(stream)
+    with pytest.raises(InvalidRequest, match="temperature"):
+        llama32.generate(smol, prompt="x", temperature=9)
+    rest = [first] + list(stream)
+    assert "".join(c["response"] for c in rest) == want["response"]
+
+
+def test_max_batch_bounds_the_rows_and_the_rest_wait(smollm2_dir, monkeypatch):
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=2)
+    assert llm.loop.max_batch == 2
+    solo = [run(llm, r) for r in MIXED[:5]]
+    sizes, forward = [], llm.model.forward
+    waiting_seen = []
+
+    def counting(ids, **kw):
+        sizes.append(len(ids))
+        waiting_seen.append(llm.loop.stats()["waiting"])
+        return forward(ids, **kw)
+
+    monkeypatch.setattr(llm.model, "forward", counting)
+    results = in_threads(run, [(llm, r) for r in MIXED[:5]])
+    assert same(results, solo)
+    assert max(sizes) == 2 and max(waiting_seen) > 0
+
+
+def test_a_request_longer_than_a_slot_is_served_alone(smollm2_dir):
+    roomy = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    tight = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=2,
+                         kv_cache_bytes=2 * 40 * roomy.loop.position_bytes)  # 40 positions a slot
+    assert tight.loop.slot_length == 40
+    long = dict(prompt=chatml("Write a poem about the mountains and the sea."), max_tokens=40, **GREEDY)
+    short = dict(prompt="Hi", max_tokens=4, **GREEDY)
+    assert len(roomy.tokenizer.encode(long["prompt"])) + 40 > tight.loop.slot_length
+    want = [run(roomy, r) for r in (short, long, short)]
+    assert in_threads(run, [(tight, r) for r in (short, long, short)]) == want
+
+
+def test_an_error_in_a_step_fails_only_its_requests(smollm2_dir, monkeypatch):
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    want = run(llm, MIXED[0])
+    forward, calls = llm.model.forward, []
+
+    def failing_once(ids, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return forward(ids, **kw)
+
+    monkeypatch.setattr(llm.model, "forward", failing_once)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(llm, MIXED[0])
+    assert run(llm, MIXED[0]) == want  # the loop lives on, and the model is unharmed
+    assert llm.loop.stats() == {"running": 0, "waiting": 0}
+
+
+def test_load_checks_max_batch(smollm2_dir):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_batch"):
+            llama32.load(smollm2_dir, max_batch=bad)
