@@ -108,8 +108,8 @@ class Output:
             if found:
                 self.call_start = min(found)
         if self.call_start is not None:
-            return min(end, self.call_start)
-        if self.req.tool_names:  # a marker may be on its way, and the prose before a call ends unpadded
+            end = min(end, len(self.text[: self.call_start].rstrip()))
+        elif self.req.tool_names:  # a marker may be on its way, and the prose before a call ends unpadded
             tail = self.text[: end - _partial_suffix(self.text[:end], _CALL_MARKERS)]
             end = len(tail.rstrip())
         return max(end, self.released)

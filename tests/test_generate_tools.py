@@ -7,6 +7,7 @@ through the same output stage generate() and streaming use.
 import pytest
 
 import llama32
+from llama32.generate import _collect
 from llama32.output import Output
 from llama32.requests import validate
 
@@ -26,8 +27,10 @@ def answer(llm, text, **request):
     ids = llm.tokenizer.encode(text) + [llm.tokenizer.eot_id]
     chunks = []
     for i, token in enumerate(ids):
-        out.push(token, i == len(ids) - 1)
+        complete = out.push(token, i == len(ids) - 1)
         chunks += list(out.chunks())
+        if complete:  # the loop retires the row here
+            break
     return chunks, {"response": "".join(c["response"] for c in chunks), "tool_calls": chunks[-1].get("tool_calls", [])}
 
 
@@ -69,3 +72,65 @@ def test_prose_streams_even_when_tools_are_offered(llm):
     chunks, result = answer(llm, text, tools=[WEATHER])
     assert result == {"response": text, "tool_calls": []}
     assert len(chunks) > 5  # released as soon as it could not be a call
+
+
+# --- tool calls after prose, and stop strings, in the same output stage ----------------------------------------------
+
+
+@pytest.mark.parametrize("text, prose", [
+    ('Let me check that for you.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+     "Let me check that for you."),
+    ('Sure! <function=get_weather>{"city": "Paris"}</function>', "Sure!"),
+])
+def test_call_after_prose_is_extracted(llm, text, prose):
+    """Prose is released as it comes; from the call marker on the text is held, then parsed as a call."""
+    assert llama32.parse_tool_calls(text) == CALL
+    chunks, result = answer(llm, text, tools=[WEATHER])
+    assert result == {"response": prose, "tool_calls": CALL}
+    assert _collect(chunks) == {"response": prose, "tool_calls": CALL, "usage": chunks[-1]["usage"]}
+    assert len([c for c in chunks if c["response"]]) >= 2  # the prose streamed before the call was known
+    assert all("<" not in c["response"] for c in chunks)  # no part of the call was shown
+
+
+def test_marker_that_is_not_a_call_is_released_at_the_end(llm):
+    text = "Use <function=...> tags, like this."
+    _, result = answer(llm, text, tools=[WEATHER])
+    assert result == {"response": text, "tool_calls": []}
+
+
+@pytest.mark.parametrize("stop, want", [
+    ("Paris", "The weather in "),
+    (["rain", "mild"], "The weather in Paris is "),
+    ([" in Paris is m"], "The weather"),  # spans several tokens
+    ("snow", "The weather in Paris is mild today, with light rain in the evening."),  # never appears
+])
+def test_stop_strings_cut_the_text_and_never_stream_a_part(llm, stop, want):
+    text = "The weather in Paris is mild today, with light rain in the evening."
+    chunks, result = answer(llm, text, stop=stop)
+    assert result["response"] == want
+    stopped = want != text
+    n_tokens = len(llm.tokenizer.encode(text)) + 1
+    used = chunks[-1]["usage"]["completion_tokens"]
+    assert (used < n_tokens) if stopped else (used == n_tokens)
+    shown = ""
+    for c in chunks:  # at no point did the stream show text beyond the cut
+        shown += c["response"]
+        assert want.startswith(shown)
+
+
+def test_logprob_entries_ride_with_their_text(llm):
+    """Each chunk carries the entries of the tokens whose text it carries; all entries, one per token."""
+    req = validate(llm, dict(prompt="Hi", max_tokens=64, logprobs=True, top_logprobs=2))
+    out = Output(llm, req)
+    ids = llm.tokenizer.encode("Hello, world! Café") + [llm.tokenizer.eot_id]
+    chunks = []
+    for i, token in enumerate(ids):
+        out.push(token, i == len(ids) - 1, (-0.5 - i, [(token, -0.5 - i), (7, -3.0)]))
+        chunks += list(out.chunks())
+    entries = [e for c in chunks for e in c["logprobs"]]
+    assert [e["id"] for e in entries] == ids
+    assert [e["logprob"] for e in entries] == [-0.5 - i for i in range(len(ids))]
+    assert entries[0]["top_logprobs"] == [{"token": llm.tokenizer.decode([ids[0]]), "id": ids[0], "logprob": -0.5},
+                                          {"token": llm.tokenizer.decode([7]), "id": 7, "logprob": -3.0}]
+    for c in chunks:  # a chunk's entries spell its text
+        assert "".join(e["token"] for e in c["logprobs"] if e["id"] != llm.tokenizer.eot_id) == c["response"]
