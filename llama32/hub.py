@@ -24,6 +24,9 @@ CHECKPOINT_FILES = [
     "model-*.safetensors",
 ]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Written into every folder a download fills: which repo it holds. `weights/<name>` drops the organisation,
+# so without it `unsloth/Llama-3.2-1B-Instruct` would load an earlier `meta-llama/Llama-3.2-1B-Instruct`.
+REPO_MARKER = ".llama32-repo"
 
 
 def weights_dir() -> Path:
@@ -47,10 +50,27 @@ def resolve(source: str | os.PathLike) -> Path:
     text = str(source)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise CheckpointError(f"source {text!r}: no such directory, and not a Hugging Face repo id (org/name)")
-    local = weights_dir() / text.split("/")[1]
+    local = local_dir(text)
     if _complete(local):
         return local
     return download(text, local)
+
+
+def holds(path: Path) -> str | None:
+    """The repo id a download into `path` recorded, or None (an unmarked folder, e.g. copied by hand)."""
+    marker = path / REPO_MARKER
+    return marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+
+
+def local_dir(repo_id: str) -> Path:
+    """Where `repo_id` lives: `weights/<name>/`, unless that folder holds another repo (its marker says so):
+    then `weights/<org>--<name>/`. An unmarked `weights/<name>/` is taken to be what the user put there."""
+    org, name = repo_id.split("/")
+    short = weights_dir() / name
+    held = holds(short)
+    if held is None or held == repo_id:
+        return short
+    return weights_dir() / f"{org}--{name}"
 
 
 def download(repo_id: str, local: Path | None = None) -> Path:
@@ -59,7 +79,10 @@ def download(repo_id: str, local: Path | None = None) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    local = local or weights_dir() / repo_id.split("/")[-1]
+    local = local or local_dir(repo_id)
+    held = holds(local)
+    if held is not None and held != repo_id:
+        raise CheckpointError(f"{local} holds {held}, not {repo_id}; remove it or choose another folder")
     token = os.environ.get("HF_TOKEN") or None
     try:
         snapshot_download(repo_id, local_dir=str(local), allow_patterns=CHECKPOINT_FILES, token=token)
@@ -86,4 +109,5 @@ def download(repo_id: str, local: Path | None = None) -> Path:
         ) from None
     if not _complete(local):
         raise CheckpointError(f"{repo_id}: the download in {local} has no config.json, tokenizer.json or safetensors")
+    (local / REPO_MARKER).write_text(repo_id + "\n", encoding="utf-8")
     return local

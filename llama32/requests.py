@@ -14,6 +14,7 @@ from . import lora as lora_mod
 from .chat import functions_to_tools, render_chat, tool_names
 from .errors import CheckpointError, InvalidRequest
 from .sampling import SamplingParams
+from .templates import render_template
 
 MAX_CHARS = 131072
 ROLES = ("system", "user", "assistant", "tool", "ipython")
@@ -127,6 +128,17 @@ def _stops(request: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def render_prompt(tok: Any, messages: list[dict], tools: list | None, field: str) -> str:
+    """The prompt text for a conversation: Llama 3's own format, or the checkpoint's chat template."""
+    if tok.is_llama3:
+        return render_chat(messages, tools)
+    if tok.chat_template is None:
+        raise InvalidRequest(f"{field}: this checkpoint has no chat template (no chat_template in "
+                             "tokenizer_config.json, no chat_template.jinja); send a prompt in the model's own "
+                             "format with raw=true")
+    return render_template(tok.chat_template, tok.special_tokens, messages, tools)
+
+
 def require_tokenizer(llm: Any):
     """The handle's tokenizer; a model-only checkpoint has none, and text in or out needs one."""
     if llm.tokenizer is None:
@@ -186,11 +198,11 @@ def validate(llm: Any, request: dict) -> Request:
             if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
                 ids = [tok.bos_id] + ids
         else:
-            ids = tok.encode(render_chat([{"role": "user", "content": prompt}], tools))
+            ids = tok.encode(render_prompt(tok, [{"role": "user", "content": prompt}], tools, "prompt"))
     else:
         if raw:
             raise InvalidRequest("raw applies only to prompt, not to messages")
-        ids = tok.encode(render_chat(_check_messages(request["messages"]), tools))
+        ids = tok.encode(render_prompt(tok, _check_messages(request["messages"]), tools, "messages"))
 
     vocab = llm.config.vocab_size
     outside = sorted({i for i in ids if i >= vocab})

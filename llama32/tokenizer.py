@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import tokenizers
 
 from llama32.errors import CheckpointError
+from llama32.templates import SPECIAL_TOKENS, template_source
 
 REPLACEMENT_CHAR = "\ufffd"  # what a lossy UTF-8 decode shows for an incomplete multi-byte character
 
@@ -61,9 +62,14 @@ class Tokenizer:
     """`encode`/`decode` plus the ids the chat format and the generation loop need."""
 
     def __init__(self, backend: tokenizers.Tokenizer, *, tokenizer_config: dict | None = None,
-                 config: dict | None = None, generation_config: dict | None = None):
+                 config: dict | None = None, generation_config: dict | None = None,
+                 chat_template: str | None = None):
         self.backend = backend
         tokenizer_config = tokenizer_config or {}
+        # The checkpoint's own chat template (templates.py), used unless this is a Llama 3 tokenizer.
+        self.chat_template = template_source(tokenizer_config, chat_template)
+        self.special_tokens = {name: text for name in SPECIAL_TOKENS
+                               if (text := _token_content(tokenizer_config.get(name))) is not None}
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
 
         self.begin_of_text_id = self.token_id("<|begin_of_text|>")
@@ -81,6 +87,11 @@ class Tokenizer:
             eos = self.token_id(_token_content(tokenizer_config.get("eos_token")) or "")
             stop = set() if eos is None else {eos}
         self.stop_ids: frozenset[int] = frozenset(stop)
+
+    @property
+    def is_llama3(self) -> bool:
+        """Whether this is the Llama 3 tokenizer, whose chat format `chat.render_chat` writes."""
+        return None not in (self.begin_of_text_id, self.start_header_id, self.end_header_id, self.eot_id)
 
     def _find_bos(self, tokenizer_config: dict) -> int | None:
         """The id the checkpoint's tokenizer prepends to a plain encode, or None."""
@@ -106,10 +117,12 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise CheckpointError(f"{file}: not a valid tokenizers file ({e})") from None
+        jinja = path / "chat_template.jinja"
         return cls(backend,
                    tokenizer_config=_read_json(path / "tokenizer_config.json", required=False),
                    config=_read_json(path / "config.json", required=False),
-                   generation_config=_read_json(path / "generation_config.json", required=False))
+                   generation_config=_read_json(path / "generation_config.json", required=False),
+                   chat_template=jinja.read_text(encoding="utf-8") if jinja.is_file() else None)
 
     def token_id(self, name: str) -> int | None:
         """The id of a token spelled exactly `name` (e.g. "<|eot_id|>"), or None."""

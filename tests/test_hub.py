@@ -1,6 +1,7 @@
 """Repo ids: download into weights/<name>/, and every hub failure turned into an error that says what to do."""
 
 import pytest
+import torch
 
 import llama32
 from llama32.errors import CheckpointError
@@ -77,3 +78,40 @@ def test_download_goes_to_weights_name_with_only_checkpoint_files(monkeypatch, w
 def test_not_a_directory_nor_repo_id():
     with pytest.raises(CheckpointError, match="no such directory, and not a Hugging Face repo id"):
         llama32.load("./does/not/exist")
+
+
+def test_same_name_from_another_org_is_not_the_earlier_download(monkeypatch, weights_tmp, make_checkpoint,
+                                                                 llama3_tokenizer_dir):
+    """weights/<name> drops the organisation: a folder records which repo it holds, and another repo of the
+    same name gets a folder of its own instead of silently loading the first one."""
+    import shutil
+    import huggingface_hub
+    from llama32.hub import REPO_MARKER
+    sources = {"meta-llama/Tiny": make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir, seed=1),
+               "unsloth/Tiny": make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir, seed=2)}
+    calls = []
+
+    def download(repo_id, *, local_dir, allow_patterns, token):
+        calls.append(repo_id)
+        shutil.copytree(sources[repo_id], local_dir, dirs_exist_ok=True)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    meta = llama32.load("meta-llama/Tiny", dtype="float32")
+    unsloth = llama32.load("unsloth/Tiny", dtype="float32")
+    assert calls == ["meta-llama/Tiny", "unsloth/Tiny"]
+    assert meta.path == weights_tmp / "Tiny" and unsloth.path == weights_tmp / "unsloth--Tiny"
+    assert (meta.path / REPO_MARKER).read_text().strip() == "meta-llama/Tiny"
+    ids = torch.tensor([[1, 2, 3]])
+    assert not torch.equal(meta.model(ids), unsloth.model(ids))  # really the two different checkpoints
+    # both are found again without the hub
+    assert llama32.load("unsloth/Tiny", dtype="float32").path == unsloth.path
+    assert llama32.load("meta-llama/Tiny", dtype="float32").path == meta.path
+    assert len(calls) == 2
+
+
+def test_a_folder_copied_by_hand_is_used(monkeypatch, weights_tmp, make_checkpoint, llama3_tokenizer_dir):
+    import shutil
+    import huggingface_hub
+    shutil.copytree(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), weights_tmp / "Tiny")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download(AssertionError("no download")))
+    assert llama32.load("meta-llama/Tiny", dtype="float32").path == weights_tmp / "Tiny"
