@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .api import Llama
-from .engine import Job
+from .engine import _END, Job
 from .errors import InvalidRequest
 from .output import Output
 from .requests import Request, require_tokenizer, validate
@@ -113,8 +114,47 @@ def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _stream(llm: Llama, req: Request) -> Iterator[dict]:
-    yield from _chunks(llm, llm.loop.submit(Job(req, Output(llm, req))))
+class Stream:
+    """The chunks of one request, as the loop produces them. It joins the loop when first read; `close()`
+    (from any thread) or dropping it cancels the request, which leaves the batch within one step."""
+
+    def __init__(self, llm: Llama, req: Request):
+        self._loop = llm.loop
+        self._job = Job(req, Output(llm, req))
+        self._submitted = self._closed = False
+        self._pending: deque[dict] = deque()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        if not self._submitted:
+            self._submitted = True
+            self._loop.submit(self._job)
+        while not self._pending:
+            item = self._job.events.get()
+            if item is _END:
+                self._closed = True
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self._closed = True
+                raise item
+            self._pending.extend(item)
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        if self._submitted and not self._job.finished:
+            self._loop.cancel(self._job)
+        self._closed = True
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _stream(llm: Llama, req: Request) -> Stream:
+    return Stream(llm, req)
 
 
 def _chunks(llm: Llama, job: Job) -> Iterator[dict]:
