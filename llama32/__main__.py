@@ -113,6 +113,38 @@ def build_download_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} serve",
+        description="Serve a checkpoint over HTTP: the Workers AI REST API (/ai/run/@cf/meta/llama-3.2-1b-instruct,\n"
+                    "/client/v4/accounts/<id>/ai/run/...), an OpenAI-compatible API (/v1/models,\n"
+                    "/v1/chat/completions, /v1/completions), GET /health and a playground page at /.\n"
+                    "Needs the serve extra: pip install 'llama32[serve]'.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=None, help="rows decoded together (default 8 on CPU, 32 on CUDA)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 503 (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LLAMA32_API_KEY)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter applied to every request that names none")
+    return p
+
+
+def serve(argv: list[str]) -> int:
+    args = build_serve_parser().parse_args(argv)
+    try:
+        from llama32.server import serve as run_server
+    except ImportError as e:
+        raise UsageError(f"serve needs the serve extra ({e}); pip install 'llama32[serve]'") from None
+    run_server(args.model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+               device=args.device, dtype=args.dtype, lora=args.lora, max_queue=args.max_queue)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # The request
 
@@ -299,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         # command name, so `download` is recognised here (`llama32 -- download` asks about the word instead).
         if argv[:1] == ["download"]:
             return download(argv[1:])
+        if argv[:1] == ["serve"]:
+            return serve(argv[1:])
         return generate_main(argv)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -56,9 +56,10 @@ class Job:
     """One request in the loop: a generation (with its `Output`) or a scoring forward (`ids`)."""
 
     def __init__(self, req: Request | None = None, output: Output | None = None, ids: list[int] | None = None,
-                 n_context: int = 0):
+                 n_context: int = 0, top: int = 0):
         self.req, self.output = req, output
-        self.ids, self.n_context = ids, n_context  # scoring: all ids, and how many of them are context
+        # scoring: all ids, how many of them are context, how many most likely alternatives to report
+        self.ids, self.n_context, self.top = ids, n_context, top
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # chunk lists, a result, then _END or an exception
         self.cancelled = False
         self.finished = False
@@ -349,7 +350,11 @@ class GenerationLoop:
         targets = ids[0, job.n_context:]
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, targets[:, None])[:, 0]
-        job.events.put((chosen.tolist(), (logits.argmax(-1) == targets).tolist()))
+        result = (chosen.tolist(), (logits.argmax(-1) == targets).tolist())
+        if job.top:
+            values, ids = logp.topk(job.top, dim=-1)
+            result += (ids.tolist(), values.tolist())
+        job.events.put(result)
         job.finished = True
         job.events.put(_END)
 

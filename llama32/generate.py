@@ -105,6 +105,12 @@ def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list
     return results
 
 
+def score_ids(llm: Llama, ids: list[int], n_context: int, top: int = 0) -> tuple:
+    """The loop's scoring forward on raw ids: (logprobs, is_greedy[, top ids, top logprobs]) of ids[n_context:],
+    each token predicted from the ids before it (for the server's echoed prompts)."""
+    return next(iter(llm.loop.submit(Job(ids=ids, n_context=n_context, top=top)).results()))
+
+
 def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
     """Server-Sent Events text: `data: {json}\\n\\n` per chunk, then `data: [DONE]\\n\\n`."""
     if isinstance(chunks, dict):
@@ -143,6 +149,11 @@ class Stream:
                 raise item
             self._pending.extend(item)
         return self._pending.popleft()
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the request ended, once it has: "stop" (a stop token or stop string) or "length" (max_tokens)."""
+        return self._job.output.finish_reason
 
     def close(self) -> None:
         if self._submitted and not self._job.finished:

@@ -54,6 +54,7 @@ class Output:
         self.pending: list[dict] = []
         self.completion_tokens = 0
         self.finished = False
+        self.finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max_tokens), once done
 
     def push(self, token: int, done: bool, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Take the row's next token (`done`: the loop's last for this row: a stop id or max_tokens).
@@ -68,10 +69,12 @@ class Output:
         if done:
             piece += self.decoder.flush()
         self.text += piece
+        if done:
+            self.finish_reason = "stop" if token in self.stop_ids else "length"
         if self.req.stop:
             hits = [i for i in (self.text.find(s, max(self.released - len(s), 0)) for s in self.req.stop) if i >= 0]
             if hits:
-                self.text, done = self.text[: min(hits)], True
+                self.text, done, self.finish_reason = self.text[: min(hits)], True, "stop"
         if self.req.logprobs:
             self.entries.append((len(self.text), self._entry(token, logprob)))
         if done:

@@ -1,0 +1,29 @@
+"""The Workers AI REST shape: `POST .../ai/run/@cf/meta/llama-3.2-1b-instruct`, a request body in, the
+`{"result", "success", "errors", "messages"}` envelope out, or Server-Sent Events with `"stream": true`."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from . import Backend, handler, sse
+from .errors import ApiError
+
+MODEL = "@cf/meta/llama-3.2-1b-instruct"
+
+
+def routes(backend: Backend) -> list[Route]:
+    async def run(request: Request):
+        if request.path_params["model"] != MODEL:
+            raise ApiError(404, f"no such model: {request.path_params['model']}; this server runs {MODEL}")
+        body = await backend.body(request)  # every field is the library's to check (llama32.generate)
+        if body.get("stream"):
+            fields = {k: v for k, v in body.items() if k != "stream"}
+            return StreamingResponse(sse(await backend.stream(request, fields)), media_type="text/event-stream")
+        out = await backend.generate(request, body)
+        return JSONResponse({"result": out, "success": True, "errors": [], "messages": []})
+
+    endpoint = handler(run)
+    return [Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", endpoint, methods=["POST"]),
+            Route("/ai/run/{model:path}", endpoint, methods=["POST"])]

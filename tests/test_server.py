@@ -1,0 +1,355 @@
+"""`python -m llama32 serve`: real uvicorn servers on loopback over SmolLM2, called with httpx, the official
+openai SDK, curl and headless Chromium. Every served answer equals the library's answer to the same request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+import llama32
+
+pytest.importorskip("starlette")
+import uvicorn  # noqa: E402
+
+from llama32.server import create_app  # noqa: E402
+
+WAI = "/ai/run/@cf/meta/llama-3.2-1b-instruct"
+WAI_LONG = "/client/v4/accounts/abc123/ai/run/@cf/meta/llama-3.2-1b-instruct"
+GREEDY = dict(temperature=0, max_tokens=24)
+
+
+@contextmanager
+def running(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return llama32.load(smollm2_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    with running(create_app(llm, model_name="smollm2")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[len("data: "):] for e in events]
+
+
+# --- Workers AI ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [WAI, WAI_LONG])
+def test_workers_ai_answer_equals_library(llm, client, path):
+    body = dict(prompt="What is the capital of France?", **GREEDY)
+    r = client.post(path, json=body)
+    assert r.status_code == 200
+    assert r.json() == {"result": llama32.generate(llm, **body), "success": True, "errors": [], "messages": []}
+
+
+def test_workers_ai_stream_is_to_sse_of_the_library_stream(llm, client):
+    body = dict(messages=[{"role": "user", "content": "Name three colours."}], **GREEDY)
+    r = client.post(WAI, json=dict(body, stream=True))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text == "".join(llama32.to_sse(llama32.generate(llm, stream=True, **body)))
+    assert json.loads(sse_events(r.text)[-2])["usage"]["completion_tokens"] > 0
+
+
+SEED_BODIES = [  # the seed page's request shapes, sent unchanged
+    {"prompt": "Where did the phrase Hello World come from"},
+    {"messages": [{"role": "system", "content": "You are a friendly assistant"},
+                  {"role": "user", "content": "Why is pizza so good"}]},
+    {"messages": [{"role": "user", "content": "What is the weather in Austin?"}],
+     "tools": [{"name": "getWeather", "description": "Return the weather for a latitude and longitude",
+                "parameters": {"type": "object", "properties": {"latitude": {"type": "string"},
+                                                                "longitude": {"type": "string"}},
+                               "required": ["latitude", "longitude"]}}]},
+    {"messages": [{"role": "user", "content": "Say hello"}],
+     "functions": [{"name": "hello", "code": "def hello(name): return 'hi ' + name"}]},
+    {"prompt": "Tell me a story", "stream": True},
+]
+
+
+@pytest.mark.parametrize("body", SEED_BODIES)
+def test_seed_page_bodies_are_answered(client, body):
+    r = client.post(WAI_LONG, json=dict(body, max_tokens=8, seed=1))
+    assert r.status_code == 200, r.text
+    if body.get("stream"):
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]" and "usage" in json.loads(events[-2])
+    else:
+        result = r.json()["result"]
+        assert r.json()["success"] and result["usage"]["completion_tokens"] == 8
+        assert set(result) == {"response", "tool_calls", "usage"}
+
+
+def test_curl(llm, url):
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed (the setup script installs it)")
+    body = dict(prompt="Hello!", **GREEDY)
+    proc = subprocess.run(["curl", "-sS", f"{url}{WAI}", "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(proc.stdout)["result"] == llama32.generate(llm, **body)
+    proc = subprocess.run(["curl", "-sSN", f"{url}/v1/chat/completions", "-H", "Content-Type: application/json",
+                           "-d", json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "stream": True,
+                                             **GREEDY})], capture_output=True, text=True, timeout=120, check=True)
+    pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(proc.stdout)[:-1]
+              if json.loads(e)["choices"]]
+    assert "".join(pieces) == llama32.generate(llm, messages=[{"role": "user", "content": "Hello!"}],
+                                               **GREEDY)["response"]
+
+
+# --- OpenAI ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oai(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+
+def test_openai_models(oai):
+    assert [m.id for m in oai.models.list().data] == ["smollm2"]
+
+
+def test_openai_chat_equals_library(llm, oai):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    want = llama32.generate(llm, messages=messages, **GREEDY)
+    got = oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0, user="u1", n=1)
+    assert got.choices[0].message.content == want["response"]
+    assert got.usage.completion_tokens == want["usage"]["completion_tokens"]
+    assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+    assert got.choices[0].finish_reason in ("stop", "length")
+    stream = oai.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want["response"]
+    assert chunks[-1].usage.completion_tokens == want["usage"]["completion_tokens"] and not chunks[-1].choices
+    assert chunks[-2].choices[0].finish_reason == got.choices[0].finish_reason
+
+
+def test_openai_chat_stop_and_logprobs(llm, oai):
+    messages = [{"role": "user", "content": "Count from one to ten in words."}]
+    want = llama32.generate(llm, messages=messages, stop=[","], logprobs=True, top_logprobs=2, **GREEDY)
+    got = oai.chat.completions.create(model="smollm2", messages=messages, stop=[","], logprobs=True, top_logprobs=2,
+                                      max_tokens=24, temperature=0)
+    assert got.choices[0].message.content == want["response"]
+    entries = got.choices[0].logprobs.content
+    assert [e.logprob for e in entries] == [e["logprob"] for e in want["logprobs"]]
+    assert [[t.token for t in e.top_logprobs] for e in entries] == [
+        [t["token"] for t in e["top_logprobs"]] for e in want["logprobs"]]
+
+
+def test_openai_completions_with_echo_and_logprobs(llm, oai):
+    prompt = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+    want = llama32.generate(llm, prompt=prompt, raw=True, **GREEDY)
+    got = oai.completions.create(model="smollm2", prompt=prompt, max_tokens=24, temperature=0)
+    assert got.choices[0].text == want["response"]
+    # lm-eval-harness's loglikelihood: echo the prompt with its tokens' log-probabilities, generate nothing
+    context, continuation = "The capital of France is", " Paris"
+    got = oai.completions.create(model="smollm2", prompt=context + continuation, max_tokens=0, echo=True,
+                                 logprobs=1, temperature=0)
+    lp = got.choices[0].logprobs
+    assert got.choices[0].text == context + continuation
+    assert "".join(lp.tokens) == context + continuation
+    assert lp.token_logprobs[0] is None  # SmolLM2 has no BOS: nothing predicts the first token
+    n = len(llm.tokenizer.encode(continuation))
+    ref = llama32.score(llm, continuation, context=context)
+    assert lp.token_logprobs[-n:] == pytest.approx(ref["logprobs"], abs=1e-4)
+    assert [max(t, key=t.get) == tok for t, tok in zip(lp.top_logprobs[-n:], lp.tokens[-n:])] == ref["is_greedy"]
+
+
+def test_openai_tool_calls_shape(client, monkeypatch):
+    """A model answer that is a call comes back in OpenAI's form with finish_reason tool_calls (the library's
+    own tool-call parsing is tested on real token ids elsewhere; here the route's translation)."""
+    import llama32.server.openai_api as api
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+    class Answer:
+        finish_reason = "stop"
+
+        def __init__(self):
+            self.chunks = iter([{"response": "", "tool_calls": calls,
+                                 "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.chunks)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(api.llama32, "generate", lambda llm, **kw: Answer())
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    events = [json.loads(e) for e in sse_events(client.post("/v1/chat/completions", json=dict(body, stream=True)).text)[:-1]]
+    assert events[-2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# --- many clients ---------------------------------------------------------------------------------------------------
+
+
+def test_eight_concurrent_streams_get_their_solo_answers(llm, url):
+    prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+    want = [llama32.generate(llm, prompt=p, **GREEDY)["response"] for p in prompts]
+    got = [None] * 8
+
+    def client_thread(i):
+        with httpx.Client(base_url=url, timeout=300) as c:
+            with c.stream("POST", WAI, json=dict(prompt=prompts[i], stream=True, **GREEDY)) as r:
+                text = "".join(line for line in r.iter_text())
+        got[i] = "".join(json.loads(e)["response"] for e in sse_events(text)[:-1])
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert got == want
+
+
+def test_disconnect_frees_the_row(llm, url, client):
+    with httpx.Client(base_url=url, timeout=120) as c:
+        with c.stream("POST", WAI, json=dict(prompt="Write a very long story.", stream=True, max_tokens=2000,
+                                             temperature=0)) as r:
+            lines = r.iter_lines()
+            next(lines)
+            assert client.get("/health").json()["running"] == 1
+    deadline = time.time() + 5  # far less than 2000 tokens would take
+    while client.get("/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert client.get("/health").json() == {"status": "ok", "model": "smollm2", "running": 0, "waiting": 0}
+    assert client.post(WAI, json=dict(prompt="Hi", **GREEDY)).status_code == 200
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+def wai_error(r, status, fragment):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["success"] is False and body["result"] is None and body["messages"] == []
+    assert body["errors"][0]["code"] == status and fragment in body["errors"][0]["message"]
+    assert "Traceback" not in r.text
+
+
+def oai_error(r, status, param, fragment):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and fragment in err["message"] and err["code"] == status
+
+
+def test_workers_ai_errors(client):
+    wai_error(client.post(WAI, json={"prompt": "Hi", "temperature": 9}), 400, "temperature")
+    wai_error(client.post(WAI, json={"prompt": "Hi", "bogus": 1}), 400, "bogus")
+    wai_error(client.post(WAI, json={"prompt": "Hi", "stream": True, "top_k": 99}), 400, "top_k")
+    wai_error(client.post(WAI, content=b'{"prompt": '), 400, "not valid JSON")
+    wai_error(client.post(WAI, json=["prompt"]), 400, "JSON object")
+    wai_error(client.post(WAI, content=b"x" * (5 << 20)), 413, "bytes")
+    wai_error(client.post("/ai/run/@cf/meta/llama-3.1-8b-instruct", json={"prompt": "Hi"}), 404, "no such model")
+    wai_error(client.post("/nope", json={}), 404, "no such path")
+    wai_error(client.get(WAI), 405, "not allowed")
+
+
+def test_openai_errors(client):
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    oai_error(client.post("/v1/chat/completions", json=dict(chat, n=2)), 400, "n", "n=1")
+    oai_error(client.post("/v1/chat/completions", json=dict(chat, logit_bias={"1": 5})), 400, "logit_bias", "logit_bias")
+    oai_error(client.post("/v1/chat/completions", json=dict(chat, frobnicate=True)), 400, "frobnicate", "frobnicate")
+    oai_error(client.post("/v1/chat/completions", json=dict(chat, temperature=9)), 400, None, "temperature")
+    oai_error(client.post("/v1/completions", json={"prompt": 3}), 400, "prompt", "prompt")
+    oai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens", "echo")
+    oai_error(client.post("/v1/chat/completions", content=b"{"), 400, None, "JSON")
+    oai_error(client.get("/v1/chat/completions"), 405, None, "not allowed")
+    oai_error(client.get("/v1/nothing"), 404, None, "no such path")
+
+
+def test_api_key_and_full_queue(llm):
+    with running(create_app(llm, api_key="sekrit")) as base:
+        assert httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1}).status_code == 401
+        wrong = httpx.post(base + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer nope"})
+        oai_error(wrong, 401, None, "API key")
+        ok = httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1}, headers={"Authorization": "Bearer sekrit"},
+                        timeout=60)
+        assert ok.status_code == 200
+    with running(create_app(llm, max_queue=0)) as base:  # no room to wait: every request is turned away
+        r = httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1})
+        wai_error(r, 503, "busy")
+        assert r.headers["retry-after"] == "1"
+        assert httpx.get(base + "/health").status_code == 200
+
+
+# --- the playground, in a real browser ---------------------------------------------------------------------------------
+
+
+def test_playground_streams_an_answer_in_chromium(url):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "chromium and chromium-driver are installed by scripts/setup.sh"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("40")
+        driver.find_element(By.ID, "message").send_keys("What is the capital of France?")
+        driver.find_element(By.ID, "send").click()
+        seen = []  # the answer grows in steps while it streams
+        WebDriverWait(driver, 120, poll_frequency=0.05).until(
+            lambda d: seen.append(d.find_element(By.CSS_SELECTOR, ".assistant").text) or "tokens" in d.find_element(
+                By.ID, "status").text)
+        answer = driver.find_element(By.CSS_SELECTOR, ".assistant").text
+        assert answer.strip()
+        assert len({s for s in seen if s}) > 2, seen  # several partial texts: it streamed
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith("What is the capital of France?")
+    finally:
+        driver.quit()
