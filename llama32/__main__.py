@@ -145,6 +145,47 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def build_batch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} batch",
+        description="Run a JSONL file of requests ({\"id\": ..., \"request\": {...}} per line) and write one\n"
+                    "{\"id\", \"result\"} or {\"id\", \"error\"} line per request to OUT, in input order.\n"
+                    "Run it again with the same OUT after an interruption: finished ids are skipped.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="requests, one JSON record per line")
+    p.add_argument("output", help="results, appended one JSON record per line")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: alone, a local Ray; with an address (ray://host:10001 or auto), a cluster")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own copy of the model (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray actor (default 0: CPU actors)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def batch(argv: list[str]) -> int:
+    args = build_batch_parser().parse_args(argv)
+    if not os.path.isfile(args.input):
+        raise UsageError(f"batch: no such input file {args.input!r}")
+    if args.workers < 1:
+        raise UsageError(f"batch: --workers must be at least 1, got {args.workers}")
+    from llama32.batch import run_file
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("batch --ray needs the ray extra: pip install 'llama32[ray]'") from None
+    summary = run_file(args.input, args.output, model=args.model, device=args.device, dtype=args.dtype,
+                       use_ray=args.ray is not None, ray_address=args.ray or None, workers=args.workers,
+                       gpus_per_worker=args.gpus_per_worker, progress=not args.no_progress)
+    print(f"{PROG} batch: {summary['written']} written ({summary['errors']} errors), "
+          f"{summary['skipped']} already in {args.output}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # The request
 
@@ -333,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             return download(argv[1:])
         if argv[:1] == ["serve"]:
             return serve(argv[1:])
+        if argv[:1] == ["batch"]:
+            return batch(argv[1:])
         return generate_main(argv)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
