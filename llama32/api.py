@@ -84,12 +84,13 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     `max_batch`: the most requests the handle's generation loop decodes together (default 8 on CPU, 32 on
     CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine.py).
     A checkpoint without tokenizer.json loads model-only: `llm.tokenizer` is None.
+    `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
     """
     for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not available in this version; use quantize=None")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
@@ -98,7 +99,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
-    model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0")
+    model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",
+                       quantize=quantize)
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes)
     if lora is not None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .quant import int8_linear
 
 
 class Linear(nn.Linear):
@@ -37,6 +38,10 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor, lora=None) -> Tensor:
         if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        elif self.weight.dtype == torch.int8:  # load(..., quantize="int8"), see quant.py
+            y = int8_linear(x, self.weight, self.weight_scale)
+            if self.bias is not None:
+                y = y + self.bias
         else:
             y = F.linear(x, self.weight, self.bias)
         if lora is not None:
@@ -286,7 +291,7 @@ def pack_for_cpu(model: Transformer) -> None:
     the embedding from the checkpoint file.
     """
     for module in model.modules():
-        if isinstance(module, Linear) and not module.weight.is_mkldnn:
+        if isinstance(module, Linear) and module.weight.is_floating_point() and not module.weight.is_mkldnn:
             module.weight = nn.Parameter(pack_linear_weight(module.weight.detach()), requires_grad=False)
 
 

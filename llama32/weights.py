@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .model import Transformer, can_pack_for_cpu, pack_for_cpu, pack_linear_weight
+from .quant import is_quantized, quantize_int8
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -86,7 +87,7 @@ def _map_tensor(fh, base: int, entry: dict) -> torch.Tensor | None:
 
 
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
-               dtype: torch.dtype, pack: bool = True) -> Transformer:
+               dtype: torch.dtype, pack: bool = True, quantize: str | None = None) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
     `pack`: on CPU, store the projection weights prepacked for oneDNN (see `pack_for_cpu`). A packed head
@@ -104,6 +105,7 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
         expected.pop("lm_head.weight")  # filled by the tie below; a tied checkpoint may still carry it
 
     state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (int8 weight, scale)
     for file in checkpoint_files(path):
         try:
             # safe_open checks the header and layout; the bytes are then read into memory of their own
@@ -120,10 +122,17 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
                         raise CheckpointError(
                             f"{file.name}: tensor {key!r} has shape {list(shape)}, the config needs {list(expected[key])}"
                         )
-                    if key in state:
+                    if key in state or key in quantized:
                         raise CheckpointError(f"{file.name}: tensor {key!r} appears in more than one file")
-                    state[key] = _read_tensor(fh, base, entries[key], f"{file.name}: tensor {key!r}").to(device=device, dtype=dtype)
-                    if key == embed_key and packing and config.tie_word_embeddings:
+                    tensor = _read_tensor(fh, base, entries[key], f"{file.name}: tensor {key!r}")
+                    if quantize and is_quantized(key):
+                        quantized[key] = tuple(t.to(device) for t in quantize_int8(tensor, dtype))
+                        continue
+                    state[key] = tensor.to(device=device, dtype=dtype)
+                    del tensor
+                    if key == embed_key and quantize and config.tie_word_embeddings:
+                        quantized["lm_head.weight"] = tuple(t.to(device) for t in quantize_int8(state[key], dtype))
+                    elif key == embed_key and packing and config.tie_word_embeddings:
                         # pack the head now, while little else is in memory, then drop the dense copy
                         mapped = _map_tensor(fh, base, entries[key])
                         if mapped is not None:
@@ -134,15 +143,20 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
         except OSError as e:
             raise CheckpointError(f"{file}: cannot read ({e})") from None
 
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensor(s) {shown}")
 
-    tied = config.tie_word_embeddings and "lm_head.weight" not in state
+    tied = config.tie_word_embeddings and "lm_head.weight" not in state and "lm_head.weight" not in quantized
     if tied:
         state["lm_head.weight"] = state[embed_key]
-    model.load_state_dict(state, strict=True, assign=True)
+    result = model.load_state_dict(state, strict=not quantized, assign=True)
+    assert not quantized or set(result.missing_keys) == set(quantized) and not result.unexpected_keys, result
+    for key, (q, scale) in quantized.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        module.weight = torch.nn.Parameter(q, requires_grad=False)
+        module.register_buffer("weight_scale", scale)
     del state  # the model holds the only reference now, so packing below frees each dense weight
     if tied:
         model.tie_weights()  # one Parameter object, not two sharing storage

@@ -1,0 +1,56 @@
+"""Weight-only int8: one scale per output channel, symmetric, for every projection and the output head.
+
+A decode step reads every weight once, so its speed is memory bandwidth over weight bytes: int8 reads half the
+bytes of bfloat16. Quantizing: `scale = max|w| / 127` per output row, `q = round(w / scale)` in [-127, 127];
+the product is `(x @ q.T) * scale`. The embedding stays in the model dtype (a tied model's head gets its own
+int8 copy: the lookup needs the exact rows, the head only a product).
+
+Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, torch 2.13, one row of an
+8192 x 2048 weight; see benchmarks/RESULTS.md for whole-model figures):
+- CPU, a few rows (decode): `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, about 25 GB/s of
+  int8 weights. With float32 activations the same kernel moved 1.7 GB/s, so a float32 model's activations are
+  rounded to bfloat16 for this one product (its output is float32 again); dequantizing to float32 first moved
+  0.6 GB/s.
+- CPU, many rows (a prompt): dequantize the weight to the activations' dtype and `F.linear` (59 ms for 512
+  rows, against 154 ms for `_weight_int8pack_mm`).
+- CUDA: dequantize-and-multiply, `F.linear(x, q.to(x.dtype)) * scale`, which `torch.compile` fuses into one
+  kernel reading int8 (as gpt-fast does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Leaf names of the modules that are quantized (every projection, and the output head).
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+_FEW_ROWS = 16  # up to this many rows the CPU uses the int8 kernel, above it dequantize-and-multiply
+
+
+def quantize_int8(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(int8 [out, in], scale [out] in `dtype`) for a float weight [out, in], computed in float32."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(dtype)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.to(scale.dtype) * scale[:, None]
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x [..., in] times an int8 weight [out, in] with per-row `scale`: [..., out] in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and rows <= _FEW_ROWS and not torch.compiler.is_compiling():
+        flat = x.reshape(rows, x.shape[-1])
+        y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def is_quantized(name: str) -> bool:
+    """Whether the checkpoint tensor `name` is a weight that int8 loading quantizes."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED
