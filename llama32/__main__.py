@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
                    help="float32, bfloat16 or float16 (default: the checkpoint's torch_dtype)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 for the projections and the head (half the bytes of bf16 a step)")
 
     req = p.add_argument_group("request fields (sent only when given)")
     for flag, _, typ, text in REQUEST_FLAGS:
@@ -354,7 +356,7 @@ def generate_main(argv: list[str]) -> int:
             parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
 
     start = time.perf_counter()
-    llm = llama32.load(args.model, device=args.device, dtype=args.dtype)
+    llm = llama32.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if args.verbose:
         print(f"{PROG}: loaded {llm.path} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
               f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -12,10 +12,10 @@ Tokens reach each caller through its `Output` (output.py) and a queue. A row's a
 the other rows (its own positions, its own noise, its own adapter's product), so a request gets the same
 tokens alone or in any batch (float32 greedy token for token; seeded sampling the same draws).
 
-Memory: the KV cache holds `capacity` slots of `slot_length` positions, each position costing
+Memory: the KV cache holds `capacity` slots of up to `slot_length` positions, each position costing
 2 (k and v) x layers x kv_heads x head_dim x dtype bytes (32 KiB for Llama 3.2 1B in bfloat16). The slot
 length is what the budget `kv_cache_bytes` allows (default 1 GiB on CPU, 4 GiB on CUDA), at most the model's
-context. A request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to
+context; slots start at what the first requests need (a power of two, at least 256) and grow up to it. A request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to
 it, once the rows ahead of it have finished. Each decode step attends only over the positions in use
 (rounded up to a power of two), not the whole slot.
 """
@@ -94,6 +94,13 @@ class _Rows:
 
     def live(self) -> list[int]:
         return [i for i, j in enumerate(self.jobs) if j is not None]
+
+    def grow(self, length: int) -> None:
+        """Longer slots, the running rows' keys and values copied over (between steps, by the loop)."""
+        old = self.cache
+        self.cache = KVCache.__new__(KVCache)
+        self.cache.k, self.cache.v = ([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in ts]
+                                      for ts in (old.k, old.v))
 
 
 class GenerationLoop:
@@ -185,14 +192,22 @@ class GenerationLoop:
                     break  # served alone: once the rows ahead of it are done
                 admitted.append(self._waiting.popleft())
                 break
+            need = len(job.req.prompt_ids) + job.req.max_tokens
             if rows is None:
-                rows = self._rows = _Rows(self.llm, self.capacity, self.slot_length)
+                rows = self._rows = _Rows(self.llm, self.capacity, self._length_for(need))
             free = [i for i, j in enumerate(rows.jobs) if j is None]
             if not free or len(rows.live()) >= self.max_batch:
                 break
+            if need > rows.cache.length:
+                rows.grow(self._length_for(need))
             rows.jobs[free[0]] = job
             admitted.append(self._waiting.popleft())
         return admitted
+
+    def _length_for(self, need: int) -> int:
+        """Slots grow in powers of two (from 256) as requests need them, up to the budget's slot length, so a
+        small model or short requests never hold the whole budget."""
+        return min(self.slot_length, max(256, _pow2(need)))
 
     def _guarded(self, jobs: list[Job], work) -> None:
         """Run `work`; if it raises, the jobs it was for fail with that error and leave. Others go on."""
