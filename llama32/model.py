@@ -30,6 +30,9 @@ class Linear(nn.Linear):
     """
 
     adapter: tuple[Tensor, Tensor, float] | None = None
+    # On a CPU without native bfloat16 (see `choose_cpu_path`): inputs of more rows than this are multiplied in
+    # float32, the bfloat16 weight widened just before its product. None: always in the weight's dtype.
+    widen_above: int | None = None
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # see Embedding
@@ -42,6 +45,9 @@ class Linear(nn.Linear):
             y = int8_linear(x, self.weight, self.weight_scale)
             if self.bias is not None:
                 y = y + self.bias
+        elif self.widen_above is not None and x.numel() > self.widen_above * x.shape[-1]:
+            bias = None if self.bias is None else self.bias.float()
+            y = F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
         if lora is not None:
@@ -272,6 +278,33 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.model.norm(x))  # the head is never adapted
+
+
+WIDEN_ABOVE_ROWS = 16  # a decode step (a few rows) stays in bfloat16: it is bound by reading the weights
+
+
+def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch.dtype, pack: bool) -> str:
+    """Pick the CPU kernels from what this CPU can do, once, at load; returns the path's name.
+
+    - "packed": oneDNN has kernels for this dtype (float32 anywhere; bfloat16 where the CPU has AVX-512 BF16
+      or AMX): every projection is prepacked (`pack_for_cpu`).
+    - "widened": bfloat16 on a CPU without native bfloat16 (AVX2 only). There a bfloat16 matrix-matrix product
+      runs at about a sixth of float32's speed, so a prompt's products (many rows) widen each weight to float32
+      just before multiplying; decode steps (a few rows, bound by reading the weights) stay in bfloat16,
+      which reads half the bytes of float32.
+    - "plain": `F.linear` as it is (dense weights asked for, or another dtype / device).
+    """
+    if torch.device(device).type != "cpu":
+        return "plain"
+    if pack and can_pack_for_cpu(device, dtype):
+        pack_for_cpu(model)
+        return "packed"
+    if dtype == torch.bfloat16 and not can_pack_for_cpu(device, dtype):
+        for module in model.modules():
+            if isinstance(module, Linear) and module.weight.is_floating_point():
+                module.widen_above = WIDEN_ABOVE_ROWS
+        return "widened"
+    return "plain"
 
 
 def can_pack_for_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
 from .errors import CheckpointError
-from .model import Transformer, can_pack_for_cpu, pack_for_cpu, pack_linear_weight
+from .model import Transformer, can_pack_for_cpu, choose_cpu_path, pack_linear_weight
 from .quant import is_quantized, quantize_int8
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -162,6 +162,5 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
         model.tie_weights()  # one Parameter object, not two sharing storage
     model.reset_rope(device)
     model.eval().requires_grad_(False)
-    if packing:
-        pack_for_cpu(model)
+    model.cpu_path = choose_cpu_path(model, device, dtype, packing)
     return model

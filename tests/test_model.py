@@ -147,3 +147,35 @@ def test_cpu_packed_weights_give_the_same_logits(make_checkpoint):
         step = torch.tensor([[7]]), torch.tensor([[40]])
         assert torch.allclose(packed(step[0], cache=cache_a, input_pos=step[1]).float(),
                               plain(step[0], cache=cache_b, input_pos=step[1]).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_without_native_bf16_widens_prompt_products(make_checkpoint, monkeypatch):
+    """On a CPU whose oneDNN has no bfloat16 (AVX2 only, faked here), bfloat16 weights stay bfloat16 (decode reads
+    half the bytes of float32) and a prompt's many-row products run in float32: same model, chosen at load."""
+    import llama32.model as model_mod
+    path = make_checkpoint(kind="llama31")
+    config = LlamaConfig.from_file(path / "config.json")
+    monkeypatch.setattr(model_mod, "can_pack_for_cpu", lambda device, dtype: dtype == torch.float32)
+    widened = load_model(path, config, device="cpu", dtype=torch.bfloat16)
+    assert widened.cpu_path == "widened"
+    assert widened.lm_head.weight.dtype == torch.bfloat16 and not widened.lm_head.weight.is_mkldnn
+    monkeypatch.undo()
+    plain = load_model(path, config, device="cpu", dtype=torch.bfloat16, pack=False)
+    reference = load_model(path, config, device="cpu", dtype=torch.float32, pack=False)
+    assert plain.cpu_path in ("plain", "widened")
+    calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(x.dtype) or real_linear(x, w, b))
+    ids = torch.arange(40)[None] % 500
+    with torch.no_grad():
+        got = widened(ids)
+        assert set(calls) == {torch.float32}  # every projection of the 40-token prompt ran in float32
+        calls.clear()
+        widened(ids[:, :1])
+        assert set(calls) == {torch.bfloat16}  # one row: bfloat16, as a decode step
+        monkeypatch.undo()
+        want, low = reference(ids), plain(ids)
+    assert got.dtype == torch.bfloat16
+    err_widened = (got.float() - want).abs().mean().item()
+    assert err_widened < 0.05 * want.abs().mean().item()
+    assert err_widened <= (low.float() - want).abs().mean().item() * 1.5  # as close to float32 as plain bf16
