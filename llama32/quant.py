@@ -12,12 +12,15 @@ Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, t
   rounded to bfloat16 for this one product (its output is float32 again); dequantizing to float32 first moved
   0.6 GB/s.
 - CPU, many rows (a prompt): dequantize the weight to the activations' dtype and `F.linear` (59 ms for 512
-  rows, against 154 ms for `_weight_int8pack_mm`).
+  rows, against 154 ms for `_weight_int8pack_mm`); to float32 on a CPU without native bfloat16, where a
+  bfloat16 product of many rows runs at a sixth of float32's speed.
 - CUDA: dequantize-and-multiply, `F.linear(x, q.to(x.dtype)) * scale`, which `torch.compile` fuses into one
   kernel reading int8 (as gpt-fast does).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +46,19 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x [..., in] times an int8 weight [out, in] with per-row `scale`: [..., out] in x's dtype."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and rows <= _FEW_ROWS and not torch.compiler.is_compiling():
-        flat = x.reshape(rows, x.shape[-1])
-        y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
-        return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if rows <= _FEW_ROWS:
+            flat = x.reshape(rows, x.shape[-1])
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
+            return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+        if x.dtype == torch.bfloat16 and not _native_bf16():  # an AVX2-only CPU: bf16 products crawl there
+            return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+@lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def is_quantized(name: str) -> bool:

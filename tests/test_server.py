@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -190,6 +191,44 @@ def test_openai_completions_with_echo_and_logprobs(llm, oai):
     ref = llama32.score(llm, continuation, context=context)
     assert lp.token_logprobs[-n:] == pytest.approx(ref["logprobs"], abs=1e-4)
     assert [max(t, key=t.get) == tok for t, tok in zip(lp.top_logprobs[-n:], lp.tokens[-n:])] == ref["is_greedy"]
+
+
+def test_openai_completions_stream_equals_library(llm, client):
+    prompt = "<|im_start|>user\nName a river.<|im_end|>\n<|im_start|>assistant\n"
+    want = llama32.generate(llm, prompt=prompt, raw=True, **GREEDY)
+    r = client.post("/v1/completions", json={"prompt": prompt, "stream": True, **GREEDY})
+    events = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert "".join(e["choices"][0]["text"] for e in events) == want["response"]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(e["object"] == "text_completion" for e in events)
+
+
+def test_sigterm_shuts_the_server_down_cleanly(smollm2_dir):
+    import os
+    import signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama32", "serve", "--model", str(smollm2_dir), "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}{WAI}", json=dict(prompt="Hi", **GREEDY), timeout=60)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+        assert f"POST {WAI} 200 tokens=" in log  # one line per request
+        assert "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 def test_openai_tool_calls_shape(client, monkeypatch):
