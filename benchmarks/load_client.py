@@ -11,6 +11,7 @@ Starts its own server on a free loopback port (or `--url` for a running one). On
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import socket
@@ -54,27 +55,33 @@ def stream_one(client: httpx.Client, body: dict) -> dict:
             "itl_s": gaps}
 
 
-def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
-    queue = list(enumerate(bodies))
+def drain(items: list, work, workers: int, open_client=None) -> tuple[float, list]:
+    """`work(client, item)` for every item, by `workers` threads taking the next item as they free up (each
+    with its own `open_client()` context, if given); returns (wall seconds, results in item order)."""
+    queue = list(enumerate(items))
     lock = threading.Lock()
-    results: list = [None] * len(bodies)
+    results: list = [None] * len(items)
 
-    def client_loop():
-        with httpx.Client(base_url=url, timeout=600) as c:
+    def worker():
+        with open_client() if open_client else contextlib.nullcontext() as client:
             while True:
                 with lock:
                     if not queue:
                         return
-                    i, body = queue.pop(0)
-                results[i] = stream_one(c, body)
+                    i, item = queue.pop(0)
+                results[i] = work(client, item)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return time.perf_counter() - start, results
+
+
+def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
+    wall, results = drain(bodies, stream_one, clients, lambda: httpx.Client(base_url=url, timeout=600))
     itl = [g for r in results for g in r["itl_s"]]
     return {"wall_s": wall, "tokens": sum(r["tokens"] for r in results),
             "tok_s": sum(r["tokens"] for r in results) / wall,
@@ -91,28 +98,9 @@ def run_library(model: str, device: str, dtype: str, bodies: list[dict], clients
 
     llm = llama32.load(model, device=device, dtype=dtype)
     llama32.generate(llm, **dict(bodies[0], max_tokens=2))
-    queue = list(bodies)
-    lock = threading.Lock()
-    tokens = [0]
-
-    def worker():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                body = queue.pop(0)
-            out = llama32.generate(llm, **body)
-            with lock:
-                tokens[0] += out["usage"]["completion_tokens"]
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "tokens": tokens[0], "tok_s": tokens[0] / wall}
+    wall, outs = drain(bodies, lambda _, body: llama32.generate(llm, **body), clients)
+    tokens = sum(o["usage"]["completion_tokens"] for o in outs)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}
 
 
 def main(argv=None) -> int:

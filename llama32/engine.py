@@ -177,8 +177,9 @@ class GenerationLoop:
         return True
 
     def _admit(self) -> list[Job]:
-        """Move waiting jobs into free slots, in arrival order (under the lock). Scoring jobs and a request
-        too long for a slot are taken only from the head of the queue, so nothing overtakes them."""
+        """Move waiting jobs into free slots, in arrival order (under the lock). A scoring job needs no slot:
+        it runs between two steps. A request too long for a slot is taken only from the head of the queue,
+        once the rows ahead of it are done, so nothing overtakes it."""
         admitted = []
         rows = self._rows
         while self._waiting:
@@ -187,7 +188,10 @@ class GenerationLoop:
                 self._waiting.popleft()
                 job.events.put(_END)
                 continue
-            if job.req is None or len(job.req.prompt_ids) + job.req.max_tokens > self.slot_length:
+            if job.req is None:
+                admitted.append(self._waiting.popleft())
+                continue
+            if len(job.req.prompt_ids) + job.req.max_tokens > self.slot_length:
                 if admitted or (rows is not None and rows.live()):
                     break  # served alone: once the rows ahead of it are done
                 admitted.append(self._waiting.popleft())

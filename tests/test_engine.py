@@ -185,3 +185,16 @@ def test_load_checks_max_batch(smollm2_dir):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_batch"):
             llama32.load(smollm2_dir, max_batch=bad)
+
+
+def test_scoring_does_not_wait_for_running_rows(smol):
+    """A score request is served between two decode steps, not after the batch drains."""
+    want = llama32.score(smol, " Paris.", context="The capital of France is")
+    stream = llama32.generate(smol, prompt=chatml("Write a very long story."), max_tokens=2000, stream=True,
+                              **GREEDY)
+    next(stream)
+    started = time.time()
+    assert llama32.score(smol, " Paris.", context="The capital of France is") == want
+    assert smol.loop.stats()["running"] == 1  # the story is still being written
+    stream.close()
+    assert time.time() - started < 30
