@@ -10,8 +10,10 @@ closes its stream, which cancels its request in the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -143,15 +145,29 @@ def handler(backend_method):
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
           lora: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
-    """Load `model` and serve it until SIGINT/SIGTERM (uvicorn's own clean shutdown)."""
+    """Load `model` and serve it until SIGINT or SIGTERM, then finish the requests in flight and return."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own version raises the signal again once it has shut down, so the process would die of
+            # it; here a signal only asks for the graceful shutdown, and `serve` returns normally.
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     llm = llama32.load(model, device=device, dtype=dtype, lora=lora, max_batch=max_batch)
     app = create_app(llm, api_key=api_key or os.environ.get("LLAMA32_API_KEY") or None, max_queue=max_queue,
                      model_name=model.rstrip("/").split("/")[-1])
     log.info("serving %s on http://%s:%d (max_batch=%d)", model, host, port, llm.loop.max_batch)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    llm.loop.close()
+    log.info("shut down")
 
 
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
