@@ -233,12 +233,16 @@ class GenerationLoop:
             rows.jobs[0] = job
             with self._cond:
                 self._solo = rows
-        self._prefill(rows, slot, job)
-        if rows is self._solo:
+        if rows is not self._solo:
+            self._prefill(rows, slot, job)
+            return
+        try:
+            self._prefill(rows, slot, job)
             while rows.live():
                 self._step(rows)
+        finally:
             with self._cond:
-                self._solo = None
+                self._solo = None  # its cache goes with it
 
     def _prefill(self, rows: _Rows, slot: int, job: Job) -> None:
         llm, req = self.llm, job.req
