@@ -356,3 +356,187 @@ def sample(logits: Tensor, state: SamplerState, noise: Tensor | None = None) -> 
     if greedy_tokens is not None:
         tokens = torch.where(state.greedy_mask, greedy_tokens, tokens)
     return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same sampler with every knob a tensor: the compiled decode step's (see engine.py, "compiling").
+#
+# `SamplerState` skips, from Python, the steps no row uses, and draws noise from each request's generator:
+# right for the eager loop, but each distinct setting would be a new graph for torch.compile, and the
+# generators are B launches outside any graph. Here every step always runs, with neutral values for rows that
+# leave it off (temperature 1, top_k 0, top_p 1, penalties 1 and 0: each leaves a logit bit for bit as it
+# was), shapes never depend on a setting, nothing reads a tensor back to the host, and the noise is a hash of
+# (seed, step, token id) computed by a fixed number of tensor ops for all rows at once.
+
+MAX_TOP_K = 50  # the contract's top_k range is 1..50
+
+
+class StepKnobs:
+    """Per-row sampler settings and history as (rows, ...) tensors, neutral where a row leaves a step off.
+
+    The generation loop keeps one per KV cache, a row per slot, and writes a request's row when it is
+    admitted (`set_row`); a step samples rows [0, n) with `sample_static(logits, knobs, n)`.
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device | str):
+        dev = torch.device(device)
+        self.vocab_size = vocab_size
+
+        def column(fill, dtype=torch.float32):
+            return torch.full((rows, 1), fill, dtype=dtype, device=dev)
+
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=dev)
+        self.temperature = column(1.0)
+        self.top_k = column(0, torch.long)
+        self.top_p = column(1.0, torch.float64)
+        self.repetition = column(1.0)
+        self.frequency = column(0.0)
+        self.presence = column(0.0)
+        self.seeds = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.counters = torch.zeros(rows, dtype=torch.long, device=dev)  # tokens drawn so far
+        self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=dev)  # prompt and generated ids
+        self.counts = torch.zeros(rows, vocab_size, device=dev)  # generated ids
+        self.bias = torch.zeros(rows, vocab_size, device=dev)  # frequency_presence_bias(counts, ...)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.greedy, self.temperature, self.top_k, self.top_p, self.repetition, self.frequency,
+                self.presence, self.seeds, self.counters, self.seen, self.counts, self.bias]
+
+    def set_row(self, row: int, p: SamplingParams, seed: int, prompt_ids: Sequence[int]) -> None:
+        """Row `row` for a new request (between steps): its settings, a fresh history and counter."""
+        V = self.vocab_size
+        self.greedy[row] = p.greedy
+        self.temperature[row] = 1.0 if p.greedy else max(p.temperature, _MIN_DIVISOR)
+        self.top_k[row] = p.top_k if p.uses_top_k else 0
+        self.top_p[row] = p.top_p if p.uses_top_p else 1.0
+        self.repetition[row] = max(p.repetition_penalty, _MIN_DIVISOR) if p.uses_repetition else 1.0
+        self.frequency[row] = p.frequency_penalty or 0.0
+        self.presence[row] = p.presence_penalty or 0.0
+        self.seeds[row] = seed & ((1 << 63) - 1)
+        self.counters[row] = 0
+        self.seen[row] = False
+        self.counts[row] = 0
+        self.bias[row] = 0
+        if p.uses_repetition:
+            ids = [i for i in prompt_ids if 0 <= i < V]
+            self.seen[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = True
+
+    def view(self, start: int, stop: int) -> "StepKnobs":
+        """Rows [start, stop), sharing this one's memory."""
+        out = StepKnobs.__new__(StepKnobs)
+        out.vocab_size = self.vocab_size
+        for name, t in vars(self).items():
+            if isinstance(t, Tensor):
+                setattr(out, name, t[start:stop])
+        return out
+
+    def update(self, tokens: Tensor) -> None:
+        """Record the tokens (n,) just drawn by rows [0, n) (inside the compiled step: no host sync)."""
+        n = tokens.shape[0]
+        rows = torch.arange(n, device=tokens.device)
+        self.seen[rows, tokens] = True
+        c = self.counts[rows, tokens] + 1
+        self.counts[rows, tokens] = c
+        self.bias[rows, tokens] = c * self.frequency[:n, 0] + self.presence[:n, 0]
+        self.counters[:n] += 1
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32") on int64 tensors holding values < 2**32; products stay
+    below 2**63, so int64 arithmetic never overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_noise(seeds: Tensor, counters: Tensor, width: int) -> Tensor:
+    """(B, width) Exp(1) noise for draw number `counters[b]` of the request seeded `seeds[b]` (int64, (B,)).
+
+    A counter-based generator: each value is a hash of (seed, counter, column), so a row's noise depends on
+    nothing but its own seed and how many tokens it has drawn, whatever the batch, and all rows cost the same
+    few elementwise ops (which the compiled step fuses into one kernel). Uniforms have 23 bits, centred in
+    their interval (so u is exactly representable and strictly inside (0, 1)): the noise is finite and > 0.
+    """
+    key = _mix32(_mix32(seeds & _M32) ^ (seeds >> 32))
+    key = _mix32((key + counters * 0x9E3779B9) & _M32)  # (B,)
+    columns = torch.arange(width, dtype=torch.long, device=seeds.device)
+    h = _mix32(_mix32(((key[:, None] + columns) & _M32) ^ 0x5BD1E995))
+    u = ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))  # exact in float32: 24 significant bits
+    return -torch.log(u)
+
+
+def _float_key(x: Tensor) -> Tensor:
+    """float32 -> int64 with the same order (for bisecting over floats)."""
+    b = x.view(torch.int32).long()
+    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def _key_float(k: Tensor) -> Tensor:
+    b = torch.where(k < 0, k ^ 0x7FFFFFFF, k)
+    return b.int().view(torch.float32)
+
+
+_LOWEST_KEY = int(_float_key(torch.tensor([-_F32_MAX]))[0])
+
+
+def _nucleus_by_bisection(x: Tensor, top_p: Tensor, total: Tensor) -> Tensor:
+    """(B, 1) the cutoff of `_nucleus` over whole rows, without a sort and without a host sync.
+
+    The cutoff is the smallest logit v with mass(x > v) < p * total (the mass ranked above its first copy);
+    mass(x > t) only falls as t rises, so 32 halvings of the floats, in their integer order, find the smallest
+    float t with mass(x > t) < p * total, and the cutoff is the smallest logit >= t. A fixed 32 passes over
+    the row, in place of a sort.
+    """
+    top = x.amax(-1, keepdim=True)
+    e = torch.exp(x - top)
+    bound = top_p * total
+    hi = _float_key(top)  # mass(x > max) = 0 < bound (p > 0)
+    lo = torch.full_like(hi, _LOWEST_KEY)  # mass(x > lowest float) = total >= bound (p < 1)
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        above = torch.where(x > _key_float(mid), e, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
+        below = above < bound
+        hi = torch.where(below, mid, hi)
+        lo = torch.where(below, lo, mid)
+    t = _key_float(hi)
+    return torch.where(x >= t, x, float("inf")).amin(-1, keepdim=True)
+
+
+def process_static(logits: Tensor, knobs: StepKnobs, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """(filtered logits (n, V), greedy tokens (n,)) for rows [0, n) of `knobs`, every step always applied.
+
+    For a sampling row the filtered logits equal `process_logits`' for the same settings (penalties,
+    temperature, top_k, top_p, ties kept at both cuts); a greedy row's token is the argmax of its penalised
+    logits, as in `sample`.
+    """
+    n = logits.shape[0] if n is None else n
+    V = knobs.vocab_size
+    x = apply_repetition_penalty(logits.float(), knobs.seen[:n], knobs.repetition[:n])
+    x = x - knobs.bias[:n]
+    greedy_tokens = x.argmax(-1)
+    x = apply_temperature(x, knobs.temperature[:n])
+    K = min(_NUCLEUS_CANDIDATES, V)
+    cand = torch.topk(x, K, dim=-1).values
+    k_cut = _kth_largest(cand, knobs.top_k[:n])
+    x = x.masked_fill(x < k_cut, _NEG_INF)
+    cand = cand.masked_fill(cand < k_cut, _NEG_INF)
+    top_p = knobs.top_p[:n]
+    total = torch.exp(x - cand[:, :1]).sum(-1, keepdim=True, dtype=torch.float64)
+    cutoff, n_kept = _nucleus(cand, top_p, total)
+    if K < V:  # a nucleus bigger than the candidates: found over the whole row (always computed, used if so)
+        overflow = (n_kept == K) & (top_p < 1)
+        cutoff = torch.where(overflow, _nucleus_by_bisection(x, top_p, total), cutoff)
+    return x.masked_fill(x < cutoff, _NEG_INF), greedy_tokens
+
+
+def sample_static(logits: Tensor, knobs: StepKnobs, n: int | None = None) -> Tensor:
+    """(n,) long: the next token of rows [0, n) of `knobs` from logits (n, V): `process_static`, then the
+    exponential race with `counter_noise` in place of a generator's. Call `knobs.update(tokens)` after."""
+    x, greedy_tokens = process_static(logits, knobs, n)
+    tokens = draw(x, counter_noise(knobs.seeds[:x.shape[0]], knobs.counters[:x.shape[0]], knobs.vocab_size))
+    return torch.where(knobs.greedy[:x.shape[0]], greedy_tokens, tokens)

@@ -22,8 +22,12 @@ from llama32.sampling import (
     draw,
     exponential_noise,
     make_generator,
+    StepKnobs,
+    counter_noise,
     process_logits,
+    process_static,
     sample,
+    sample_static,
 )
 
 INF = math.inf
@@ -452,3 +456,87 @@ def test_property_valid_params_give_finite_probs_and_allowed_tokens(data):
         assert tokens[b] in allowed, (b, tokens[b], allowed)
         if not p.greedy:
             assert kept(processed[b]) <= allowed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled step's sampler: every knob a tensor, counter-based noise
+
+
+def knobs_for(params, vocab, prompts=None, seeds=None):
+    knobs = StepKnobs(len(params) + 2, vocab, "cpu")  # spare rows: a step samples rows [0, n) only
+    for b, p in enumerate(params):
+        knobs.set_row(b, p, (seeds or {}).get(b, b + 1), prompts[b] if prompts else [])
+    return knobs
+
+
+@pytest.mark.parametrize("vocab", [3000, 200])  # with more logits than the nucleus candidates, and fewer
+@pytest.mark.parametrize("scale", [0.02, 3.0, 30.0])
+def test_static_sampler_filters_as_the_reference(vocab, scale):
+    """For every setting at once (neutral values where a row leaves a step off), the logits the static
+    sampler draws from are the reference's, bit for bit, ties and wide nuclei (found by bisection) included;
+    greedy rows take the argmax of their penalised logits."""
+    torch.manual_seed(3)
+    rows = HF_ROWS + [P(temperature=1.0, top_p=0.9999), P(temperature=4.0, top_p=0.99), P(temperature=0)]
+    logits = torch.randn(len(rows), vocab) * scale
+    logits[1] = (logits[1] * 4).round()  # many ties, at the top-k cut too
+    prompts = [[1, 5, 9, 5]] * len(rows)
+    state = state_for(rows, prompts=prompts, logits=logits)
+    knobs = knobs_for(rows, vocab, prompts)
+    drawn = torch.randint(0, vocab, (len(rows),))
+    state.update(drawn)
+    knobs.update(drawn)
+    ref = process_logits(logits, state)
+    got, greedy = process_static(logits, knobs, len(rows))
+    for b, p in enumerate(rows):
+        if p.greedy:
+            assert greedy[b] == ref[b].argmax()
+        else:
+            assert torch.equal(got[b], ref[b]), (b, p)
+    assert (knobs.counters[:len(rows)] == 1).all() and (knobs.counters[len(rows):] == 0).all()
+
+
+def test_counter_noise_is_exponential_and_per_row():
+    seeds = torch.tensor([1, 2, 1, 2**62 + 5])
+    noise = counter_noise(seeds, torch.tensor([0, 0, 1, 0]), 200_000)
+    assert (noise > 0).all() and torch.isfinite(noise).all()
+    for row in noise:  # Exp(1): mean 1, P(E > 1) = 1/e
+        assert abs(row.mean().item() - 1) < 0.01 and abs((row > 1).double().mean().item() - math.exp(-1)) < 0.005
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    # a row's noise depends only on its own seed and counter, not on the batch around it
+    assert torch.equal(counter_noise(seeds[2:3], torch.tensor([1]), 200_000)[0], noise[2])
+    # neighbouring columns and draws are uncorrelated
+    assert abs(np.corrcoef(noise[0, :-1], noise[0, 1:])[0, 1]) < 0.01
+    assert abs(np.corrcoef(noise[0], noise[2])[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        (P(temperature=1.0), torch.tensor([1.0, 0.0, -1.0, 2.0]).softmax(-1)),
+        (P(temperature=0.5, top_p=0.9), torch.tensor([2.0, -INF, -INF, 4.0]).softmax(-1)),
+        (P(temperature=1.0, top_k=2), torch.tensor([1.0, -INF, -INF, 2.0]).softmax(-1)),
+    ],
+)
+def test_static_draws_follow_the_softmax(params, expected):
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, -INF])
+    n_rows, n_steps = 500, 40
+    knobs = knobs_for([params] * n_rows, 5, seeds={b: 1000 + b for b in range(n_rows)})
+    tokens = []
+    for _ in range(n_steps):
+        drawn = sample_static(logits.expand(n_rows, 5), knobs, n_rows)
+        knobs.counters[:n_rows] += 1  # the next draw (update's counter, without the penalty history)
+        tokens.append(drawn)
+    tokens = torch.cat(tokens)
+    support = expected > 0
+    assert set(tokens.tolist()) == set(support.nonzero()[:, 0].tolist())
+    counts = torch.bincount(tokens, minlength=5)[:4][support].numpy()
+    assert _chi_square(counts, expected[support].double().numpy()) < (16.27 if support.sum() == 4 else 10.83)
+
+
+def test_static_sampler_seed_reproducibility_and_batch_independence():
+    logits = torch.randn(3, 500)
+    rows = [P(temperature=0.9, top_p=0.9), P(temperature=1.1, top_k=20), P(temperature=0)]
+    a = sample_static(logits, knobs_for(rows, 500, seeds={0: 7, 1: 8}))
+    b = sample_static(logits, knobs_for(rows, 500, seeds={0: 7, 1: 8}))
+    alone = sample_static(logits[1:2], knobs_for(rows[1:2], 500, seeds={0: 8}))
+    assert torch.equal(a, b) and a[1] == alone[0]
