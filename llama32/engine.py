@@ -15,15 +15,22 @@ tokens alone or in any batch (float32 greedy token for token; seeded sampling th
 Memory: the KV cache holds `capacity` slots of up to `slot_length` positions, each position costing
 2 (k and v) x layers x kv_heads x head_dim x dtype bytes (32 KiB for Llama 3.2 1B in bfloat16). The slot
 length is what the budget `kv_cache_bytes` allows (default 1 GiB on CPU, 4 GiB on CUDA), at most the model's
-context; slots start at what the first requests need (a power of two, at least 256) and grow up to it. A request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to
-it, once the rows ahead of it have finished. Each decode step attends only over the positions in use
-(rounded up to a power of two), not the whole slot.
+context; slots start at what the first requests need (a power of two, at least 256) and grow up to it. A
+request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to it (rounded
+up to a power of two, at most the context), once the rows ahead of it have finished. Each decode step
+attends only over the positions in use (rounded up to a power of two), not the whole slot.
+
+Two forms of the step: `decode_step`, the readable eager reference (the sampler skips, from Python, what no
+row uses; noise from each request's generator), and `static_decode_step`, the one `llm.compiled` runs through
+torch.compile: rows [0, n) for n a power of two, every sampler setting a tensor row of `StepKnobs`, noise
+from `counter_noise`, LoRA through `GatheredAdapters`, so it compiles one graph per (n, positions attended).
 """
 
 from __future__ import annotations
 
 import atexit
 import queue
+import secrets
 import threading
 import time
 import warnings
@@ -35,17 +42,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lora import RowAdapters
-from .model import KVCache
+from .lora import GatheredAdapters, RowAdapters
+from .model import KVCache, keep_address
 from .output import Output
 from .requests import Request
-from .sampling import SamplerState, SamplingParams, exponential_noise, make_generator, sample
+from .sampling import (SamplerState, SamplingParams, StepKnobs, exponential_noise, make_generator, sample,
+                       sample_static)
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 _IDLE = SamplingParams(temperature=0)  # what a free row "samples" with: greedy, ignored
 _END = object()  # a job's last event
 _MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
+MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
 
 
 def _pow2(n: int) -> int:
@@ -65,7 +74,8 @@ class Job:
         self.finished = False
         # generation state, kept by the loop
         self.adapter = None
-        self.generator: torch.Generator | None = None
+        self.seed = 0  # the request's seed, or a random one: the compiled step's noise (counter_noise)
+        self.generator: torch.Generator | None = None  # the eager step's noise, seeded the same
         self.token = 0  # the last drawn token, fed to the next step
         self.pos = 0  # where that token goes
         self.produced = 0
@@ -82,15 +92,13 @@ class Job:
 
 
 class _Rows:
-    """A KV cache and the jobs in its rows, with each row's penalty history ((capacity, V) tensors)."""
+    """A KV cache and the jobs in its rows, with each row's sampler settings and penalty history (`knobs`)."""
 
     def __init__(self, llm: Any, capacity: int, length: int):
         self.cache = KVCache(llm.config, capacity, length, device=llm.device, dtype=llm.dtype)
-        V = llm.config.vocab_size
-        self.seen = torch.zeros(capacity, V, dtype=torch.bool, device=llm.device)
-        self.counts = torch.zeros(capacity, V, device=llm.device)
-        self.bias = torch.zeros(capacity, V, device=llm.device)
+        self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Job | None] = [None] * capacity
+        keep_address(self.cache.k + self.cache.v + self.knobs.tensors())
 
     def live(self) -> list[int]:
         return [i for i, j in enumerate(self.jobs) if j is not None]
@@ -98,9 +106,9 @@ class _Rows:
     def grow(self, length: int) -> None:
         """Longer slots, the running rows' keys and values copied over (between steps, by the loop)."""
         old = self.cache
-        self.cache = KVCache.__new__(KVCache)
-        self.cache.k, self.cache.v = ([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in ts]
-                                      for ts in (old.k, old.v))
+        self.cache = KVCache.over(*([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in ts]
+                                    for ts in (old.k, old.v)))
+        keep_address(self.cache.k + self.cache.v)
 
 
 class GenerationLoop:
@@ -229,7 +237,9 @@ class GenerationLoop:
         if job in (self._rows.jobs if self._rows else ()):
             rows, slot = self._rows, self._rows.jobs.index(job)
         else:  # longer than a slot: a cache of its own, for as long as it runs
-            rows, slot = _Rows(self.llm, 1, len(job.req.prompt_ids) + job.req.max_tokens), 0
+            # (a power of two, so the compiled step meets few cache shapes)
+            need = len(job.req.prompt_ids) + job.req.max_tokens
+            rows, slot = _Rows(self.llm, 1, min(self.llm.context_length, _pow2(need))), 0
             rows.jobs[0] = job
             with self._cond:
                 self._solo = rows
@@ -247,13 +257,9 @@ class GenerationLoop:
     def _prefill(self, rows: _Rows, slot: int, job: Job) -> None:
         llm, req = self.llm, job.req
         job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
-        job.generator = None if req.params.greedy else make_generator(req.seed, llm.device)
-        rows.seen[slot] = False
-        rows.counts[slot] = 0
-        rows.bias[slot] = 0
-        if req.params.uses_repetition:
-            ids = torch.tensor([i for i in req.prompt_ids if 0 <= i < llm.config.vocab_size], device=llm.device)
-            rows.seen[slot, ids] = True
+        job.seed = req.seed if req.seed is not None else secrets.randbits(63)
+        job.generator = None if req.params.greedy else make_generator(job.seed, llm.device)
+        rows.knobs.set_row(slot, req.params, job.seed, req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], device=llm.device)
         n = ids.shape[1]
         logits = llm.model(ids, cache=rows.cache.view(slice(slot, slot + 1)),
@@ -281,25 +287,15 @@ class GenerationLoop:
         tokens = torch.tensor([j.token if j else 0 for j in jobs], device=llm.device)
         pos = torch.tensor([j.pos if j else 0 for j in jobs], device=llm.device)
         attended = min(rows.cache.length, max(_MIN_ATTENDED, _pow2(max(j.pos for j in jobs if j) + 1)))
-        cache = rows.cache.view(slice(0, n), attended)
-        state = self._state(rows, n)
-        lora = RowAdapters.of(llm, [j.adapter if j else None for j in jobs])
-        want = self._logprobs_wanted(jobs)
-        noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, llm.device)
-        step = decode_step
+        adapters = [j.adapter if j else None for j in jobs]
         if compiled:
-            step = self._compiled_step()
-        shape = (n, attended)
-        started = time.perf_counter()
-        try:
-            out = step(llm.model, tokens, pos, cache, state, noise, lora, want)
-        except Exception as e:  # noqa: BLE001 - a compile or capture failure: answer eagerly, say so once
-            if not compiled:
-                raise
-            self._compile_failed(e)
-            out = decode_step(llm.model, tokens, pos, cache, state, noise, lora, want)
-        if compiled and shape not in llm.compiled_shapes:
-            llm.compiled_shapes[shape] = time.perf_counter() - started
+            out = self._compiled(rows, tokens, pos, attended, GatheredAdapters.of(llm, adapters))
+        else:
+            cache = rows.cache.view(slice(0, n), attended)
+            state = self._state(rows, n)
+            noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, llm.device)
+            out = decode_step(llm.model, tokens, pos, cache, state, noise, RowAdapters.of(llm, adapters),
+                              self._logprobs_wanted(jobs))
         for j in jobs:
             if j is not None:
                 j.pos += 1
@@ -307,9 +303,10 @@ class GenerationLoop:
 
     def _state(self, rows: _Rows, n: int) -> SamplerState:
         jobs = rows.jobs[:n]
+        k = rows.knobs
         return SamplerState.over([j.req.params if j else _IDLE for j in jobs], [j.generator if j else None for j in jobs],
                                  self.llm.config.vocab_size, self.llm.device,
-                                 seen=rows.seen[:n], counts=rows.counts[:n], bias=rows.bias[:n])
+                                 seen=k.seen[:n], counts=k.counts[:n], bias=k.bias[:n])
 
     @staticmethod
     def _logprobs_wanted(jobs: list[Job | None]) -> int | None:
@@ -321,11 +318,17 @@ class GenerationLoop:
         """Sample from a prefill's logits (rows `slots`, in order) and deliver."""
         assert len(slots) == 1
         s = slots[0]
-        state = SamplerState.over([rows.jobs[s].req.params], [rows.jobs[s].generator], self.llm.config.vocab_size,
-                                  self.llm.device, seen=rows.seen[s:s + 1], counts=rows.counts[s:s + 1],
-                                  bias=rows.bias[s:s + 1])
-        tokens = sample(logits, state)
-        state.update(tokens)
+        if self.llm.compiled:  # the compiled step's sampler and noise, so a seed gives one stream throughout
+            knobs = rows.knobs.view(s, s + 1)
+            tokens = sample_static(logits, knobs)
+            knobs.update(tokens)
+        else:
+            k = rows.knobs
+            state = SamplerState.over([rows.jobs[s].req.params], [rows.jobs[s].generator],
+                                      self.llm.config.vocab_size, self.llm.device, seen=k.seen[s:s + 1],
+                                      counts=k.counts[s:s + 1], bias=k.bias[s:s + 1])
+            tokens = sample(logits, state)
+            state.update(tokens)
         want = self._logprobs_wanted([rows.jobs[s]])
         self._deliver(rows, slots, tokens, *token_logprobs(logits, tokens, want), first=s)
 
@@ -383,6 +386,22 @@ class GenerationLoop:
 
     # -- compiling ---------------------------------------------------------------------------------------
 
+    def _compiled(self, rows: _Rows, tokens: Tensor, pos: Tensor, attended: int, lora: GatheredAdapters | None):
+        """`static_decode_step` through torch.compile: one graph per (rows, positions attended) and set of
+        loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
+        llm = self.llm
+        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, lora)
+        shape = (tokens.shape[0], attended)
+        started = time.perf_counter()
+        try:
+            out = self._compiled_step()(*args)
+        except Exception as e:  # noqa: BLE001 - a compile or capture failure: answer eagerly, say so once
+            self._compile_failed(e)
+            return static_decode_step(*args)
+        if shape not in llm.compiled_shapes:
+            llm.compiled_shapes[shape] = time.perf_counter() - started
+        return out
+
     def _compiled_step(self):
         llm = self.llm
         if llm._compiled_step is None:
@@ -390,7 +409,13 @@ class GenerationLoop:
                 raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
             # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
             mode = "reduce-overhead" if llm.device.type == "cuda" else None
-            llm._compiled_step = torch.compile(decode_step, mode=mode, dynamic=False)
+            # One graph per (rows, positions attended): raise dynamo's limit (8) above the number of such
+            # shapes, or the step would silently run eagerly past it.
+            shapes = self.capacity.bit_length() * (self.slot_length.bit_length() + 1)
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 2 * shapes)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * shapes)
+            llm._compiled_step = torch.compile(static_decode_step, mode=mode, dynamic=False)
         return llm._compiled_step
 
     def _compile_failed(self, error: Exception) -> None:
@@ -444,3 +469,18 @@ def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCa
     drawn = sample(logits, state, noise)
     state.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, logprobs))
+
+
+def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: list[Tensor], v: list[Tensor],
+                       attended: int, knobs: StepKnobs, lora: GatheredAdapters | None):
+    """`decode_step` in the form that is compiled: rows [0, n) of the cache tensors `k`, `v` (each layer's,
+    whole) over their first `attended` positions, every sampler setting a tensor row of `knobs`, the noise
+    a hash (`counter_noise`), and always the top `MAX_TOP_LOGPROBS` log-probabilities. Shapes depend only on
+    (n, attended) and the loaded adapters, nothing reads a tensor back to the host, and the cache and the
+    knobs are written in place. Returns (tokens, logprob, (top ids, top values))."""
+    n = tokens.shape[0]
+    cache = KVCache.over(k, v).view(slice(0, n), attended)
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    drawn = sample_static(logits, knobs, n)
+    knobs.update(drawn)
+    return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import InvalidRequest
 from .hub import weights_dir
-from .model import Linear
+from .model import Linear, keep_address
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -139,6 +139,67 @@ class RowAdapters:
         return y
 
 
+class GatheredAdapters:
+    """Every adapter loaded on a handle, stacked per projection, and each row's index into the stacks: the
+    compiled step's form of `RowAdapters`.
+
+    Index 0 is "no adapter" (zeros); adapter i has A [r, in] and B [out, r] at i, padded with zeros to the
+    largest rank, and its scale. A row's update is `scale[i] * (x A[i]^T) B[i]^T` with A and B gathered by
+    its index (punica's batched gather), so the shapes, and the compiled graph, depend only on which adapters
+    the handle has loaded, never on which rows use which. A row without an adapter adds exact zeros.
+    """
+
+    def __init__(self, stacks: dict[str, tuple[Tensor, Tensor, Tensor]], index: dict[int, int]):
+        self.stacks = stacks  # module name -> (A [N+1, r, in], B [N+1, out, r], scale [N+1])
+        self.index = index  # id(adapter) -> its position in the stacks
+        self.rows: Tensor | None = None  # (n,) this step's rows' indices
+
+    @classmethod
+    def of(cls, llm: Any, adapters: Sequence[Adapter | None]) -> "GatheredAdapters | None":
+        """The handle's stacks with `adapters[b]` as row b's; None when the handle has loaded no adapter."""
+        loaded = list(llm._adapters.values())
+        if not loaded:
+            return None
+        key = tuple(id(a) for a in loaded)
+        cached = getattr(llm, "_gathered_adapters", None)
+        if cached is None or cached[0] != key:
+            cached = llm._gathered_adapters = (key, cls._stack(llm, loaded))
+        base = cached[1]
+        step = cls(base.stacks, base.index)
+        step.rows = torch.tensor([0 if a is None else base.index[id(a)] for a in adapters], device=llm.device)
+        return step
+
+    @classmethod
+    def _stack(cls, llm: Any, loaded: list[Adapter]) -> "GatheredAdapters":
+        stacks = {}
+        for name, linear in _projections(llm).items():
+            parts = [a.modules.get(name) for a in loaded]
+            if all(p is None for p in parts):
+                continue
+            r = max(p[0].shape[0] for p in parts if p is not None)
+            w = linear.weight
+            a_all = torch.zeros(len(loaded) + 1, r, linear.in_features, device=w.device, dtype=llm.dtype)
+            b_all = torch.zeros(len(loaded) + 1, linear.out_features, r, device=w.device, dtype=llm.dtype)
+            scale = torch.zeros(len(loaded) + 1, device=w.device, dtype=llm.dtype)
+            for i, part in enumerate(parts, start=1):
+                if part is not None:
+                    a, b, s = part
+                    a_all[i, :a.shape[0]] = a
+                    b_all[i, :, :b.shape[1]] = b
+                    scale[i] = s
+            stacks[name] = (a_all, b_all, scale)
+            keep_address([a_all, b_all, scale])
+        return cls(stacks, {id(a): i for i, a in enumerate(loaded, start=1)})
+
+    def add(self, linear: Linear, x: Tensor, y: Tensor) -> Tensor:
+        """y (the base product of `linear` on x [n, T, in]) plus each row's adapter."""
+        stack = self.stacks.get(linear.lora_name)
+        if stack is None:
+            return y
+        a, b, scale = (t[self.rows] for t in stack)
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scale[:, None, None]
+
+
 def apply_to_handle(llm: Any, lora: str | None) -> None:
     """Make `lora` the handle's own adapter: plain `llm.model(ids)` calls include it from now on.
 
@@ -190,6 +251,8 @@ def _projections(llm: Any) -> dict[str, Linear]:
     if found is None:
         found = {name: m for name, m in llm.model.named_modules()
                  if isinstance(m, Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+        for name, m in found.items():
+            m.lora_name = name  # how GatheredAdapters finds a projection's stacks
         llm._lora_projections = found
     return found
 

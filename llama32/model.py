@@ -33,6 +33,7 @@ class Linear(nn.Linear):
     # On a CPU without native bfloat16 (see `choose_cpu_path`): inputs of more rows than this are multiplied in
     # float32, the bfloat16 weight widened just before its product. None: always in the weight's dtype.
     widen_above: int | None = None
+    lora_name: str | None = None  # the module's name, set when LoRA adapters look for it (lora._projections)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # see Embedding
@@ -117,6 +118,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def keep_address(tensors: list[Tensor]) -> None:
+    """Tell torch.compile that these tensors keep their address (the KV cache, the sampler's rows, adapter
+    stacks): CUDA graphs then read and write them in place rather than copy them in and out each step."""
+    if tensors and tensors[0].device.type == "cuda":
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class KVCache:
     """Preallocated keys and values: one [B, K, S, hd] tensor per layer for each of k and v.
 
@@ -129,6 +138,9 @@ class KVCache:
         shape = (batch, config.num_key_value_heads, length, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # A view's decode steps write through the whole tensors (rows offset by row0), not through the view:
+        # torch.compile then updates the cache in place instead of copying the view out and back.
+        self.whole_k, self.whole_v, self.row0 = self.k, self.v, 0
 
     @property
     def batch(self) -> int:
@@ -138,11 +150,25 @@ class KVCache:
     def length(self) -> int:
         return self.k[0].shape[2]
 
+    @classmethod
+    def over(cls, k: list[Tensor], v: list[Tensor]) -> "KVCache":
+        """A cache made of these per-layer tensors."""
+        out = cls.__new__(cls)
+        out.k, out.v = k, v
+        out.whole_k, out.whole_v, out.row0 = k, v, 0
+        return out
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Layer i's (k, v) to read, the whole (k, v) tensors to write decode steps into, and the row offset."""
+        return self.k[i], self.v[i], self.whole_k[i], self.whole_v[i], self.row0
+
     def view(self, rows: slice, length: int | None = None) -> "KVCache":
         """Rows `rows` (a slice) and positions [0, length) of this cache, in the same memory."""
+        assert rows.step is None
         out = KVCache.__new__(KVCache)
         out.k = [t[rows, :, :length] for t in self.k]
         out.v = [t[rows, :, :length] for t in self.v]
+        out.whole_k, out.whole_v, out.row0 = self.whole_k, self.whole_v, self.row0 + (rows.start or 0)
         return out
 
 
@@ -165,14 +191,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv is not None:
-            k_cache, v_cache = kv  # (B, K, S, hd)
+            k_cache, v_cache, k_whole, v_whole, row0 = kv  # (B, K, S, hd); see KVCache.layer
             if input_pos is None:  # prefill from position 0: store, then attend causally to the fresh keys
                 k_cache[:, :, :T] = k
                 v_cache[:, :, :T] = v
             else:  # each row writes at its own positions, then attends over the whole cache under `mask`
-                rows = torch.arange(B, device=x.device)[:, None]
-                k_cache[rows, :, input_pos] = k.transpose(1, 2)
-                v_cache[rows, :, input_pos] = v.transpose(1, 2)
+                rows = torch.arange(row0, row0 + B, device=x.device)[:, None]
+                k_whole[rows, :, input_pos] = k.transpose(1, 2)
+                v_whole[rows, :, input_pos] = v.transpose(1, 2)
                 k, v = k_cache, v_cache
 
         if mask is None:
@@ -273,7 +299,7 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids).to(dtype)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            kv = cache.layer(i) if cache is not None else None
             x = layer(x, cos, sin, kv, input_pos, mask, lora)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
