@@ -1,0 +1,135 @@
+"""Everything CUDA-side in one command, for a machine with an NVIDIA GPU (CI has none):
+
+    python benchmarks/cuda_check.py            # writes benchmarks/out/cuda/check.json and check.md
+
+1. the CUDA tests (`pytest -k cuda`): the CUDA-graph decode step equals the eager one, int8 on CUDA, ...;
+2. compiled against eager on the random-weight Llama 3.2 1B in bfloat16: greedy tokens of a batch of mixed
+   requests, and how many graphs the compiled step built for them (one per (rows, positions attended));
+3. the whole benchmark: `bench.py` (decode batch 1 and 32, prefill up to 8k, load; against HF) and
+   `serve_bench.py` (8 concurrent requests; 64 Poisson arrivals against one after another).
+
+Each part's outcome goes into one JSON file, and a table of the figures that have targets into a Markdown
+file, to copy into benchmarks/RESULTS.md. A part that fails is recorded as failed and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], log: Path) -> dict:
+    started = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - started, 1), "log": str(log)}
+
+
+def compiled_against_eager(ckpt: Path) -> dict:
+    """Greedy mixed requests through the compiled loop and the eager one, on the 1B in bfloat16."""
+    import torch
+
+    import llama32
+
+    llm = llama32.load(ckpt, device="cuda", dtype="bfloat16", max_batch=8)
+    requests = [dict(prompt=" ".join(["word"] * n), raw=True, temperature=0, max_tokens=m,
+                     **({"repetition_penalty": 1.2} if n % 2 else {}))
+                for n, m in ((5, 40), (60, 24), (130, 32), (7, 64), (300, 16), (33, 48))]
+    llm.compiled = False
+    eager = llama32.generate_batch(llm, requests)
+    llm.compiled = True
+    torch._dynamo.utils.counters.clear()
+    compiled = llama32.generate_batch(llm, requests)
+    again = llama32.generate_batch(llm, requests)
+    same = [a["response"] == b["response"] for a, b in zip(eager, compiled)]
+    return {"requests": len(requests), "equal_to_eager": sum(same), "repeat_equal": compiled == again,
+            "shapes": sorted(map(list, llm.compiled_shapes)),
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}
+
+
+def table(report: dict) -> str:
+    rows = ["| check | figure | target |", "|---|---|---|"]
+    tests = report.get("tests", {})
+    rows.append(f"| CUDA tests | rc {tests.get('rc')} ({tests.get('seconds')} s) | pass |")
+    ce = report.get("compiled_vs_eager", {})
+    if "graphs" in ce:
+        rows.append(f"| compiled = eager, greedy, 1B bf16 | {ce['equal_to_eager']}/{ce['requests']} requests; "
+                    f"{ce['graphs']} graphs for {len(ce['shapes'])} shapes, {ce['graph_breaks']} breaks | "
+                    "all equal; graphs = shapes; 0 breaks |")
+    bench = report.get("bench", {}).get("results", {})
+    for scenario, key, target in (("decode1", "decode_tok_s", "≥ 900 tok/s"),
+                                  ("decode32", "decode_tok_s", "≥ 15,000 tok/s")):
+        figures = bench.get(scenario, {})
+        ours, hf = figures.get("llama32", {}).get(key), figures.get("hf", {}).get(key)
+        if ours is not None:
+            rows.append(f"| {scenario}, bf16 | {ours:,.0f} tok/s (HF {hf or 0:,.0f}) | {target} |")
+    for scenario, figures in bench.items():
+        if scenario.startswith("prefill_") and "tok_s" in figures.get("llama32", {}):
+            ours, hf = figures["llama32"]["tok_s"], figures.get("hf", {}).get("tok_s") or 0
+            target = "≥ 250,000 tok/s" if scenario == "prefill_8192" else ""
+            rows.append(f"| prefill {scenario[8:]} tokens, bf16 | {ours:,.0f} tok/s (HF {hf:,.0f}) | {target} |")
+    serve = report.get("serve", {}).get("results", {})
+    if "concurrent" in serve:
+        c = serve["concurrent"]
+        rows.append(f"| {c['rows']} concurrent greedy requests / one alone | {c['ratio']:.2f}× wall | ≤ 2× |")
+    if "poisson" in serve:
+        p = serve["poisson"]
+        rows.append(f"| {p['requests']} Poisson requests | {p['loop']['tok_s']:,.0f} tok/s, p50/p99 latency "
+                    f"{p['loop']['latency_p50_s']:.2f}/{p['loop']['latency_p99_s']:.2f} s, TTFT p50 "
+                    f"{p['loop']['ttft_p50_s']:.3f} s; {p['speedup']:.1f}× one after another | |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cuda")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,compiled,bench,serve")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("cuda_check: no CUDA device here; run it on a machine with an NVIDIA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    py = sys.executable
+    if "tests" not in skip:
+        report["tests"] = run([py, "-m", "pytest", "-q", "-k", "cuda", "tests"], args.out / "tests.log")
+    if "bench" not in skip:
+        report["bench"] = run([py, "benchmarks/bench.py", "--device", "cuda", "--baseline", "hf",
+                               "--out", str(args.out)], args.out / "bench.log")
+        found = sorted(args.out.glob("results-cuda-*.json"))
+        if found:
+            report["bench"]["results"] = json.loads(found[-1].read_text()).get("results", {})
+    ckpt = args.out / "ckpt-1b"
+    if "compiled" not in skip and ckpt.exists():
+        try:
+            report["compiled_vs_eager"] = compiled_against_eager(ckpt)
+        except Exception as e:  # noqa: BLE001 - recorded; the other parts still run
+            report["compiled_vs_eager"] = {"error": f"{type(e).__name__}: {e}"}
+    if "serve" not in skip and ckpt.exists():
+        serve_json = args.out / "serve.json"
+        report["serve"] = run([py, "benchmarks/serve_bench.py", "--ckpt", str(ckpt), "--device", "cuda",
+                               "--rows", "8", "--requests", "64", "--rate", "8", "--out", str(serve_json)],
+                              args.out / "serve.log")
+        if serve_json.exists():
+            report["serve"]["results"] = json.loads(serve_json.read_text())
+    (args.out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "check.md").write_text(table(report))
+    print(table(report))
+    failed = [k for k in ("tests", "bench", "serve") if report.get(k, {}).get("rc", 0) != 0]
+    return 1 if failed or "error" in report.get("compiled_vs_eager", {}) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
