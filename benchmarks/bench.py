@@ -251,6 +251,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Bandwidth:
+    """The device's read bandwidth, measured by summing a buffer far larger than any cache. It drifts on
+    shared machines from minute to minute, so it is measured right before and right after each timed decode
+    call, and that call's ceiling taken from the lower of the two."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffer = torch.ones(1 << 28, device=device)  # 1 GiB of float32
+        self.buffer.sum()  # page in
+
+    def gb_s(self) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        self.buffer.sum()
+        sync(self.device)
+        return self.buffer.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step must read: every matrix weight (projections and head, in their stored
+    dtype: int8 counts 1 byte, oneDNN-packed ones their dtype's size) once; the embedding contributes a row."""
+    total = 0
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and w is not None and w.dim() == 2:
+            total += w.shape[0] * w.shape[1] * w.element_size()
+    return total
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     sync(device)
     t0 = time.perf_counter()
@@ -265,8 +294,11 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 class Llama32Runner:
     name = "llama32"
 
-    def __init__(self, ckpt: Path, device: torch.device, dtype: torch.dtype, compile: str):
-        self.load_s, self.llm = timed(lambda: llama32.load(ckpt, device=device, dtype=dtype), device)
+    def __init__(self, ckpt: Path, device: torch.device, dtype: torch.dtype, compile: str,
+                 quantize: str | None = None):
+        self.load_s, self.llm = timed(lambda: llama32.load(ckpt, device=device, dtype=dtype, quantize=quantize),
+                                      device)
+        self.weight_bytes = streamed_bytes(self.llm.model)
         if compile != "auto":  # default: compiled decode step (CUDA graphs) on CUDA, eager on CPU
             self.llm.compiled = compile == "on"
         self.device = device
@@ -320,6 +352,7 @@ class HFRunner:
 
     def __init__(self, ckpt: Path, device: torch.device, dtype: torch.dtype):
         self.load_s, self.model = timed(lambda: load_hf(ckpt, device, dtype), device)
+        self.weight_bytes = streamed_bytes(self.model)
         self.device = device
         self.pad_id = json.loads((ckpt / "config.json").read_text())["eos_token_id"][0]
         self.prefill_method = "forward(logits_to_keep=1)"
@@ -360,7 +393,7 @@ def load_hf(ckpt: Path, device: torch.device, dtype: torch.dtype):
 
 
 def bench_decode(runners: list, prompts: list[Prompt], n: int, repeats: int, maker: PromptMaker,
-                 seed: int) -> dict[str, dict[str, Any]]:
+                 seed: int, bandwidth: Bandwidth | None = None) -> dict[str, dict[str, Any]]:
     """Greedy decode of `n` tokens for a batch of prompts, by every runner, their timed calls alternating
     (llama32, hf, llama32, hf, ...) so that a machine whose speed drifts slows both alike.
 
@@ -388,11 +421,15 @@ def bench_decode(runners: list, prompts: list[Prompt], n: int, repeats: int, mak
     ttfts: dict[str, list[float]] = {r.name: [] for r in runners}
     totals: dict[str, list[float]] = {r.name: [] for r in runners}
     last_counts: dict[str, list[int]] = {}
+    bws: dict[str, list[tuple[float, float]]] = {r.name: [] for r in runners}
     for _ in range(repeats):
         for runner in runners:
+            before = bandwidth.gb_s() if bandwidth else None
             ttfts[runner.name].append(timed(lambda: runner.generate(prompts, 1), device)[0])
             seconds, last_counts[runner.name] = timed(lambda: runner.generate(prompts, n), device)
             totals[runner.name].append(seconds)
+            if bandwidth:
+                bws[runner.name].append((before, bandwidth.gb_s()))
     out = {}
     for runner in runners:
         name, counts = runner.name, last_counts[runner.name]
@@ -416,6 +453,16 @@ def bench_decode(runners: list, prompts: list[Prompt], n: int, repeats: int, mak
             "decode_tok_s_runs": [decode_tokens / (b - a) if b > a else None
                                   for a, b in zip(ttfts[name], totals[name])],
         }
+        if bws[name] and len(prompts) == 1:
+            # batch 1: a step reads every weight once, so the ceiling is bandwidth / weight bytes
+            limits = [min(pair) * 1e9 / runner.weight_bytes for pair in bws[name]]
+            rates = out[name]["decode_tok_s_runs"]
+            out[name].update({
+                "weight_bytes": runner.weight_bytes, "bandwidth_gb_s_runs": bws[name], "limit_tok_s_runs": limits,
+                "fraction_of_limit_runs": [r / lim if r else None for r, lim in zip(rates, limits)],
+            })
+            fractions = [f for f in out[name]["fraction_of_limit_runs"] if f is not None]
+            out[name]["fraction_of_limit"] = statistics.median(fractions) if fractions else None
     return out
 
 
@@ -548,6 +595,17 @@ def bench_load(which: str, ckpt: Path, device: torch.device, dtype_name: str, th
 # --- the run ----------------------------------------------------------------------------------------------------------
 
 
+def cpu_flags() -> list[str]:
+    """The vector-extension flags that decide which CPU kernels run (recorded beside every figure)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    return [f for f in wanted if f in flags]
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -575,6 +633,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_flags": cpu_flags(),
+        "mkldnn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported() if device.type == "cpu" else None,
     }
     try:
         import transformers
@@ -604,9 +664,11 @@ def run_all(runners: list, args, maker: PromptMaker, work: dict[str, list[Prompt
     out: dict[str, dict] = {}
     for runner in runners:
         print(f"{runner.name}: loaded in {runner.load_s:.2f}s", file=sys.stderr, flush=True)
+    bandwidth = Bandwidth(args.device) if any(s == "decode1" for s in work) else None
     for scenario, prompts in work.items():
         if scenario.startswith("decode"):
-            out[scenario] = bench_decode(runners, prompts, args.new_tokens, args.repeats, maker, args.seed)
+            out[scenario] = bench_decode(runners, prompts, args.new_tokens, args.repeats, maker, args.seed,
+                                         bandwidth)
         else:
             out[scenario] = bench_prefill(runners, prompts[0], args.repeats)
         print(f"{scenario} done", file=sys.stderr, flush=True)
@@ -626,6 +688,9 @@ def table_rows(results: dict[str, dict], impls: list[str]) -> list[dict]:
             b = next(iter(r.values()))["batch"]
             specs += [(scenario, f"decode tok/s (batch {b})", "decode_tok_s", "tok/s", "higher"),
                       (scenario, f"time to first token (batch {b})", "ttft_s", "s", "lower")]
+            if any("fraction_of_limit" in v for v in r.values()):
+                specs.append((scenario, "decode / read-bandwidth limit (batch 1)", "fraction_of_limit", "x",
+                              "higher"))
         elif scenario.startswith("prefill_"):
             specs.append((scenario, f"prefill tok/s ({scenario.split('_')[1]} tokens)", "tok_s", "tok/s", "higher"))
         elif scenario == "load":
@@ -717,6 +782,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights and prompts")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="llama32's compiled decode step: auto (on for CUDA, off for CPU), on or off")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="llama32 with weight-only int8 (the baseline stays in --dtype)")
     p.add_argument("--_load-child", dest="load_child", choices=("llama32", "hf"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -767,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     work = make_workload(args, maker)
     if work:
         # Both models in memory at once, so that their timed calls can alternate.
-        runners = [Llama32Runner(ckpt, args.device, dtype, args.compile) if impl == "llama32"
+        quantize = None if args.quantize == "none" else args.quantize
+        runners = [Llama32Runner(ckpt, args.device, dtype, args.compile, quantize) if impl == "llama32"
                    else HFRunner(ckpt, args.device, dtype) for impl in impls]
         for scenario, by_impl in run_all(runners, args, maker, work).items():
             for impl, value in by_impl.items():
@@ -788,13 +856,13 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": args.baseline, "scenarios": args.scenarios, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "batch": args.batch, "prefill_tokens": args.prefill_tokens,
             "repeats": args.repeats, "threads": torch.get_num_threads(), "compile": args.compile,
-            "seed": args.seed, "hf_attn_implementation": "sdpa",
+            "seed": args.seed, "hf_attn_implementation": "sdpa", "quantize": args.quantize,
         },
         "results": results,
         "table": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.device.type}-{args.dtype}"
+    stem = f"{args.device.type}-{args.dtype}" + ("" if args.quantize == "none" else f"-{args.quantize}")
     json_path, chart_path = args.out / f"results-{stem}.json", args.out / f"chart-{stem}.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     title = (f"llama32 vs transformers ({report['settings']['size'] or ckpt.name}, {args.dtype}) on "

@@ -24,29 +24,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import llama32  # noqa: E402
-from llama32.model import Linear  # noqa: E402
-from serve_bench import cpu_flags  # noqa: E402
+from bench import Bandwidth, cpu_flags, streamed_bytes  # noqa: E402
 
 VARIANTS = {"bf16": ("bfloat16", None), "fp32": ("float32", None), "int8": ("bfloat16", "int8")}
-
-
-def read_bandwidth(buffer: torch.Tensor) -> float:
-    """GB/s of one full read of `buffer` (a sum, so every byte is loaded once)."""
-    buffer.sum()  # page in
-    start = time.perf_counter()
-    buffer.sum()
-    return buffer.numel() * buffer.element_size() / (time.perf_counter() - start) / 1e9
-
-
-def streamed_bytes(llm) -> int:
-    """Bytes a decode step reads: every projection and the head (packed, dense or int8 + scales), and the norms;
-    the embedding contributes one row."""
-    total = 0
-    for m in llm.model.modules():
-        if isinstance(m, Linear):
-            w = m.weight
-            total += w.shape[0] * w.shape[1] * (1 if w.dtype == torch.int8 else llm.dtype.itemsize)
-    return total
 
 
 def decode_once(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, int]:
@@ -74,7 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    buffer = torch.ones(1 << 28)  # 1 GiB of float32: far past every cache
+    bandwidth = Bandwidth(torch.device("cpu"))
     report = {"machine": {"cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "mkldnn_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                           "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "variants": {}}
@@ -87,12 +67,12 @@ def main(argv=None) -> int:
         ttft_start = time.perf_counter()
         llama32.generate(llm, prompt=llm.tokenizer.decode(ids), raw=True, temperature=0, max_tokens=1)
         ttft = time.perf_counter() - ttft_start
-        weight_bytes = streamed_bytes(llm)
+        weight_bytes = streamed_bytes(llm.model)
         runs = []
         for _ in range(args.repeats):
-            before = read_bandwidth(buffer)
+            before = bandwidth.gb_s()
             tok_s, _ = decode_once(llm, ids[:128], args.new_tokens)
-            after = read_bandwidth(buffer)
+            after = bandwidth.gb_s()
             limit = min(before, after) * 1e9 / weight_bytes
             runs.append({"tok_s": tok_s, "bandwidth_gb_s": [before, after], "limit_tok_s": limit,
                          "fraction_of_limit": tok_s / limit})

@@ -30,17 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import llama32  # noqa: E402
-
-
-def cpu_flags() -> list[str]:
-    """The vector-extension flags that decide which CPU kernels run (recorded beside every figure)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return []
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
-    return [f for f in wanted if f in flags]
+from bench import cpu_flags  # noqa: E402  (re-exported for batch_bench and load_client)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -61,9 +61,18 @@ def test_bench_smoke_tiny_cpu(tmp_path):
 
     metrics = {(r["scenario"], r["key"]) for r in report["table"]}
     assert metrics == {
-        ("decode1", "decode_tok_s"), ("decode1", "ttft_s"), ("decode32", "decode_tok_s"), ("decode32", "ttft_s"),
+        ("decode1", "decode_tok_s"), ("decode1", "ttft_s"), ("decode1", "fraction_of_limit"),
+        ("decode32", "decode_tok_s"), ("decode32", "ttft_s"),
         ("prefill_64", "tok_s"), ("load", "load_s"), ("load", "peak_ratio"), ("load", "host_anon_peak_ratio"),
     }  # fmt: skip
+    # batch 1 against the read-bandwidth limit measured around each of its timed calls
+    assert report["machine"]["cpu_flags"] is not None
+    for impl in ("llama32", "hf"):
+        d1 = results["decode1"][impl]
+        assert d1["weight_bytes"] > 0 and len(d1["bandwidth_gb_s_runs"]) == len(d1["decode_tok_s_runs"])
+        assert all(b > 0 and a > 0 for b, a in d1["bandwidth_gb_s_runs"])
+        assert d1["fraction_of_limit"] == statistics.median(d1["fraction_of_limit_runs"]) > 0
+    assert results["decode1"]["llama32"]["weight_bytes"] == results["decode1"]["hf"]["weight_bytes"]
     for row in report["table"]:
         # decode_tok_s can only be missing if a whole run beat its own first token: none of that here
         assert row["llama32"] > 0 and row["hf"] > 0 and row["ratio"] > 0, row
@@ -103,3 +112,21 @@ def test_bench_rejects_unknown_scenario(tmp_path):
     assert proc.returncode == 2
     assert "warp" in proc.stderr
     assert not any(tmp_path.iterdir())  # rejected before building anything
+
+
+def test_bench_int8_rows(tmp_path):
+    """--quantize int8: llama32 in int8 next to the baseline in the run dtype, in a file of its own, its decode
+    set against the bandwidth limit of the int8 bytes it reads."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(SCRIPT), "--device", "cpu", "--size", "tiny", "--dtype", "float32", "--quantize", "int8",
+        "--scenarios", "decode1", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "results-cpu-float32-int8.json").read_text())
+    assert report["settings"]["quantize"] == "int8"
+    d1 = report["results"]["decode1"]
+    assert d1["llama32"]["weight_bytes"] * 4 == d1["hf"]["weight_bytes"]  # int8 reads a quarter of float32
+    assert d1["llama32"]["completion_tokens"] == [4] and d1["llama32"]["fraction_of_limit"] > 0
