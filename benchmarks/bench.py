@@ -262,6 +262,9 @@ class Bandwidth:
         self.buffer.sum()  # page in
 
     def gb_s(self) -> float:
+        # An untimed read first: between probes the buffer goes cold, and the kernel may reclaim its pages
+        # (DAMON reclaim runs on these VMs), so a single read would time page faults, not memory.
+        self.buffer.sum()
         sync(self.device)
         start = time.perf_counter()
         self.buffer.sum()
