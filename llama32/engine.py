@@ -61,6 +61,11 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _positions(req: Request) -> int:
+    """The cache positions a request needs: its prompt and every token it may generate."""
+    return len(req.prompt_ids) + req.max_tokens
+
+
 class Job:
     """One request in the loop: a generation (with its `Output`) or a scoring forward (`ids`)."""
 
@@ -98,7 +103,7 @@ class _Rows:
         self.cache = KVCache(llm.config, capacity, length, device=llm.device, dtype=llm.dtype)
         self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Job | None] = [None] * capacity
-        keep_address(self.cache.k + self.cache.v + self.knobs.tensors())
+        keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
 
     def live(self) -> list[int]:
         return [i for i, j in enumerate(self.jobs) if j is not None]
@@ -199,12 +204,12 @@ class GenerationLoop:
             if job.req is None:
                 admitted.append(self._waiting.popleft())
                 continue
-            if len(job.req.prompt_ids) + job.req.max_tokens > self.slot_length:
+            need = _positions(job.req)
+            if need > self.slot_length:
                 if admitted or (rows is not None and rows.live()):
                     break  # served alone: once the rows ahead of it are done
                 admitted.append(self._waiting.popleft())
                 break
-            need = len(job.req.prompt_ids) + job.req.max_tokens
             if rows is None:
                 rows = self._rows = _Rows(self.llm, self.capacity, self._length_for(need))
             free = [i for i, j in enumerate(rows.jobs) if j is None]
@@ -238,8 +243,7 @@ class GenerationLoop:
             rows, slot = self._rows, self._rows.jobs.index(job)
         else:  # longer than a slot: a cache of its own, for as long as it runs
             # (a power of two, so the compiled step meets few cache shapes)
-            need = len(job.req.prompt_ids) + job.req.max_tokens
-            rows, slot = _Rows(self.llm, 1, min(self.llm.context_length, _pow2(need))), 0
+            rows, slot = _Rows(self.llm, 1, min(self.llm.context_length, _pow2(_positions(job.req)))), 0
             rows.jobs[0] = job
             with self._cond:
                 self._solo = rows
@@ -292,7 +296,7 @@ class GenerationLoop:
             out = self._compiled(rows, tokens, pos, attended, GatheredAdapters.of(llm, adapters))
         else:
             cache = rows.cache.view(slice(0, n), attended)
-            state = self._state(rows, n)
+            state = self._state(rows, 0, n)
             noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, llm.device)
             out = decode_step(llm.model, tokens, pos, cache, state, noise, RowAdapters.of(llm, adapters),
                               self._logprobs_wanted(jobs))
@@ -301,12 +305,11 @@ class GenerationLoop:
                 j.pos += 1
         self._deliver(rows, [i for i in range(n) if jobs[i] is not None], *out)
 
-    def _state(self, rows: _Rows, n: int) -> SamplerState:
-        jobs = rows.jobs[:n]
-        k = rows.knobs
+    def _state(self, rows: _Rows, start: int, stop: int) -> SamplerState:
+        """The eager sampler over rows [start, stop), its history in the rows' knobs (free rows: greedy)."""
+        jobs, k = rows.jobs[start:stop], rows.knobs.view(start, stop)
         return SamplerState.over([j.req.params if j else _IDLE for j in jobs], [j.generator if j else None for j in jobs],
-                                 self.llm.config.vocab_size, self.llm.device,
-                                 seen=k.seen[:n], counts=k.counts[:n], bias=k.bias[:n])
+                                 self.llm.config.vocab_size, self.llm.device, seen=k.seen, counts=k.counts, bias=k.bias)
 
     @staticmethod
     def _logprobs_wanted(jobs: list[Job | None]) -> int | None:
@@ -323,10 +326,7 @@ class GenerationLoop:
             tokens = sample_static(logits, knobs)
             knobs.update(tokens)
         else:
-            k = rows.knobs
-            state = SamplerState.over([rows.jobs[s].req.params], [rows.jobs[s].generator],
-                                      self.llm.config.vocab_size, self.llm.device, seen=k.seen[s:s + 1],
-                                      counts=k.counts[s:s + 1], bias=k.bias[s:s + 1])
+            state = self._state(rows, s, s + 1)
             tokens = sample(logits, state)
             state.update(tokens)
         want = self._logprobs_wanted([rows.jobs[s]])
@@ -461,10 +461,8 @@ def token_logprobs(logits: Tensor, tokens: Tensor, k: int | None) -> tuple[Tenso
 
 def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, state: SamplerState,
                 noise: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
-    """One decode step for rows [0, B): forward at each row's position, then the sampler.
-
-    This is the unit that is compiled (`Llama.compiled`). Returns (tokens, logprob, top) as `token_logprobs`.
-    """
+    """One decode step for rows [0, B): forward at each row's position, then the sampler (the eager reference;
+    `static_decode_step` is the compiled form). Returns (tokens, logprob, top) as `token_logprobs`."""
     logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
     drawn = sample(logits, state, noise)
     state.update(drawn)
@@ -481,6 +479,6 @@ def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: l
     n = tokens.shape[0]
     cache = KVCache.over(k, v).view(slice(0, n), attended)
     logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
-    drawn = sample_static(logits, knobs, n)
+    drawn = sample_static(logits, knobs)
     knobs.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))

@@ -271,14 +271,7 @@ class SamplerState:
 
     def update(self, tokens: Tensor) -> None:
         """Record the tokens (B,) just drawn (ids < V) in the history the penalties read."""
-        rows = self._arange
-        if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if self.counts is not None:
-            c = self.counts[rows, tokens] + 1
-            self.counts[rows, tokens] = c
-            # Same elementwise arithmetic as frequency_presence_bias, so the cached bias equals the formula.
-            self.bias[rows, tokens] = c * self.frequency[:, 0] + self.presence[:, 0]
+        _record(self._arange, tokens, self.seen, self.counts, self.bias, self.frequency, self.presence)
 
     def select(self, rows: Tensor | Sequence[int]) -> SamplerState:
         """A state holding only `rows` (in that order), for when finished rows leave the batch."""
@@ -293,6 +286,19 @@ class SamplerState:
         if new.uses_repetition:
             new.seen = self.seen[idx]
         return new
+
+
+def _record(rows: Tensor, tokens: Tensor, seen: Tensor | None, counts: Tensor | None, bias: Tensor | None,
+            frequency: Tensor, presence: Tensor) -> None:
+    """Mark `tokens[i]` seen in row `rows[i]` of `seen`, count it in `counts` and refresh `bias` (None: not
+    kept); `frequency` and `presence` are (len(rows), 1)."""
+    if seen is not None:
+        seen[rows, tokens] = True
+    if counts is not None:
+        c = counts[rows, tokens] + 1
+        counts[rows, tokens] = c
+        # Same elementwise arithmetic as frequency_presence_bias, so the cached bias equals the formula.
+        bias[rows, tokens] = c * frequency[:, 0] + presence[:, 0]
 
 
 def _penalise(logits: Tensor, state: SamplerState) -> Tensor:
@@ -368,14 +374,11 @@ def sample(logits: Tensor, state: SamplerState, noise: Tensor | None = None) -> 
 # was), shapes never depend on a setting, nothing reads a tensor back to the host, and the noise is a hash of
 # (seed, step, token id) computed by a fixed number of tensor ops for all rows at once.
 
-MAX_TOP_K = 50  # the contract's top_k range is 1..50
-
-
 class StepKnobs:
     """Per-row sampler settings and history as (rows, ...) tensors, neutral where a row leaves a step off.
 
     The generation loop keeps one per KV cache, a row per slot, and writes a request's row when it is
-    admitted (`set_row`); a step samples rows [0, n) with `sample_static(logits, knobs, n)`.
+    admitted (`set_row`); a step samples rows [0, n) with `sample_static(logits, knobs)`, logits (n, V).
     """
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device | str):
@@ -398,9 +401,8 @@ class StepKnobs:
         self.counts = torch.zeros(rows, vocab_size, device=dev)  # generated ids
         self.bias = torch.zeros(rows, vocab_size, device=dev)  # frequency_presence_bias(counts, ...)
 
-    def tensors(self) -> list[Tensor]:
-        return [self.greedy, self.temperature, self.top_k, self.top_p, self.repetition, self.frequency,
-                self.presence, self.seeds, self.counters, self.seen, self.counts, self.bias]
+    def tensors(self) -> dict[str, Tensor]:
+        return {name: t for name, t in vars(self).items() if isinstance(t, Tensor)}
 
     def set_row(self, row: int, p: SamplingParams, seed: int, prompt_ids: Sequence[int]) -> None:
         """Row `row` for a new request (between steps): its settings, a fresh history and counter."""
@@ -425,19 +427,15 @@ class StepKnobs:
         """Rows [start, stop), sharing this one's memory."""
         out = StepKnobs.__new__(StepKnobs)
         out.vocab_size = self.vocab_size
-        for name, t in vars(self).items():
-            if isinstance(t, Tensor):
-                setattr(out, name, t[start:stop])
+        for name, t in self.tensors().items():
+            setattr(out, name, t[start:stop])
         return out
 
     def update(self, tokens: Tensor) -> None:
         """Record the tokens (n,) just drawn by rows [0, n) (inside the compiled step: no host sync)."""
         n = tokens.shape[0]
-        rows = torch.arange(n, device=tokens.device)
-        self.seen[rows, tokens] = True
-        c = self.counts[rows, tokens] + 1
-        self.counts[rows, tokens] = c
-        self.bias[rows, tokens] = c * self.frequency[:n, 0] + self.presence[:n, 0]
+        _record(torch.arange(n, device=tokens.device), tokens, self.seen, self.counts, self.bias,
+                self.frequency[:n], self.presence[:n])
         self.counters[:n] += 1
 
 
@@ -507,15 +505,15 @@ def _nucleus_by_bisection(x: Tensor, top_p: Tensor, total: Tensor) -> Tensor:
     return torch.where(x >= t, x, float("inf")).amin(-1, keepdim=True)
 
 
-def process_static(logits: Tensor, knobs: StepKnobs, n: int | None = None) -> tuple[Tensor, Tensor]:
-    """(filtered logits (n, V), greedy tokens (n,)) for rows [0, n) of `knobs`, every step always applied.
+def process_static(logits: Tensor, knobs: StepKnobs) -> tuple[Tensor, Tensor]:
+    """(filtered logits (n, V), greedy tokens (n,)) for logits (n, V), rows [0, n) of `knobs`, every step
+    always applied.
 
     For a sampling row the filtered logits equal `process_logits`' for the same settings (penalties,
     temperature, top_k, top_p, ties kept at both cuts); a greedy row's token is the argmax of its penalised
     logits, as in `sample`.
     """
-    n = logits.shape[0] if n is None else n
-    V = knobs.vocab_size
+    n, V = logits.shape[0], knobs.vocab_size
     x = apply_repetition_penalty(logits.float(), knobs.seen[:n], knobs.repetition[:n])
     x = x - knobs.bias[:n]
     greedy_tokens = x.argmax(-1)
@@ -534,9 +532,10 @@ def process_static(logits: Tensor, knobs: StepKnobs, n: int | None = None) -> tu
     return x.masked_fill(x < cutoff, _NEG_INF), greedy_tokens
 
 
-def sample_static(logits: Tensor, knobs: StepKnobs, n: int | None = None) -> Tensor:
+def sample_static(logits: Tensor, knobs: StepKnobs) -> Tensor:
     """(n,) long: the next token of rows [0, n) of `knobs` from logits (n, V): `process_static`, then the
     exponential race with `counter_noise` in place of a generator's. Call `knobs.update(tokens)` after."""
-    x, greedy_tokens = process_static(logits, knobs, n)
-    tokens = draw(x, counter_noise(knobs.seeds[:x.shape[0]], knobs.counters[:x.shape[0]], knobs.vocab_size))
-    return torch.where(knobs.greedy[:x.shape[0]], greedy_tokens, tokens)
+    n = logits.shape[0]
+    x, greedy_tokens = process_static(logits, knobs)
+    tokens = draw(x, counter_noise(knobs.seeds[:n], knobs.counters[:n], knobs.vocab_size))
+    return torch.where(knobs.greedy[:n], greedy_tokens, tokens)

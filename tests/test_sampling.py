@@ -486,7 +486,7 @@ def test_static_sampler_filters_as_the_reference(vocab, scale):
     state.update(drawn)
     knobs.update(drawn)
     ref = process_logits(logits, state)
-    got, greedy = process_static(logits, knobs, len(rows))
+    got, greedy = process_static(logits, knobs)
     for b, p in enumerate(rows):
         if p.greedy:
             assert greedy[b] == ref[b].argmax()
@@ -523,7 +523,7 @@ def test_static_draws_follow_the_softmax(params, expected):
     knobs = knobs_for([params] * n_rows, 5, seeds={b: 1000 + b for b in range(n_rows)})
     tokens = []
     for _ in range(n_steps):
-        drawn = sample_static(logits.expand(n_rows, 5), knobs, n_rows)
+        drawn = sample_static(logits.expand(n_rows, 5), knobs)
         knobs.counters[:n_rows] += 1  # the next draw (update's counter, without the penalty history)
         tokens.append(drawn)
     tokens = torch.cat(tokens)
