@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .quant import int8_linear
+from .scratch import linear_converted
 
 
 class Linear(nn.Linear):
@@ -48,7 +49,7 @@ class Linear(nn.Linear):
                 y = y + self.bias
         elif self.widen_above is not None and x.numel() > self.widen_above * x.shape[-1]:
             bias = None if self.bias is None else self.bias.float()
-            y = F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            y = linear_converted(x, self.weight, torch.float32, bias).to(x.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
         if lora is not None:

@@ -5,15 +5,17 @@ bytes of bfloat16. Quantizing: `scale = max|w| / 127` per output row, `q = round
 the product is `(x @ q.T) * scale`. The embedding stays in the model dtype (a tied model's head gets its own
 int8 copy: the lookup needs the exact rows, the head only a product).
 
-Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, torch 2.13, one row of an
+Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, torch 2.13, 2 threads, an
 8192 x 2048 weight; see benchmarks/RESULTS.md for whole-model figures):
-- CPU, a few rows (decode): `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, about 25 GB/s of
-  int8 weights. With float32 activations the same kernel moved 1.7 GB/s, so a float32 model's activations are
+- CPU, a few rows (decode): `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, 15-16 GB/s of
+  int8 weights streaming from memory at one row (22 GB/s at 2048 x 8192). With float32 activations the same kernel moved 1.7 GB/s, so a float32 model's activations are
   rounded to bfloat16 for this one product (its output is float32 again); dequantizing to float32 first moved
   0.6 GB/s.
-- CPU, many rows (a prompt): dequantize the weight to the activations' dtype and `F.linear` (59 ms for 512
-  rows, against 154 ms for `_weight_int8pack_mm`); to float32 on a CPU without native bfloat16, where a
-  bfloat16 product of many rows runs at a sixth of float32's speed.
+- CPU, many rows (a prompt): dequantize the weight to the activations' dtype into a buffer the thread reuses
+  and multiply through oneDNN (`scratch.linear_converted`): 42 ms for 512 rows of bfloat16 and 85 ms of
+  float32, against 134 ms for `_weight_int8pack_mm` and 51 / 134 ms dequantizing into a fresh tensor for
+  `F.linear`. To float32 on a CPU without native bfloat16, where a bfloat16 product of many rows runs at a
+  sixth of float32's speed.
 - CUDA: dequantize-and-multiply, `F.linear(x, q.to(x.dtype)) * scale`, which `torch.compile` fuses into one
   kernel reading int8 (as gpt-fast does).
 """
@@ -25,6 +27,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .scratch import linear_converted
 
 # Leaf names of the modules that are quantized (every projection, and the output head).
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -52,7 +56,8 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
             return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
         if x.dtype == torch.bfloat16 and not _native_bf16():  # an AVX2-only CPU: bf16 products crawl there
-            return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
+            return (linear_converted(x, q, torch.float32) * scale.float()).to(x.dtype)
+        return linear_converted(x, q, x.dtype) * scale.to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 

@@ -163,16 +163,20 @@ def test_bf16_without_native_bf16_widens_prompt_products(make_checkpoint, monkey
     plain = load_model(path, config, device="cpu", dtype=torch.bfloat16, pack=False)
     reference = load_model(path, config, device="cpu", dtype=torch.float32, pack=False)
     assert plain.cpu_path in ("plain", "widened")
-    calls = []
-    real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(x.dtype) or real_linear(x, w, b))
+    converted, plain_products = [], []
+    real_converted, real_linear = model_mod.linear_converted, torch.nn.functional.linear
+    monkeypatch.setattr(model_mod, "linear_converted",
+                        lambda x, w, dtype, b=None: converted.append(dtype) or real_converted(x, w, dtype, b))
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: plain_products.append(x.dtype) or real_linear(x, w, b))
     ids = torch.arange(40)[None] % 500
     with torch.no_grad():
         got = widened(ids)
-        assert set(calls) == {torch.float32}  # every projection of the 40-token prompt ran in float32
-        calls.clear()
+        # every projection of the 40-token prompt ran in float32, the head included (logits at every position)
+        assert converted == [torch.float32] * (7 * config.num_hidden_layers + 1) and plain_products == []
+        converted.clear()
         widened(ids[:, :1])
-        assert set(calls) == {torch.bfloat16}  # one row: bfloat16, as a decode step
+        assert converted == [] and set(plain_products) == {torch.bfloat16}  # one row: bfloat16, as a decode step
         monkeypatch.undo()
         want, low = reference(ids), plain(ids)
     assert got.dtype == torch.bfloat16
