@@ -32,7 +32,9 @@ from .scratch import linear_converted
 
 # Leaf names of the modules that are quantized (every projection, and the output head).
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-_FEW_ROWS = 16  # up to this many rows the CPU uses the int8 kernel, above it dequantize-and-multiply
+# Up to this many rows the CPU uses the int8 kernel, above it dequantize-and-multiply. At 8192 x 2048 with bf16
+# activations: 8 rows 2.5 against 4.6 ms, 12 rows 4.1 against 4.8, 14 rows 5.6 against 5.1, 16 rows 5.5 against 5.3.
+_FEW_ROWS = 12
 
 
 def quantize_int8(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

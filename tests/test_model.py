@@ -149,6 +149,33 @@ def test_cpu_packed_weights_give_the_same_logits(make_checkpoint):
                               plain(step[0], cache=cache_b, input_pos=step[1]).float(), rtol=1e-2, atol=1e-2)
 
 
+def test_packed_bf16_pads_few_rows_where_chosen(make_checkpoint, monkeypatch):
+    """On AVX-512 BF16 without AMX, prepacked bf16 products of 1-3 rows run as 4 rows (oneDNN's faster kernel
+    there): each row's output equals the same row of a 4-row product, bit for bit. Elsewhere nothing pads."""
+    from llama32.model import Linear, can_pack_for_cpu
+    if not can_pack_for_cpu("cpu", torch.bfloat16):
+        pytest.skip("this CPU has no oneDNN bf16 support")
+    path = make_checkpoint(kind="llama31")
+    config = LlamaConfig.from_file(path / "config.json")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    model = load_model(path, config, device="cpu", dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.pad_rows == 4 for m in linears)
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(4, config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        four = up(x)
+        for rows in (1, 2, 3):
+            got = up(x[None, :rows])  # (1, rows, D) in, (1, rows, out) back
+            assert got.shape == (1, rows, config.intermediate_size)
+            assert torch.equal(got[0], four[:rows])
+    for amx, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        other = load_model(path, config, device="cpu", dtype=dtype)
+        assert other.cpu_path == "packed" and all(m.pad_rows is None for m in other.modules() if isinstance(m, Linear))
+
+
 def test_bf16_without_native_bf16_widens_prompt_products(make_checkpoint, monkeypatch):
     """On a CPU whose oneDNN has no bfloat16 (AVX2 only, faked here), bfloat16 weights stay bfloat16 (decode reads
     half the bytes of float32) and a prompt's many-row products run in float32: same model, chosen at load."""
