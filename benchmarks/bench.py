@@ -11,8 +11,9 @@ Scenarios (each measured for llama32 and, with `--baseline hf`, for transformers
 - decode1: one request, `--prompt-tokens` prompt, `--new-tokens` greedy tokens (default 128 and 256; 64 new
   tokens on CPU, where a 1B decode step takes about a second). Time to first token comes
   from the same request with one new token; decode tok/s = (new - 1) / (total - ttft).
-- decode32: the same with `--batch` requests at once (llama32.generate_batch; transformers with a batch of
-  equal-length prompts, so no padding); decode tok/s counts every row's tokens.
+- decode32: the same with `--batch` requests at once (llama32.generate_batch on a handle loaded with
+  `max_batch=--batch`, so every row decodes in one step; transformers with a batch of equal-length prompts, so
+  no padding); decode tok/s counts every row's tokens.
 - prefill: one forward over each `--prefill-tokens` length with the logits of the last position only.
 - load: load time and peak memory, each load in a fresh process. Peak memory is CUDA's
   max_memory_allocated, or on CPU the growth of the process's peak RSS (VmHWM) over the load plus one
@@ -298,9 +299,9 @@ class Llama32Runner:
     name = "llama32"
 
     def __init__(self, ckpt: Path, device: torch.device, dtype: torch.dtype, compile: str,
-                 quantize: str | None = None):
-        self.load_s, self.llm = timed(lambda: llama32.load(ckpt, device=device, dtype=dtype, quantize=quantize),
-                                      device)
+                 quantize: str | None = None, max_batch: int | None = None):
+        self.load_s, self.llm = timed(lambda: llama32.load(ckpt, device=device, dtype=dtype, quantize=quantize,
+                                                           max_batch=max_batch), device)
         self.weight_bytes = streamed_bytes(self.llm.model)
         if compile != "auto":  # default: compiled decode step (CUDA graphs) on CUDA, eager on CPU
             self.llm.compiled = compile == "on"
@@ -838,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     if work:
         # Both models in memory at once, so that their timed calls can alternate.
         quantize = None if args.quantize == "none" else args.quantize
-        runners = [Llama32Runner(ckpt, args.device, dtype, args.compile, quantize) if impl == "llama32"
+        max_batch = args.batch if "decode32" in args.scenarios else None  # all rows at once, not max_batch's default
+        runners = [Llama32Runner(ckpt, args.device, dtype, args.compile, quantize, max_batch) if impl == "llama32"
                    else HFRunner(ckpt, args.device, dtype) for impl in impls]
         for scenario, by_impl in run_all(runners, args, maker, work).items():
             for impl, value in by_impl.items():
