@@ -342,7 +342,7 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
         return "plain"
     if pack and can_pack_for_cpu(device, dtype):
         pack_for_cpu(model)
-        if dtype == torch.bfloat16 and torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported():
+        if dtype == torch.bfloat16 and _cpu_has("avx512_bf16") and not _cpu_has("amx_tile"):
             for module in model.modules():
                 if isinstance(module, Linear) and module.weight.is_mkldnn:
                     module.pad_rows = PAD_ROWS
@@ -353,6 +353,11 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
                 module.widen_above = WIDEN_ABOVE_ROWS
         return "widened"
     return "plain"
+
+
+def _cpu_has(feature: str) -> bool:
+    """Whether PyTorch reports this CPU feature (False where this torch cannot tell)."""
+    return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)())
 
 
 def can_pack_for_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:
