@@ -331,7 +331,7 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
       product of 1-3 rows (a decode step of 1-3 requests) runs as 4 rows (`pad_rows`): oneDNN picks a faster
       kernel there. On a 2-core EPYC one row of an 8192 x 2048 weight took 1.74-1.84 ms alone and 1.31-1.33 ms
       as 4 rows (2 rows: 1.63), and a whole batch-1 decode step was about 10% faster (12 of 12 alternating
-      rounds); padding to 2, 3 or 8 rows was no faster or slower. AMX CPUs were not measured, so they do not pad.
+      rounds); padding to 2 or 8 rows was slower, to 3 about even. AMX CPUs were not measured: they do not pad.
     - "widened": bfloat16 on a CPU without native bfloat16 (AVX2 only). There a bfloat16 matrix-matrix product
       runs at about a sixth of float32's speed, so a prompt's products (many rows) widen each weight to float32
       just before multiplying; decode steps (a few rows, bound by reading the weights) stay in bfloat16,
