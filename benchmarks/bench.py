@@ -277,7 +277,7 @@ def streamed_bytes(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step must read: every matrix weight (projections and head, in their stored
     dtype: int8 counts 1 byte, oneDNN-packed ones their dtype's size) once; the embedding contributes a row."""
     total = 0
-    for name, m in model.named_modules():
+    for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, torch.nn.Linear) and w is not None and w.dim() == 2:
             total += w.shape[0] * w.shape[1] * w.element_size()

@@ -8,9 +8,9 @@ int8 copy: the lookup needs the exact rows, the head only a product).
 Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, torch 2.13, 2 threads, an
 8192 x 2048 weight; see benchmarks/RESULTS.md for whole-model figures):
 - CPU, a few rows (decode): `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, 15-16 GB/s of
-  int8 weights streaming from memory at one row (22 GB/s at 2048 x 8192). With float32 activations the same kernel moved 1.7 GB/s, so a float32 model's activations are
-  rounded to bfloat16 for this one product (its output is float32 again); dequantizing to float32 first moved
-  0.6 GB/s.
+  int8 weights streaming from memory at one row (22 GB/s at 2048 x 8192). With float32 activations the same
+  kernel moved 1.7 GB/s, so a float32 model's activations are rounded to bfloat16 for this one product (its
+  output is float32 again); dequantizing to float32 first moved 0.6 GB/s.
 - CPU, many rows (a prompt): dequantize the weight to the activations' dtype into a buffer the thread reuses
   and multiply through oneDNN (`scratch.linear_converted`): 42 ms for 512 rows of bfloat16 and 85 ms of
   float32, against 134 ms for `_weight_int8pack_mm` and 51 / 134 ms dequantizing into a fresh tensor for
@@ -57,9 +57,9 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
             flat = x.reshape(rows, x.shape[-1])
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
             return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
-        if x.dtype == torch.bfloat16 and not _native_bf16():  # an AVX2-only CPU: bf16 products crawl there
-            return (linear_converted(x, q, torch.float32) * scale.float()).to(x.dtype)
-        return linear_converted(x, q, x.dtype) * scale.to(x.dtype)
+        # On an AVX2-only CPU bf16 products crawl, so many rows are multiplied in float32 there.
+        dtype = torch.float32 if x.dtype == torch.bfloat16 and not _native_bf16() else x.dtype
+        return (linear_converted(x, q, dtype) * scale.to(dtype)).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
