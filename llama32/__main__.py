@@ -133,6 +133,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--lora", default=None, help="a LoRA adapter applied to every request that names none")
+    p.add_argument("--lora-dir", default=None, help="the folder of adapters a request may name in 'lora' "
+                                                   "(default weights/loras/); a request never names a path")
     return p
 
 
@@ -143,7 +145,8 @@ def serve(argv: list[str]) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the serve extra ({e}); pip install 'llama32[serve]'") from None
     run_server(args.model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
-               device=args.device, dtype=args.dtype, lora=args.lora, max_queue=args.max_queue)
+               device=args.device, dtype=args.dtype, lora=args.lora, max_queue=args.max_queue,
+               lora_dir=args.lora_dir)
     return 0
 
 

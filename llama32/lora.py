@@ -84,21 +84,44 @@ class Adapter:
 
 
 _LOADING = threading.Lock()  # one adapter load at a time, so two threads never load (and cache) it twice
+CACHED_ADAPTERS = 8  # adapters kept loaded per handle (`llm.max_adapters` overrides); least recently used out
+# An adapter *name* (what a server client may send): one folder name, no separators, no leading dot.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 
 
-def resolve(llm: Any, lora: str) -> Adapter:
+def resolve(llm: Any, lora: str, *, name: str | None = None) -> Adapter:
     """The adapter `lora` (a path, or a name under `weights/loras/`), loaded once per handle and cached.
 
+    The cache holds the `llm.max_adapters` (default `CACHED_ADAPTERS`) most recently used adapters; a request
+    already holding an evicted one keeps it until it ends. `name`, when given, stands for `lora` in error
+    messages (a server shows its clients adapter names, never the paths behind them).
     Loaded adapters are never changed afterwards, so requests on any thread may share them."""
     if not isinstance(lora, str) or not lora.strip():
         raise InvalidRequest(f"lora must be a non-empty adapter name or path, got {lora!r}")
-    path = _locate(lora)
+    shown = lora if name is None else name
+    path = _locate(lora, shown)
     key = str(path.resolve())
     with _LOADING:
-        cached = llm._adapters.get(key)
+        cached = llm._adapters.pop(key, None)  # re-inserted below: dicts keep insertion order, newest last
         if cached is None:
-            cached = llm._adapters[key] = _load(llm, lora, path)
+            cached = _load(llm, shown, path)
+        llm._adapters[key] = cached
+        limit = max(1, getattr(llm, "max_adapters", CACHED_ADAPTERS))
+        while len(llm._adapters) > limit:
+            llm._adapters.pop(next(iter(llm._adapters)))
     return cached
+
+
+def named(folder: str | Path, name: Any) -> Path | None:
+    """The adapter directory `folder/name` when `name` is a plain folder name (no separator, not `.`/`..`, no
+    leading dot) holding both adapter files; else None. What a server resolves a client's `lora` with: the
+    answer is the same None whether the name is malformed, a path, or simply not there."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        return None
+    where = Path(folder) / name
+    if (where / CONFIG_FILE).is_file() and (where / WEIGHTS_FILE).is_file():
+        return where
+    return None
 
 
 class RowAdapters:
@@ -157,7 +180,8 @@ class GatheredAdapters:
     @classmethod
     def of(cls, llm: Any, adapters: Sequence[Adapter | None]) -> "GatheredAdapters | None":
         """The handle's stacks with `adapters[b]` as row b's; None when the handle has loaded no adapter."""
-        loaded = list(llm._adapters.values())
+        # the cached adapters, and any a running row holds after the cache dropped it
+        loaded = list(dict.fromkeys([*llm._adapters.values(), *(a for a in adapters if a is not None)]))
         if not loaded:
             return None
         key = tuple(id(a) for a in loaded)
@@ -257,25 +281,25 @@ def _projections(llm: Any) -> dict[str, Linear]:
     return found
 
 
-def _locate(lora: str) -> Path:
+def _locate(lora: str, shown: str) -> Path:
     path = Path(lora).expanduser()
     if path.is_dir():
         where = path
     else:
-        named = weights_dir() / "loras" / lora
+        named_dir = weights_dir() / "loras" / lora
         # Only a bare name is looked up under weights/loras/; anything with a separator is a path.
-        if Path(lora).name == lora and lora not in (".", "..") and named.is_dir():
-            where = named
+        if Path(lora).name == lora and lora not in (".", "..") and named_dir.is_dir():
+            where = named_dir
         else:
             looked = f"no directory {str(path)!r}"
             if Path(lora).name == lora:
-                looked += f", and no {str(named)!r}"
-            raise InvalidRequest(f"lora {lora!r}: no such adapter ({looked})")
+                looked += f", and no {str(named_dir)!r}"
+            raise InvalidRequest(f"lora {shown!r}: no such adapter ({looked})")
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (where / file).is_file():
             hint = " (only safetensors adapters are supported)" if file == WEIGHTS_FILE and (
                 where / "adapter_model.bin").is_file() else ""
-            raise InvalidRequest(f"lora {lora!r}: {where} has no {file}{hint}")
+            raise InvalidRequest(f"lora {shown!r}: {where if shown == lora else 'the adapter'} has no {file}{hint}")
     return where
 
 
@@ -283,7 +307,8 @@ def _read_config(lora: str, path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequest(f"lora {lora!r}: cannot parse {path / CONFIG_FILE} ({e})") from None
+        why = e.strerror if isinstance(e, OSError) else e  # an OSError's text would name the full path
+        raise InvalidRequest(f"lora {lora!r}: cannot parse {CONFIG_FILE} ({why})") from None
     if not isinstance(cfg, dict):
         raise InvalidRequest(f"lora {lora!r}: {CONFIG_FILE} must hold a JSON object")
 

@@ -328,3 +328,29 @@ def test_refuses_adapter_for_another_base(make_checkpoint, llm, tmp_path):
 def test_refused_handle_adapter_leaves_load_failing_cleanly(base, tmp_path):
     with pytest.raises(InvalidRequest, match="^lora"):
         llama32.load(base, device="cpu", dtype="float32", lora=str(tmp_path))
+
+
+def test_adapter_cache_keeps_the_most_recently_used(adapters, llm):
+    llm.max_adapters = 2
+    try:
+        first = lora.resolve(llm, str(adapters["plain"]))
+        second = lora.resolve(llm, str(adapters["rslora"]))
+        assert lora.resolve(llm, str(adapters["plain"])) is first  # used again: now the most recent
+        lora.resolve(llm, str(adapters["patterns"]))  # a third: the least recently used (rslora) goes
+        assert len(llm._adapters) == 2 and second not in llm._adapters.values()
+        assert lora.resolve(llm, str(adapters["plain"])) is first
+        # a row still holding the dropped adapter keeps its own stack in the compiled step's form
+        gathered = lora.GatheredAdapters.of(llm, [None, second])
+        assert gathered.rows.tolist()[0] == 0 and gathered.rows.tolist()[1] > 0
+        assert lora.resolve(llm, str(adapters["rslora"])) is not second  # reloaded
+    finally:
+        del llm.max_adapters
+
+
+def test_named_accepts_only_a_folder_name(adapters, tmp_path):
+    shutil.copytree(adapters["plain"], tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    assert lora.named(tmp_path, "good") == tmp_path / "good"
+    for name in ("empty", "missing", "..", ".", "../good", "good/..", "./good", str(tmp_path / "good"), "/etc",
+                 "", ".hidden", "a\\b", None, 3):
+        assert lora.named(tmp_path, name) is None, name

@@ -347,16 +347,61 @@ def test_openai_errors(client):
 def test_api_key_and_full_queue(llm):
     with running(create_app(llm, api_key="sekrit")) as base:
         assert httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1}).status_code == 401
-        wrong = httpx.post(base + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer nope"})
-        oai_error(wrong, 401, None, "API key")
-        ok = httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1}, headers={"Authorization": "Bearer sekrit"},
-                        timeout=60)
-        assert ok.status_code == 200
+        for header in ("Bearer nope", "Bearer sekrit2", "Basic sekrit", "sekrit", "Bearer"):
+            wrong = httpx.post(base + "/v1/chat/completions", json={}, headers={"Authorization": header})
+            oai_error(wrong, 401, None, "API key")
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235)
+            ok = httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1},
+                            headers={"Authorization": f"{scheme} sekrit"}, timeout=60)
+            assert ok.status_code == 200, scheme
+        page = httpx.get(base + "/")  # the playground holds nothing; its own calls send the key typed into it
+        assert page.status_code == 200 and "<html" in page.text.lower()
     with running(create_app(llm, max_queue=0)) as base:  # no room to wait: every request is turned away
         r = httpx.post(base + WAI, json={"prompt": "Hi", "max_tokens": 1})
         wai_error(r, 503, "busy")
         assert r.headers["retry-after"] == "1"
         assert httpx.get(base + "/health").status_code == 200
+
+
+def write_named_adapter(llm, folder) -> None:
+    """A rank-2 adapter of layer 0's q_proj, written by hand in PEFT's format (enough to change the answer)."""
+    from safetensors.torch import save_file
+
+    import torch
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 64, "target_modules": ["q_proj"]}))
+    hidden = llm.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): torch.randn(2, hidden, generator=g),
+               key.format("B"): torch.randn(hidden, 2, generator=g)}, folder / "adapter_model.safetensors")
+
+
+def test_lora_is_only_an_adapter_name_in_lora_dir(llm, tmp_path):
+    write_named_adapter(llm, tmp_path / "loras" / "tuned")
+    (tmp_path / "loras" / "half").mkdir()  # a folder that is not an adapter
+    (tmp_path / "outside").mkdir()
+    write_named_adapter(llm, tmp_path / "outside" / "adapter")  # a real adapter, but not in --lora-dir
+    body = dict(prompt="What is 2+2?", **GREEDY)
+    with running(create_app(llm, lora_dir=tmp_path / "loras")) as base:
+        named = httpx.post(base + WAI, json=dict(body, lora="tuned"), timeout=120)
+        assert named.status_code == 200, named.text
+        assert named.json()["result"] == llama32.generate(llm, lora=str(tmp_path / "loras" / "tuned"), **body)
+        assert named.json()["result"] != llama32.generate(llm, **body)
+        answers = []
+        for name in ("/etc", "/nonexistent/dir", "..", "../loras/tuned", "tuned/..", "./tuned", "unknown", "half",
+                     str(tmp_path / "loras" / "tuned"), str(tmp_path / "outside" / "adapter"), "../outside/adapter",
+                     "~", ".tuned", "", 7, ["tuned"]):
+            r = httpx.post(base + WAI, json=dict(body, lora=name), timeout=60)
+            answers.append((r.status_code, r.text))
+            assert (r.status_code, r.text) == answers[0], name  # the same 400 whatever exists on the machine
+        status, text = answers[0]
+        assert status == 400 and "lora" in text and str(tmp_path) not in text and "/etc" not in text
+        oai = httpx.post(base + "/v1/chat/completions", timeout=60,
+                         json={"messages": [{"role": "user", "content": "hi"}], "lora": "/etc", "max_tokens": 2})
+        oai_error(oai, 400, "lora", "not the name of an adapter")
 
 
 # --- the playground, in a real browser ---------------------------------------------------------------------------------

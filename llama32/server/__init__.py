@@ -11,6 +11,7 @@ closes its stream, which cancels its request in the loop.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 import llama32
+from llama32 import lora as lora_mod
+from llama32.hub import weights_dir
 
 from .errors import ApiError, error_response, json_body
 
@@ -35,13 +38,30 @@ log = logging.getLogger("llama32.server")
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 4 << 20  # a prompt may be 131072 characters, a conversation several such messages
 DEFAULT_MAX_QUEUE = 64
+# One answer for every `lora` that is not an adapter of --lora-dir (a path, `..`, an absolute or unknown name),
+# so a client learns nothing about the server's files from it.
+UNKNOWN_LORA = "lora: not the name of an adapter this server offers (a folder name in its --lora-dir)"
 
 
 class Backend:
     """The handle and the limits every route shares."""
 
-    def __init__(self, llm: llama32.Llama, *, model_name: str, max_queue: int, max_body: int):
+    def __init__(self, llm: llama32.Llama, *, model_name: str, max_queue: int, max_body: int,
+                 lora_dir: str | Path):
         self.llm, self.model_name, self.max_queue, self.max_body = llm, model_name, max_queue, max_body
+        self.lora_dir = Path(lora_dir)
+
+    async def adapter(self, fields: dict) -> dict:
+        """`fields` with its `lora` (an adapter *name*) replaced by that adapter's folder in `lora_dir`, loaded
+        (and cached) here; anything but such a name is the one UNKNOWN_LORA 400."""
+        name = fields.get("lora")
+        if name is None:
+            return fields
+        path = lora_mod.named(self.lora_dir, name)
+        if path is None:
+            raise ApiError(400, UNKNOWN_LORA, param="lora")
+        await run_in_threadpool(lambda: lora_mod.resolve(self.llm, str(path), name=name))
+        return dict(fields, lora=str(path))
 
     async def body(self, request: Request) -> dict:
         return await json_body(request, self.max_body)
@@ -86,15 +106,21 @@ class Backend:
 class _AccessLog(BaseHTTPMiddleware):
     """The bearer-token check, and one log line per request: route, status, tokens, seconds."""
 
+    OPEN = ("/", "/health", "/favicon.ico")  # need no key: they hold nothing (the playground's calls send one)
+
     def __init__(self, app, api_key: str | None):
         super().__init__(app)
-        self.api_key = api_key
+        self.api_key = api_key.encode() if api_key else None
+
+    def authorized(self, request: Request) -> bool:
+        """`Authorization: Bearer KEY` (the scheme in any case), compared in constant time."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
 
     async def dispatch(self, request: Request, call_next):
         started = time.perf_counter()
         request.state.tokens = 0
-        if self.api_key and request.url.path != "/health" and \
-                request.headers.get("authorization") != f"Bearer {self.api_key}":
+        if self.api_key and request.url.path not in self.OPEN and not self.authorized(request):
             response = error_response(request, ApiError(401, "missing or wrong API key: send "
                                                               "'Authorization: Bearer <key>'"))
         else:
@@ -105,12 +131,15 @@ class _AccessLog(BaseHTTPMiddleware):
 
 
 def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The ASGI app serving `llm` (run it with uvicorn, as `python -m llama32 serve` does)."""
+               max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
+               lora_dir: str | Path | None = None) -> Starlette:
+    """The ASGI app serving `llm` (run it with uvicorn, as `python -m llama32 serve` does). A request's `lora`
+    may only name an adapter folder in `lora_dir` (default `weights/loras/`)."""
     from . import openai_api, workers_ai
 
     backend = Backend(llm, model_name=model_name or Path(str(llm.path)).name, max_queue=max_queue,
-                      max_body=max_body)
+                      max_body=max_body,
+                      lora_dir=lora_dir if lora_dir is not None else weights_dir() / "loras")
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": backend.model_name, **llm.loop.stats()})
@@ -144,7 +173,7 @@ def handler(backend_method):
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
-          lora: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+          lora: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, lora_dir: str | Path | None = None) -> None:
     """Load `model` and serve it until SIGINT or SIGTERM, then finish the requests in flight and return."""
     import uvicorn
 
@@ -163,7 +192,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     llm = llama32.load(model, device=device, dtype=dtype, lora=lora, max_batch=max_batch)
     app = create_app(llm, api_key=api_key or os.environ.get("LLAMA32_API_KEY") or None, max_queue=max_queue,
-                     model_name=model.rstrip("/").split("/")[-1])
+                     model_name=model.rstrip("/").split("/")[-1], lora_dir=lora_dir)
     log.info("serving %s on http://%s:%d (max_batch=%d)", model, host, port, llm.loop.max_batch)
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     llm.loop.close()

@@ -23,7 +23,7 @@ from .errors import ApiError
 
 # OpenAI name -> library name, for the fields that mean the same thing
 _SAME = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "top_k",
-         "repetition_penalty")
+         "repetition_penalty", "lora")
 _IGNORED = ("model", "user", "n", "stream_options", "parallel_tool_calls", "logit_bias", "best_of", "tool_choice",
             "echo", "logprobs", "top_logprobs", "max_tokens", "max_completion_tokens", "stream", "suffix",
             "service_tier", "store", "metadata")
@@ -134,6 +134,7 @@ def routes(backend: Backend) -> list[Route]:
             fields["top_logprobs"] = body.get("top_logprobs") or 0
         elif body.get("top_logprobs"):
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        fields = await backend.adapter(fields)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.get("stream"):
@@ -158,7 +159,7 @@ def routes(backend: Backend) -> list[Route]:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
-        fields = dict(_common(body), prompt=prompt, raw=True)
+        fields = await backend.adapter(dict(_common(body), prompt=prompt, raw=True))
         fields.setdefault("max_tokens", 16)  # OpenAI's default for completions
         k = body.get("logprobs")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):

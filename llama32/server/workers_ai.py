@@ -18,6 +18,7 @@ def routes(backend: Backend) -> list[Route]:
         if request.path_params["model"] != MODEL:
             raise ApiError(404, f"no such model: {request.path_params['model']}; this server runs {MODEL}")
         body = await backend.body(request)  # every field is the library's to check (llama32.generate)
+        body = await backend.adapter(body)  # but `lora` may only name an adapter of --lora-dir
         if body.get("stream"):
             fields = {k: v for k, v in body.items() if k != "stream"}
             return StreamingResponse(sse(await backend.stream(request, fields)), media_type="text/event-stream")
