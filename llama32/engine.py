@@ -36,7 +36,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,6 +77,9 @@ class Job:
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # chunk lists, a result, then _END or an exception
         self.cancelled = False
         self.finished = False
+        # Called (on the loop thread) after each event put on `events`: lets an asyncio caller (the server) be
+        # woken with call_soon_threadsafe instead of parking a thread on the queue. Must be quick, never raise.
+        self.notify: Callable[[], None] | None = None
         # generation state, kept by the loop
         self.adapter = None
         self.seed = 0  # the request's seed, or a random one: the compiled step's noise (counter_noise)
@@ -84,6 +87,12 @@ class Job:
         self.token = 0  # the last drawn token, fed to the next step
         self.pos = 0  # where that token goes
         self.produced = 0
+
+    def put(self, item: Any) -> None:
+        """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it."""
+        self.events.put(item)
+        if self.notify is not None:
+            self.notify()
 
     def results(self) -> Iterator[Any]:
         """What the loop sends this job, as it comes; raises the loop's error for it, if any."""
@@ -199,7 +208,7 @@ class GenerationLoop:
             job = self._waiting[0]
             if job.cancelled:
                 self._waiting.popleft()
-                job.events.put(_END)
+                job.put(_END)
                 continue
             if job.req is None:
                 admitted.append(self._waiting.popleft())
@@ -233,7 +242,7 @@ class GenerationLoop:
         except BaseException as e:  # noqa: BLE001 - the error goes to the callers; the loop must live
             for job in jobs:
                 self._retire(job)
-                job.events.put(e)
+                job.put(e)
 
     def _start(self, job: Job) -> None:
         if job.req is None:
@@ -279,7 +288,7 @@ class GenerationLoop:
             job = rows.jobs[i]
             if job.cancelled:  # a closed stream leaves before the step, not after it
                 self._retire(job)
-                job.events.put(_END)
+                job.put(_END)
         live = rows.live()
         if not live:
             return
@@ -345,7 +354,7 @@ class GenerationLoop:
             job, k = rows.jobs[s], s - first
             if job.cancelled:
                 self._retire(job)
-                job.events.put(_END)
+                job.put(_END)
                 continue
             job.token = drawn[k]
             job.produced += 1
@@ -357,10 +366,10 @@ class GenerationLoop:
             done = job.output.push(job.token, done, lp)
             chunks = list(job.output.chunks())
             if chunks:
-                job.events.put(chunks)
+                job.put(chunks)
             if done:
                 self._retire(job)
-                job.events.put(_END)
+                job.put(_END)
 
     def _retire(self, job: Job) -> None:
         job.finished = True
@@ -380,9 +389,9 @@ class GenerationLoop:
         if job.top:
             values, ids = logp.topk(job.top, dim=-1)
             result += (ids.tolist(), values.tolist())
-        job.events.put(result)
+        job.put(result)
         job.finished = True
-        job.events.put(_END)
+        job.put(_END)
 
     # -- compiling ---------------------------------------------------------------------------------------
 

@@ -198,3 +198,19 @@ def test_scoring_does_not_wait_for_running_rows(smol):
     assert smol.loop.stats()["running"] == 1  # the story is still being written
     stream.close()
     assert time.time() - started < 30
+
+
+def test_notify_is_called_after_every_event(smol):
+    # the hook the server wakes its event loop with: once per event, each already on the queue when it runs
+    from llama32.engine import Job
+    from llama32.output import Output
+    from llama32.requests import validate
+
+    req = validate(smol, dict(prompt=chatml("Count to five."), max_tokens=6, **GREEDY))
+    job = Job(req, Output(smol, req))
+    seen = []
+    job.notify = lambda: seen.append(job.events.qsize())
+    smol.loop.submit(job)
+    events = list(job.results())
+    assert len(seen) == len(events) + 1  # every chunk list, then the end
+    assert all(n >= 1 for n in seen)  # the event was on the queue before the caller was woken
