@@ -5,9 +5,8 @@
 `apply_chat_template(..., add_generation_prompt=True)` with bos_token `<|begin_of_text|>` and the
 template's default `tools_in_user_message=true`. Transformers' environment swaps jinja's `tojson` for
 `json.dumps(x, ensure_ascii=False, indent=...)`: keys keep their given order, non-ASCII is kept, and
-`tojson(indent=4)` is `json.dumps(..., indent=4)`. Tool-call forms follow Meta's `llama-models`
-(`models/llama3/`): JSON `{"name", "parameters"}`, the pythonic list `[f(a=1)]` the 1B/3B models emit,
-and `<function=f>{...}</function>`, each possibly after `<|python_tag|>`.
+`tojson(indent=4)` is `json.dumps(..., indent=4)`. Assistant tool calls are rendered in the JSON
+form the template writes, `{"name": ..., "parameters": {...}}`.
 
 Where the template is silent or odd, this module decides as follows (the tests pin each point):
 - A tool result (`tool`/`ipython`) that is a plain string is rendered as a JSON string, quotes and all,
@@ -30,21 +29,18 @@ Where the template is silent or odd, this module decides as follows (the tests p
 The code goes into the description so the model can see what arguments it takes; the schema is open
 because nothing here reads the code.
 
-`split_tool_calls` counts an answer as calls only when all of it (after any prose before
-`<|python_tag|>`, or around `<function=...>` tags) parses, and every name was offered; otherwise the
-text is returned untouched. The remaining text is that prose, stripped.
+The model's tool calls are read by `llama32.tool_calls` (`parse_tool_calls`, `split_tool_calls`).
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from llama32.errors import InvalidRequest
+from llama32.tool_calls import parse_tool_calls, split_tool_calls  # noqa: F401 (their old home)
 
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
@@ -218,123 +214,3 @@ def functions_to_tools(functions: Any) -> list[dict]:
         }})
     return tools
 
-
-# ----------------------------------------------------------------------------------------------------
-# Parsing the model's tool calls
-
-_FUNCTION_TAG = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.DOTALL)
-_JSON_LITERALS = {"true": True, "false": False, "null": None}  # the 1B model sometimes writes these
-
-
-def _as_json(v: Any) -> Any:
-    """`v` with tuples as lists; ValueError for anything JSON cannot hold (sets, bytes, complex, ...)."""
-    if v is None or isinstance(v, (str, bool, int, float)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_as_json(x) for x in v]
-    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-        return {k: _as_json(x) for k, x in v.items()}
-    raise ValueError(f"not a JSON value: {type(v).__name__}")
-
-
-def _json_call(obj: Any) -> dict | None:
-    """A call from a JSON object {"name", "parameters" | "arguments"}; None if it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    if obj.get("type", "function") != "function":
-        return None
-    keys = set(obj) - {"name", "type"}
-    if len(keys) != 1 or not keys <= {"parameters", "arguments"}:
-        return None
-    args = obj[keys.pop()]
-    return {"name": obj["name"], "arguments": args} if isinstance(args, dict) else None
-
-
-def _parse_json(body: str) -> list[dict] | None:
-    """One JSON call, a JSON list of calls, or several calls separated by `;` or newlines."""
-    decoder, values, pos = json.JSONDecoder(), [], 0
-    try:
-        while pos < len(body):
-            value, pos = decoder.raw_decode(body, pos)
-            values.append(value)
-            while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
-                pos += 1
-    except (ValueError, RecursionError):
-        return None
-    if len(values) == 1 and isinstance(values[0], list):
-        values = values[0]
-    calls = [_json_call(v) for v in values]
-    return calls if calls and all(calls) else None
-
-
-def _literal(node: ast.expr) -> Any:
-    if isinstance(node, ast.Name) and node.id in _JSON_LITERALS:
-        return _JSON_LITERALS[node.id]
-    return _as_json(ast.literal_eval(node))  # constants and containers only: a call or a name raises
-
-
-def _parse_pythonic(body: str) -> list[dict] | None:
-    """`[f(a=1), g(b='x')]` or a single `f(a=1)`: plain names, keyword literal arguments only."""
-    if not body or not (body[0] == "[" or body[0].isidentifier()):
-        return None
-    try:
-        tree = ast.parse(body, mode="eval").body
-        nodes = tree.elts if isinstance(tree, ast.List) else [tree]
-        calls = []
-        for node in nodes:
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
-                return None
-            names = [kw.arg for kw in node.keywords]
-            if None in names or len(set(names)) != len(names):  # **kwargs, or f(a=1, a=2)
-                return None
-            calls.append({"name": node.func.id,
-                          "arguments": {kw.arg: _literal(kw.value) for kw in node.keywords}})
-    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
-        return None
-    return calls or None
-
-
-def _parse_function_tags(text: str) -> tuple[str, list[dict]] | None:
-    """`<function=name>{json}</function>` tags, wherever they are; (text around them, calls)."""
-    calls = []
-    for m in _FUNCTION_TAG.finditer(text):
-        body = m.group(2).strip()
-        try:
-            args = json.loads(body) if body else {}
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(args, dict):
-            return None
-        calls.append({"name": m.group(1), "arguments": args})
-    return (_FUNCTION_TAG.sub("", text).strip(), calls) if calls else None
-
-
-def _strip_end_tokens(text: str) -> str:
-    text = text.strip()
-    while text.endswith((EOT, EOM)):
-        text = text[: -len(EOT)].strip()  # both tokens have the same length
-    return text
-
-
-def _split(text: str, allowed_names: Collection[str] | None) -> tuple[str, list[dict]]:
-    core = _strip_end_tokens(text)
-    prose, tag, body = core.partition(PYTHON_TAG)
-    if not tag:
-        prose, body = "", core
-    body = body.strip()
-    calls, remaining = _parse_json(body) or _parse_pythonic(body), prose.strip()
-    if not calls:  # tags last: a JSON call may well quote "<function=" inside a string
-        remaining, calls = _parse_function_tags(core.replace(PYTHON_TAG, "")) or (text, [])
-    if not calls or (allowed_names is not None and any(c["name"] not in allowed_names for c in calls)):
-        return text, []
-    return remaining, calls
-
-
-def split_tool_calls(text: str, allowed_names: Collection[str]) -> tuple[str, list[dict]]:
-    """(remaining text, calls) of a model answer; (text, []) unless it is calls to offered names only."""
-    return _split(text, allowed_names)
-
-
-def parse_tool_calls(text: str) -> list[dict]:
-    """The calls `[{"name", "arguments"}]` in a model answer, to any name; `[]` when it is not a call."""
-    return _split(text, None)[1]

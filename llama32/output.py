@@ -4,11 +4,14 @@ The generation loop pushes each row's tokens here; `generate`, streams and `gene
 Text is released as soon as nothing can still change it, and held back while it might:
 - a stop string: the longest tail of the text that could still grow into one is held; once one appears,
   the text ends before it and the output is complete;
-- a tool call (only when tools were offered): an answer that starts like a call (`{`, `[`,
-  `<|python_tag|>`, `<function=`) is held until it turns out to be prose or ends; after prose, everything
-  from a `<|python_tag|>` or `<function=` on is held, and so is trailing white space, so that a call at
-  the end leaves exactly the prose before it as the response.
-So the streamed pieces always concatenate to the non-streamed `response`.
+- a tool call (only when tools were offered): `llama32.tool_calls.Scanner` reads the text as it grows, the
+  same reader `split_tool_calls` uses; prose it has decided is released, and from the first place where a
+  call to an offered tool may be starting (`{`, `[`, `<|python_tag|>`, `<function=`, or a bare `f(` at the
+  answer's start) everything is held until that turns out to be a call (dropped from the text, listed in
+  `tool_calls`) or not (released as text). Trailing white space is held too, since the response ends
+  unpadded when calls were found.
+So the streamed pieces always concatenate to the non-streamed `response`, and never show a call that the
+last chunk lists in `tool_calls`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .chat import split_tool_calls
 from .requests import Request
 from .tokenizer import StreamDecoder
-
-# Text that may be the start of a tool call: while the answer could still be one, streaming holds it back.
-_CALL_OPENERS = ("{", "[", "<|python_tag|>", "<function=")
-# Where a call may start after prose.
-_CALL_MARKERS = ("<|python_tag|>", "<function=")
+from .tool_calls import Scanner
 
 
 def _partial_suffix(text: str, needles: tuple[str, ...]) -> int:
@@ -46,10 +44,10 @@ class Output:
         self.decoder = StreamDecoder(llm.tokenizer)
         self.stop_ids = llm.stop_ids
         self.text = ""  # all text decoded so far (cut at a stop string once one is found)
-        self.released = 0  # self.text[:released] has been handed out in chunks
-        # Where held-back tool-call text starts: 0 while the answer may still open with a call.
-        self.call_start: int | None = 0 if req.tool_names else None
-        self.undecided = bool(req.tool_names)  # the answer's opening could still be a call
+        self.searched = 0  # stop strings were looked for in self.text[:searched]
+        # The response: the text itself, or with tools offered the text outside the calls (the scanner's).
+        self.scanner = Scanner(req.tool_names) if req.tool_names else None
+        self.released = 0  # the response's first `released` characters have been handed out in chunks
         self.entries: list[tuple[int, dict]] = []  # (text offset its token's text ends at, logprob entry)
         self.pending: list[dict] = []
         self.completion_tokens = 0
@@ -72,7 +70,9 @@ class Output:
         if done:
             self.finish_reason = "stop" if token in self.stop_ids else "length"
         if self.req.stop:
-            hits = [i for i in (self.text.find(s, max(self.released - len(s), 0)) for s in self.req.stop) if i >= 0]
+            hits = [i for i in (self.text.find(s, max(self.searched - len(s) + 1, 0)) for s in self.req.stop)
+                    if i >= 0]
+            self.searched = len(self.text)
             if hits:
                 self.text, done, self.finish_reason = self.text[: min(hits)], True, "stop"
         if self.req.logprobs:
@@ -80,7 +80,7 @@ class Output:
         if done:
             self._finish()
         else:
-            self._release(self._holdable())
+            self._release(*self._releasable())
         self.finished = done
         return done
 
@@ -97,34 +97,26 @@ class Output:
         return {"token": decode([token]), "id": token, "logprob": value,
                 "top_logprobs": [{"token": decode([i]), "id": i, "logprob": lp} for i, lp in top]}
 
-    def _holdable(self) -> int:
-        """How far the text may be released now."""
+    def _releasable(self) -> tuple[str, int]:
+        """The response as far as it may be released now, and where in the text that part ends."""
         end = len(self.text)
         if self.req.stop:
             end -= _partial_suffix(self.text, self.req.stop)
-        if self.call_start is not None and self.undecided:
-            head = self.text.lstrip()
-            if head and not any(head.startswith(o) or o.startswith(head) for o in _CALL_OPENERS):
-                self.undecided, self.call_start = False, None  # prose: release it, and watch what follows
-        if self.call_start is None and self.req.tool_names:
-            found = [i for i in (self.text.find(m, self.released) for m in _CALL_MARKERS) if i >= 0]
-            if found:
-                self.call_start = min(found)
-        if self.call_start is not None:
-            end = min(end, len(self.text[: self.call_start].rstrip()))
-        elif self.req.tool_names:  # a marker may be on its way, and the prose before a call ends unpadded
-            tail = self.text[: end - _partial_suffix(self.text[:end], _CALL_MARKERS)]
-            end = len(tail.rstrip())
-        return max(end, self.released)
+        if self.scanner is None:
+            return self.text[:end], end
+        self.scanner.feed(self.text[:end])
+        out = self.scanner.text().rstrip()  # the response ends unpadded before a call
+        return out, self.scanner.source_offset(len(out))
 
-    def _release(self, upto: int, chunk: dict | None = None) -> None:
-        """Hand out text up to offset `upto`, with the logprob entries of the tokens it completes."""
-        piece = self.text[self.released: upto]
+    def _release(self, response: str, upto: int, chunk: dict | None = None) -> None:
+        """Hand out `response` past what was released, with the logprob entries of the tokens whose text
+        ends before `upto` in self.text."""
+        piece = response[self.released:]
         entries = [e for end, e in self.entries if end <= upto]
         if not piece and not entries and chunk is None:
             return
         self.entries = [(end, e) for end, e in self.entries if end > upto]
-        self.released = max(upto, self.released)
+        self.released = max(len(response), self.released)
         chunk = {"response": piece, **(chunk or {})}
         if self.req.logprobs:
             chunk["logprobs"] = entries
@@ -135,16 +127,15 @@ class Output:
 
     def _finish(self) -> None:
         calls: list[dict] = []
-        if self.call_start is not None:
-            held = self.text[self.call_start:]
-            rest, calls = split_tool_calls(held, self.req.tool_names)
-            if calls:
-                prose = self.text[self.released: self.call_start].rstrip()
-                self.text = self.text[: self.released] + prose + rest
+        response = self.text
+        if self.scanner is not None:
+            self.scanner.feed(self.text, final=True)
+            calls = self.scanner.calls
+            response = self.scanner.remaining()
         p = len(self.req.prompt_ids)
         final: dict = {"usage": {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
                                  "total_tokens": p + self.completion_tokens}}
         if calls:
             final["tool_calls"] = calls
         self.entries = [(0, e) for _, e in self.entries]  # every entry left goes out with the last chunk
-        self._release(len(self.text), final)
+        self._release(response, len(self.text), final)
