@@ -3,7 +3,7 @@
     llm = llama32.load("meta-llama/Llama-3.2-1B-Instruct")
     out = llama32.generate(llm, prompt="What is the capital of France?")
 
-See README.md and the contract in shared/spec/API.md.
+See README.md and docs/API.md (every request field, the result, the server's routes).
 """
 
 from .api import Llama, load

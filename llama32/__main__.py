@@ -4,7 +4,7 @@
     python -m llama32 --chat                                   # a conversation on stdin
     python -m llama32 download [REPO_ID]                       # fetch a checkpoint ahead of time
 
-Every request field of shared/spec/API.md has a flag; only the flags given are sent, so the defaults are the
+Every request field of docs/API.md has a flag; only the flags given are sent, so the defaults are the
 library's. Errors are one line on stderr, never a traceback; the exit status says which kind (see EXIT_HELP).
 """
 

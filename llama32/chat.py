@@ -1,7 +1,7 @@
 """Llama 3.2 chat prompts and tool calls, in plain Python.
 
 `render_chat` reproduces, byte for byte, what the official Llama 3.2 Instruct chat template
-(`shared/spec/llama-3.2-instruct-chat-template.jinja`) renders through transformers'
+(a copy is `tests/data/llama-3.2-instruct-chat-template.jinja`) renders through transformers'
 `apply_chat_template(..., add_generation_prompt=True)` with bos_token `<|begin_of_text|>` and the
 template's default `tools_in_user_message=true`. Transformers' environment swaps jinja's `tojson` for
 `json.dumps(x, ensure_ascii=False, indent=...)`: keys keep their given order, non-ASCII is kept, and

@@ -1,4 +1,4 @@
-"""Request validation: every field of the contract (shared/spec/API.md) checked before any compute.
+"""Request validation: every field of the request (docs/API.md, "Generating") checked before any compute.
 
 Each mistake raises `InvalidRequest` naming the field and what is allowed. Validation reads the model handle
 (tokenizer, context length, adapters) but never changes it, so a rejected request leaves it as it was.

@@ -2,7 +2,7 @@
 
 Shapes: B rows (one request each), V the logits width (the model's vocabulary; tokenizer ids >= V are
 treated as absent), K the candidates kept by `torch.topk`. Parameter tensors are (B, 1) so they broadcast
-over V. The semantics are those of the API contract (spec/API.md, "Generating"), which follow HF
+over V. The semantics are those of the API contract (docs/API.md, "Generating"), which follow HF
 transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper and
 TopPLogitsWarper; OpenAI's frequency/presence penalties; and gpt-fast's sync-free sampling.
 
