@@ -10,9 +10,10 @@ from .api import Llama, load
 from .chat import render_chat
 from .errors import CheckpointError, InvalidRequest
 from .generate import generate, generate_batch, score, score_batch, to_sse
+from .schemas import schema
 from .tool_calls import parse_tool_calls, split_tool_calls
 
 __all__ = [
     "Llama", "load", "generate", "generate_batch", "score", "score_batch", "to_sse", "render_chat", "parse_tool_calls",
-    "split_tool_calls", "InvalidRequest", "CheckpointError",
+    "split_tool_calls", "schema", "InvalidRequest", "CheckpointError",
 ]
