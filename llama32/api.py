@@ -10,6 +10,7 @@ import torch
 
 from .config import LlamaConfig
 from .hub import resolve
+from .meta import MetaCheckpoint, is_meta_dir
 from .tokenizer import Tokenizer
 from .weights import load_model
 
@@ -79,11 +80,12 @@ class Llama:
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, lora: str | None = None, quantize: str | None = None,
          max_batch: int | None = None, kv_cache_bytes: int | None = None) -> Llama:
-    """Load a Llama-family checkpoint from a local HF-layout directory or a hub repo id.
+    """Load a Llama-family checkpoint from a local directory (Hugging Face layout, or Meta's original layout:
+    params.json + consolidated.NN.pth + tokenizer.model, see meta.py) or a hub repo id.
 
     `max_batch`: the most requests the handle's generation loop decodes together (default 8 on CPU, 32 on
     CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine.py).
-    A checkpoint without tokenizer.json loads model-only: `llm.tokenizer` is None.
+    A checkpoint without tokenizer.json (or Meta's tokenizer.model) loads model-only: `llm.tokenizer` is None.
     `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
     """
     for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
@@ -95,12 +97,18 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
     path = resolve(source)
-    config = LlamaConfig.from_file(path / "config.json")
+    if is_meta_dir(path):  # Meta's own layout: params.json, consolidated.NN.pth, tokenizer.model (meta.py)
+        checkpoint = MetaCheckpoint(path)
+        config, entries, config_name = checkpoint.config, checkpoint.entries(), "params.json"
+    else:
+        config = LlamaConfig.from_file(path / "config.json")
+        checkpoint, entries, config_name = None, None, "the config"
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",
-                       quantize=quantize)
+                       quantize=quantize, entries=entries, config_name=config_name)
+    del checkpoint, entries  # the shards' mappings go with them (a packed tied embedding keeps its own view)
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes)
     if lora is not None:

@@ -106,11 +106,24 @@ class Tokenizer:
             return full[0]
         return None
 
+    @staticmethod
+    def present(path: str | Path) -> bool:
+        """Whether the checkpoint directory has a tokenizer: tokenizer.json, or in Meta's layout tokenizer.model
+        (an HF-layout folder's tokenizer.model is SentencePiece's, which is not read)."""
+        from llama32.meta import TOKENIZER_MODEL, is_meta_dir
+        path = Path(path)
+        return (path / "tokenizer.json").is_file() or (is_meta_dir(path) and (path / TOKENIZER_MODEL).is_file())
+
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
-        """Load `tokenizer.json` (required) and the optional configs beside it."""
+        """Load `tokenizer.json` and the optional configs beside it; without tokenizer.json, Meta's
+        `tokenizer.model` (tiktoken ranks, converted by meta.py) with Meta's special tokens and stop ids."""
         path = Path(path)
         file = path / "tokenizer.json"
+        if not file.is_file():
+            from llama32.meta import TOKENIZER_MODEL, is_meta_dir, load_tokenizer
+            if is_meta_dir(path) and (path / TOKENIZER_MODEL).is_file():
+                return load_tokenizer(path)
         if not file.is_file():
             raise CheckpointError(f"{file}: not found; a checkpoint directory needs its tokenizer.json")
         try:

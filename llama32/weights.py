@@ -1,15 +1,19 @@
-"""Checkpoint loading: safetensors (single file or sharded index) into a `Transformer`.
+"""Checkpoint loading: safetensors (single file or sharded index), or Meta's layout (meta.py), into a `Transformer`.
 
 The model is built on the meta device and the checkpoint's tensors are assigned into it one by one, cast
 to the requested dtype on the way, so peak memory stays about one copy of the weights. Every key and shape
-is checked against the model before anything is assigned.
+is checked against the model before anything is assigned. Both layouts reach the model through the same
+`TensorEntry` stream (`safetensors_entries` here, `MetaCheckpoint.entries` in meta.py) and the same strict
+`load_state_dict`, packing and int8 quantization.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,10 +90,46 @@ def _map_tensor(fh, base: int, entry: dict) -> torch.Tensor | None:
                             offset=base + start).view(entry["shape"])
 
 
+@dataclass
+class TensorEntry:
+    """One tensor of a checkpoint, under the model's name, known by its shape before it is read."""
+
+    key: str  # the model's state-dict name
+    shape: tuple[int, ...]
+    where: str  # for messages: the file (or files) it comes from
+    read: Callable[[], torch.Tensor]  # the tensor (any floating dtype), converted to the model's layout
+    name: str = ""  # its name in that file, when not `key` (Meta's names)
+    owned: bool = True  # read() returns memory of its own (False: it may be a view of a mapped file)
+    mapped: Callable[[], torch.Tensor | None] = field(default=lambda: None)  # a view of the file's pages, or None
+
+
+def safetensors_entries(path: Path) -> Iterator[TensorEntry]:
+    """The tensors of an HF-layout checkpoint directory, file by file."""
+    for file in checkpoint_files(path):
+        try:
+            # safe_open checks the header and layout; the bytes are then read into memory of their own
+            # (all but a packed model's tied embedding, see load_model)
+            with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
+                base, entries = _data_layout(file)
+                for key in f.keys():
+                    yield TensorEntry(
+                        key=key, shape=tuple(f.get_slice(key).get_shape()), where=file.name,
+                        read=lambda fh=fh, entry=entries[key], name=f"{file.name}: tensor {key!r}":
+                            _read_tensor(fh, base, entry, name),
+                        mapped=lambda fh=fh, entry=entries[key]: _map_tensor(fh, base, entry))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+
+
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
-               dtype: torch.dtype, pack: bool = True, quantize: str | None = None) -> Transformer:
+               dtype: torch.dtype, pack: bool = True, quantize: str | None = None,
+               entries: Iterator[TensorEntry] | None = None, config_name: str = "the config") -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
+    `entries`: the checkpoint's tensors (default: the safetensors files at `path`; meta.py gives Meta's
+    layout); `config_name` names where `config` came from in shape errors.
     `pack`: on CPU, store the projection weights prepacked for oneDNN (see `pack_for_cpu`). A packed head
     cannot serve embedding lookups, so a tied checkpoint then gets a packed head and an embedding mapped
     from the checkpoint file: lookups touch a few rows per step, and memory stays about one copy of the
@@ -106,42 +146,36 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
 
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (int8 weight, scale)
-    for file in checkpoint_files(path):
-        try:
-            # safe_open checks the header and layout; the bytes are then read into memory of their own
-            # (all but a packed model's tied embedding, see below)
-            with safe_open(str(file), framework="pt", device="cpu") as f, open(file, "rb") as fh:
-                base, entries = _data_layout(file)
-                for key in f.keys():
-                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
-                        continue
-                    if key not in expected:
-                        raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (not part of this config's model)")
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        raise CheckpointError(
-                            f"{file.name}: tensor {key!r} has shape {list(shape)}, the config needs {list(expected[key])}"
-                        )
-                    if key in state or key in quantized:
-                        raise CheckpointError(f"{file.name}: tensor {key!r} appears in more than one file")
-                    tensor = _read_tensor(fh, base, entries[key], f"{file.name}: tensor {key!r}")
-                    if quantize and is_quantized(key):
-                        quantized[key] = tuple(t.to(device) for t in quantize_int8(tensor, dtype))
-                        continue
-                    state[key] = tensor.to(device=device, dtype=dtype)
-                    del tensor
-                    if key == embed_key and quantize and config.tie_word_embeddings:
-                        quantized["lm_head.weight"] = tuple(t.to(device) for t in quantize_int8(state[key], dtype))
-                    elif key == embed_key and packing and config.tie_word_embeddings:
-                        # pack the head now, while little else is in memory, then drop the dense copy
-                        mapped = _map_tensor(fh, base, entries[key])
-                        if mapped is not None:
-                            state["lm_head.weight"] = pack_linear_weight(state[key])
-                            state[key] = mapped
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot read ({e})") from None
+    for entry in (safetensors_entries(path) if entries is None else entries):
+        key = entry.key
+        what = f"tensor {key!r}" if entry.name in ("", key) else f"tensor {entry.name!r} ({key})"
+        if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{entry.where}: unexpected {what} (not part of this config's model)")
+        if entry.shape != expected[key]:
+            raise CheckpointError(
+                f"{entry.where}: {what} has shape {list(entry.shape)}, {config_name} needs {list(expected[key])}"
+            )
+        if key in state or key in quantized:
+            raise CheckpointError(f"{entry.where}: {what} appears in more than one file")
+        tensor = entry.read()
+        if quantize and is_quantized(key):
+            quantized[key] = tuple(t.to(device) for t in quantize_int8(tensor, dtype))
+            continue
+        converted = tensor.to(device=device, dtype=dtype)
+        if not entry.owned and converted.data_ptr() == tensor.data_ptr():
+            converted = converted.clone()  # memory of its own, not pages of the checkpoint file
+        state[key] = converted
+        del tensor, converted
+        if key == embed_key and quantize and config.tie_word_embeddings:
+            quantized["lm_head.weight"] = tuple(t.to(device) for t in quantize_int8(state[key], dtype))
+        elif key == embed_key and packing and config.tie_word_embeddings:
+            # pack the head now, while little else is in memory, then drop the dense copy
+            mapped = entry.mapped()
+            if mapped is not None:
+                state["lm_head.weight"] = pack_linear_weight(state[key])
+                state[key] = mapped
 
     missing = sorted(set(expected) - set(state) - set(quantized))
     if missing:

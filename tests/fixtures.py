@@ -444,3 +444,143 @@ def hf_model(path: str | os.PathLike, *, dtype=None, attn_implementation: str = 
         Path(path), dtype=torch.float32 if dtype is None else dtype, attn_implementation=attn_implementation
     )
     return model.eval()
+
+
+# --- Meta's original layout (params.json + consolidated.NN.pth + tokenizer.model) ------------------------------------
+# The inverse of transformers' convert_llama_weights_to_hf.py, written independently of llama32/meta.py (the code under
+# test): tests check it against the converter's own `permute` and against a forward pass in Meta's rotary layout.
+
+META_NAMES = {  # HF layer suffix -> (Meta's layer suffix, model-parallel split: 0 column, 1 row, None replicated)
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+
+
+def meta_ffn_width(dim: int, multiple_of: int, multiplier) -> int:
+    """Meta's FeedForward hidden width (llama-models' model.py)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_params(config: dict) -> dict:
+    """params.json for an HF config.json dict: Meta's fields only (so the loader must derive the rest)."""
+    dim, inter = config["hidden_size"], config["intermediate_size"]
+    found = None
+    for multiple_of in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1):
+        for mult in (None, 1.0, 1.3, 1.5, 1.2, round(inter / int(8 * dim / 3), 4)):
+            if meta_ffn_width(dim, multiple_of, mult) == inter:
+                found = (multiple_of, mult)
+                break
+        if found:
+            break
+    if found is None:
+        raise ValueError(f"no multiple_of/ffn_dim_multiplier gives intermediate_size {inter} for dim {dim}")
+    rope = config.get("rope_parameters") or dict(config.get("rope_scaling") or {}, rope_theta=config.get("rope_theta"))
+    params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+                  n_kv_heads=config["num_key_value_heads"], vocab_size=config["vocab_size"], multiple_of=found[0],
+                  ffn_dim_multiplier=found[1], norm_eps=config["rms_norm_eps"], rope_theta=rope["rope_theta"],
+                  use_scaled_rope=rope.get("rope_type") == "llama3")
+    if params["ffn_dim_multiplier"] is None:
+        del params["ffn_dim_multiplier"]
+    return params
+
+
+def to_meta_rotary(w, heads: int):
+    """An HF (rotate-half) q/k projection in Meta's interleaved layout: row i of the first half of each head goes to
+    row 2i, row i of the second half to row 2i + 1 (undoes the converter's `permute`)."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+
+
+def meta_state_dict(hf_state: dict, config: dict) -> dict:
+    """The Meta-named, Meta-rotary state dict of an HF one (unsharded)."""
+    out = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"], "norm.weight": hf_state["model.norm.weight"]}
+    if "lm_head.weight" in hf_state and not config.get("tie_word_embeddings"):
+        out["output.weight"] = hf_state["lm_head.weight"]
+    for i in range(config["num_hidden_layers"]):
+        for hf_suffix, (meta_suffix, _) in META_NAMES.items():
+            w = hf_state[f"model.layers.{i}.{hf_suffix}"]
+            if hf_suffix.startswith("self_attn.q_proj"):
+                w = to_meta_rotary(w, config["num_attention_heads"])
+            elif hf_suffix.startswith("self_attn.k_proj"):
+                w = to_meta_rotary(w, config["num_key_value_heads"])
+            out[f"layers.{i}.{meta_suffix}"] = w
+    return out
+
+
+def shard_meta_state(state: dict, shards: int) -> list[dict]:
+    """Split a Meta state dict the way Meta's model-parallel layers hold it (fairscale): column-parallel weights
+    and the vocab-parallel embedding by rows, row-parallel ones by columns, norms in every shard."""
+    import torch
+
+    split = {"tok_embeddings.weight": 0, "output.weight": 0, "norm.weight": None}
+    for meta_suffix, dim in META_NAMES.values():
+        split[meta_suffix] = dim
+    parts = [{} for _ in range(shards)]
+    for name, w in state.items():
+        dim = split.get(name, split.get(name.split(".", 2)[-1]))
+        pieces = [w] * shards if dim is None else list(torch.chunk(w, shards, dim=dim))
+        if len(pieces) != shards or len({p.shape[dim or 0] for p in pieces}) != 1:
+            raise ValueError(f"{name} {list(w.shape)} does not split evenly into {shards}")
+        for part, piece in zip(parts, pieces):
+            part[name] = piece.clone()  # its own storage: torch.save writes a view's whole base otherwise
+    return parts
+
+
+def write_tokenizer_model(tokenizer_json: Path, out: Path) -> Path:
+    """Meta's tokenizer.model (tiktoken ranks: base64 bytes + rank, a line) from an HF byte-level tokenizer.json."""
+    import base64
+
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in char_of:
+            char_of[b] = chr(256 + n)
+            n += 1
+    byte_of = {c: b for b, c in char_of.items()}
+    vocab = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))["model"]["vocab"]
+    lines = [base64.b64encode(bytes(byte_of[c] for c in token)).decode("ascii") + f" {rank}"
+             for token, rank in sorted(vocab.items(), key=lambda kv: kv[1])]
+    out.write_text("\n".join(lines) + "\n", encoding="ascii")
+    return out
+
+
+def write_meta_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, shards: int = 1,
+                          output: str = "auto", params: dict | None = None) -> Path:
+    """Meta's layout of an HF checkpoint dir: params.json, consolidated.NN.pth (``shards`` of them), and
+    tokenizer.model when the dir has a byte-level tokenizer.json.
+
+    output: ``"auto"`` writes ``output.weight`` only for an untied model (as Meta's 3.2 files leave it out), ``"copy"``
+    also writes the tied embedding's copy as ``output.weight``. params: fields to override in params.json.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((hf_dir / "config.json").read_text())
+    state = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    meta = meta_state_dict(state, config)
+    if output == "copy":
+        meta["output.weight"] = meta["tok_embeddings.weight"].clone()
+    del state
+    for i, part in enumerate(shard_meta_state(meta, shards) if shards > 1 else [meta]):
+        torch.save(part, out / f"consolidated.{i:02d}.pth")
+    p = meta_params(config)
+    p.update(params or {})
+    (out / "params.json").write_text(json.dumps(p, indent=2) + "\n")
+    if (hf_dir / "tokenizer.json").is_file():
+        write_tokenizer_model(hf_dir / "tokenizer.json", out / "tokenizer.model")
+    return out
