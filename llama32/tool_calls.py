@@ -135,19 +135,23 @@ def _pythonic(text: str) -> list[dict] | None:
     return calls or None
 
 
-def _match(text: str, p: int) -> int | None:
+def _match(text: str, p: int, state: tuple | None = None) -> tuple[int | None, tuple]:
     """End (one past) of the bracket opened at `text[p]`, strings of either quote skipped; -1 when it is
-    still open at the end of `text`; None when a bracket closes with the wrong kind."""
-    stack: list[str] = []
-    quote = None
-    i, n = p, len(text)
+    still open at the end of `text`; None when a bracket closes with the wrong kind. Also the scan's state,
+    from which a later call on a longer text (`state=`) resumes instead of starting over."""
+    i, stack, quote = state if state is not None else (p, [], None)
+    stack = list(stack)
+    n = len(text)
     while i < n:
         m = _BRACKETS.search(text, i)
         if m is None:
-            return -1
+            i = n
+            break
         i, ch = m.start(), m.group()
         if quote:
             if ch == "\\":
+                if i + 1 == n:
+                    break  # the escaped character is still to come
                 i += 2
                 continue
             if ch == quote:
@@ -158,11 +162,11 @@ def _match(text: str, p: int) -> int | None:
             stack.append(_CLOSE[ch])
         elif ch in ")]}":
             if not stack or stack.pop() != ch:
-                return None
+                return None, (i, stack, quote)
             if not stack:
-                return i + 1
+                return i + 1, (i, stack, quote)
         i += 1
-    return -1
+    return -1, (i, stack, quote)
 
 
 def _skip_space(text: str, i: int) -> int:
@@ -181,6 +185,11 @@ def _skip_separators(text: str, i: int) -> int:
         else:
             break
     return i
+
+
+def _partial_marker(tail: str) -> bool:
+    """Whether `tail` (the end of the text) may be the start of a marker still arriving."""
+    return any(m.startswith(tail) for m in (PYTHON_TAG, EOT, EOM, _FUNCTION))
 
 
 def _strip_end(text: str) -> str:
@@ -240,6 +249,7 @@ class Scanner:
         self._spans: list[tuple[int, int, int]] = []  # (remaining-text offset, text offset, length) per piece
         self._after_call = False  # dropping the separators that follow a call
         self._at_start = True  # only white space so far: a bare `f(a=1)` may start here
+        self._open: tuple[int, tuple] | None = None  # (where, scan state) of the bracket still open at the end
 
     # -- results ----------------------------------------------------------------------------------------
 
@@ -269,7 +279,7 @@ class Scanner:
         while i < n:
             if self._after_call:
                 i = _skip_separators(text, i)
-                if i == n:
+                if i == n or (not final and _partial_marker(text[i:])):
                     break
                 self._after_call = False
             if self._at_start:
@@ -379,19 +389,25 @@ class Scanner:
         return text[m.end()] == "(" and self._offered(m.group())
 
     def _closed(self, text: str, p: int, final: bool) -> Any:
-        end = _match(text, p)
+        state = self._open[1] if self._open is not None and self._open[0] == p else None
+        end, state = _match(text, p, state)
+        self._open = (p, state) if end == -1 else None
         if end == -1:
             return None if final else INCOMPLETE
         return end
 
     def _object(self, text: str, p: int, final: bool) -> Any:
+        q = _skip_space(text, p + 1)
+        if q == len(text):
+            return None if final else INCOMPLETE
+        if text[q] not in "\"'":
+            return None  # a brace in prose
+        # An object: a call if it is one, else text as a whole (a call inside other data is data).
         ok = self._key(text, p, final)
-        if ok is not True:
-            return ok or None
         end = self._closed(text, p, final)
         if not isinstance(end, int):
             return end
-        call = _json_call(_load(text[p:end]))
+        call = _json_call(_load(text[p:end])) if ok is True else None
         return (end, [call]) if call and self._offered(call["name"]) else (end, None)
 
     def _list(self, text: str, p: int, final: bool) -> Any:
@@ -427,15 +443,11 @@ class Scanner:
             return INCOMPLETE
         if rest == len(text) or text.startswith(PYTHON_TAG, rest):
             return end, calls
-        if not final and PYTHON_TAG.startswith(text[rest:]):
-            return INCOMPLETE
-        return None
+        return INCOMPLETE if not final and _partial_marker(text[rest:]) else None
 
     def _function(self, text: str, p: int, final: bool) -> Any:
         if not text.startswith(_FUNCTION, p):
-            tail = text[p:]
-            partial = _FUNCTION.startswith(tail) or PYTHON_TAG.startswith(tail)
-            return INCOMPLETE if partial and not final else None
+            return INCOMPLETE if not final and _partial_marker(text[p:]) else None
         m = _FUNCTION_TAG.match(text, p)
         if m is None:
             rest = text[p + len(_FUNCTION):]
