@@ -3,6 +3,7 @@
     python -m llama32 "What is the capital of France?"         # stream one answer
     python -m llama32 --chat                                   # a conversation on stdin
     python -m llama32 download [REPO_ID]                       # fetch a checkpoint ahead of time
+    python -m llama32 download [REPO_ID] --original            # ... in Meta's layout (its original/ folder)
 
 Every request field of docs/API.md has a flag; only the flags given are sent, so the defaults are the
 library's. Errors are one line on stderr, never a traceback; the exit status says which kind (see EXIT_HELP).
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text with Llama 3.2 1B Instruct (or any Llama-family checkpoint).\n"
                     "The answer streams to stdout; errors and --verbose statistics go to stderr.",
         epilog="subcommand:\n  download [REPO_ID]   fetch a checkpoint ahead of time (default\n"
-               f"                       {DEFAULT_MODEL}) and print the directory it went to\n\n"
+               f"                       {DEFAULT_MODEL}) and print the directory it went to;\n"
+               "                       --original fetches Meta's layout (the repo's original/ folder)\n\n"
                + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -112,6 +114,9 @@ def build_download_parser() -> argparse.ArgumentParser:
         epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("repo_id", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    p.add_argument("--original", action="store_true",
+                   help="fetch Meta's original layout instead (the repo's original/ folder: params.json, "
+                        "consolidated.NN.pth, tokenizer.model) into weights/<name>/original/; load that folder")
     return p
 
 
@@ -337,7 +342,7 @@ def download(argv: list[str]) -> int:
     args = build_download_parser().parse_args(argv)
     if not _REPO_ID.match(args.repo_id):
         raise UsageError(f"download: {args.repo_id!r} is not a Hugging Face repo id (org/name)")
-    print(hub_download(args.repo_id).resolve())
+    print(hub_download(args.repo_id, original=args.original).resolve())
     return 0
 
 

@@ -1,6 +1,7 @@
 """Resolving a checkpoint source: a local directory, or a Hugging Face repo id downloaded into `weights/`.
 
-Only what the model needs is fetched (configs, tokenizer, safetensors), with the hub's own progress bars.
+Only what the model needs is fetched (configs, tokenizer, safetensors; or with `original=True` Meta's layout from
+the repo's `original/` folder), with the hub's own progress bars.
 Every failure (offline, gated, missing repo) becomes a `CheckpointError` that says what to do.
 """
 
@@ -23,6 +24,9 @@ CHECKPOINT_FILES = [
     "model.safetensors.index.json",
     "model-*.safetensors",
 ]
+# Meta's own layout, which the Llama repos carry in their original/ folder (`download(..., original=True)`).
+ORIGINAL_DIR = "original"
+ORIGINAL_FILES = [f"{ORIGINAL_DIR}/params.json", f"{ORIGINAL_DIR}/consolidated.*.pth", f"{ORIGINAL_DIR}/tokenizer.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Written into every folder a download fills: which repo it holds. `weights/<name>` drops the organisation,
 # so without it `unsloth/Llama-3.2-1B-Instruct` would load an earlier `meta-llama/Llama-3.2-1B-Instruct`.
@@ -73,8 +77,16 @@ def local_dir(repo_id: str) -> Path:
     return weights_dir() / f"{org}--{name}"
 
 
-def download(repo_id: str, local: Path | None = None) -> Path:
-    """Fetch the checkpoint files of `repo_id` into `weights/<name>/` (or `local`)."""
+def _complete_original(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("params.json", "consolidated.00.pth", "tokenizer.model"))
+
+
+def download(repo_id: str, local: Path | None = None, *, original: bool = False) -> Path:
+    """Fetch the checkpoint files of `repo_id` into `weights/<name>/` (or `local`).
+
+    `original`: fetch Meta's layout from the repo's `original/` folder instead (params.json,
+    consolidated.NN.pth, tokenizer.model) into `<local>/original/`, and return that folder.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
@@ -85,7 +97,8 @@ def download(repo_id: str, local: Path | None = None) -> Path:
         raise CheckpointError(f"{local} holds {held}, not {repo_id}; remove it or choose another folder")
     token = os.environ.get("HF_TOKEN") or None
     try:
-        snapshot_download(repo_id, local_dir=str(local), allow_patterns=CHECKPOINT_FILES, token=token)
+        snapshot_download(repo_id, local_dir=str(local), allow_patterns=ORIGINAL_FILES if original else CHECKPOINT_FILES,
+                          token=token)
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, "
@@ -107,7 +120,10 @@ def download(repo_id: str, local: Path | None = None) -> Path:
         raise CheckpointError(
             f"{repo_id}: download failed ({e}); check the network, or pass a local checkpoint directory"
         ) from None
-    if not _complete(local):
+    if original and not _complete_original(local / ORIGINAL_DIR):
+        raise CheckpointError(f"{repo_id}: the repo has no {ORIGINAL_DIR}/ folder with params.json, consolidated.00.pth "
+                              "and tokenizer.model (Meta's layout); download it without --original")
+    if not original and not _complete(local):
         raise CheckpointError(f"{repo_id}: the download in {local} has no config.json, tokenizer.json or safetensors")
     (local / REPO_MARKER).write_text(repo_id + "\n", encoding="utf-8")
-    return local
+    return local / ORIGINAL_DIR if original else local

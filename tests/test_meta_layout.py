@@ -454,3 +454,50 @@ def test_tokenizer_model_that_is_not_a_ranks_file(meta_copy, content, message):
     (folder / "tokenizer.model").write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         llama32.load(folder, dtype="float32", device="cpu")
+
+
+# --- python -m llama32 download REPO --original ----------------------------------------------------------------------
+
+def test_download_original_fetches_the_original_folder(monkeypatch, tmp_path, layouts, llama3_tokenizer_dir, capsys):
+    import huggingface_hub
+    from llama32.__main__ import main
+    monkeypatch.setenv("LLAMA32_WEIGHTS", str(tmp_path / "weights"))
+    meta, twin = layouts("llama32", 1, llama3_tokenizer_dir)
+    calls = []
+
+    def snapshot_download(repo_id, *, local_dir, allow_patterns, token):  # a hub repo: HF files + original/
+        calls.append(allow_patterns)
+        repo = tmp_path / "hub-repo"
+        if not repo.exists():
+            shutil.copytree(twin, repo)
+            shutil.copytree(meta, repo / "original")
+        import fnmatch
+        for f in repo.rglob("*"):
+            rel = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, Path(local_dir) / rel)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert main(["download", "meta-llama/Tiny-Llama", "--original"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert folder == (tmp_path / "weights" / "Tiny-Llama" / "original").resolve()
+    assert calls == [["original/params.json", "original/consolidated.*.pth", "original/tokenizer.model"]]
+    assert sorted(f.name for f in folder.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert not (folder.parent / "config.json").exists() and not (folder.parent / "model.safetensors").exists()
+    a, b = llama32.load(folder, dtype="float32", device="cpu"), llama32.load(twin, dtype="float32", device="cpu")
+    assert torch.allclose(a.model(IDS), b.model(IDS), atol=1e-4, rtol=0)
+    assert a.tokenizer.encode("Hello 🦙") == b.tokenizer.encode("Hello 🦙")
+    # the plain download still fetches the HF layout, into the same repo folder
+    assert main(["download", "meta-llama/Tiny-Llama"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == folder.parent
+    assert calls[1] != calls[0] and "model.safetensors" in calls[1]
+
+
+def test_download_original_of_a_repo_without_one(monkeypatch, tmp_path):
+    import huggingface_hub
+    from llama32.hub import download
+    monkeypatch.setenv("LLAMA32_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: None)
+    with pytest.raises(CheckpointError, match=r"no original/ folder with params.json.*without --original"):
+        download("someone/Plain-HF-Model", original=True)
