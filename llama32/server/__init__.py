@@ -32,6 +32,7 @@ import llama32
 from llama32 import lora as lora_mod
 from llama32.hub import weights_dir
 
+from . import docs
 from .errors import ApiError, error_response, json_body
 
 log = logging.getLogger("llama32.server")
@@ -106,7 +107,8 @@ class Backend:
 class _AccessLog(BaseHTTPMiddleware):
     """The bearer-token check, and one log line per request: route, status, tokens, seconds."""
 
-    OPEN = ("/", "/health", "/favicon.ico")  # need no key: they hold nothing (the playground's calls send one)
+    # need no key: they hold nothing (the playground's and /docs' calls send one)
+    OPEN = ("/", "/health", "/favicon.ico", *docs.OPEN)
 
     def __init__(self, app, api_key: str | None):
         super().__init__(app)
@@ -156,7 +158,7 @@ def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: st
         return error_response(request, exc)
 
     routes = [Route("/", playground, methods=["GET"]), Route("/health", health, methods=["GET"]),
-              *workers_ai.routes(backend), *openai_api.routes(backend)]
+              *workers_ai.routes(backend), *openai_api.routes(backend), *docs.routes(backend.model_name)]
     return Starlette(routes=routes, middleware=[Middleware(_AccessLog, api_key=api_key)],
                      exception_handlers={HTTPException: on_http_error, Exception: on_api_error})
 
