@@ -5,6 +5,7 @@ through the same output stage generate() and streaming use.
 """
 
 import pytest
+import torch
 
 import llama32
 from llama32.generate import _collect
@@ -134,3 +135,120 @@ def test_logprob_entries_ride_with_their_text(llm):
                                           {"token": llm.tokenizer.decode([7]), "id": 7, "logprob": -3.0}]
     for c in chunks:  # a chunk's entries spell its text
         assert "".join(e["token"] for e in c["logprobs"] if e["id"] != llm.tokenizer.eot_id) == c["response"]
+
+
+# --- every form and every peer case, token by token through the output stage -----------------------------------
+
+from test_tool_calls import OFFERED, OWN, PEER_TOOLS, PEERS  # noqa: E402
+
+
+
+def _peer_tools(text):
+    """The peer tools the text names (all of them would not fit the tiny checkpoint's context)."""
+    return [{"name": n} for n in PEER_TOOLS if n in text]
+
+_END_TOKENS = ("<|eom_id|>", "<|eot_id|>")  # stop tokens: they end generation, so never part of an answer's text
+
+
+def _without_end_tokens(text):
+    for t in _END_TOKENS:
+        text = text.replace(t, "")
+    return text
+
+
+@pytest.mark.parametrize("text, tools", [(_without_end_tokens(t), OFFERED) for t, _, _ in OWN]
+                         + [(_without_end_tokens(p[1]), _peer_tools(p[1])) for p in PEERS])
+def test_streamed_output_equals_the_parser(llm, text, tools):
+    """The output stage (what generate and streams use) gives split_tool_calls' answer, and its chunks never
+    show any part of a call: at every point the text shown so far is a prefix of the final response."""
+    response, calls = llama32.split_tool_calls(text, tools)
+    chunks, result = answer(llm, text, tools=tools)
+    assert result == {"response": response, "tool_calls": calls}
+    shown = ""
+    for c in chunks:
+        shown += c["response"]
+        assert response.startswith(shown)
+
+
+def test_tagged_calls_and_dict_calls_token_by_token(llm):
+    text = ("Checking both.<|python_tag|>{'name': 'get_weather', 'arguments': {'city': 'Paris'}}"
+            '<|python_tag|>{"name": "get_time", "parameters": {}}')
+    chunks, result = answer(llm, text, tools=OFFERED)
+    assert result == {"response": "Checking both.", "tool_calls": CALL + [{"name": "get_time", "arguments": {}}]}
+    assert chunks[0]["response"] and len([c for c in chunks if c["response"]]) >= 2  # the prose streamed first
+
+
+def test_prose_after_a_call_streams(llm):
+    text = '[get_weather(city="Paris")] The forecast follows once the tool answers, in a moment or two.'
+    chunks, result = answer(llm, text, tools=OFFERED)
+    assert result == {"response": "The forecast follows once the tool answers, in a moment or two.",
+                      "tool_calls": CALL}
+    assert len([c for c in chunks if c["response"]]) > 3  # released as it came, once the call had closed
+
+
+def test_a_json_object_that_is_not_a_call_is_released_when_it_closes(llm):
+    text = 'Here is data: {"city": "Paris", "temp": 21} and more words after it, streaming along.'
+    chunks, result = answer(llm, text, tools=OFFERED)
+    assert result == {"response": text, "tool_calls": []}
+    assert len([c for c in chunks if c["response"]]) > 3
+
+
+def test_stop_string_inside_a_call_leaves_text(llm):
+    """A stop string cuts the answer first; what is left of a call is then no call, and shows as text."""
+    text = 'Sure: {"name": "get_weather", "parameters": {"city": "Paris"}}'
+    _, result = answer(llm, text, tools=OFFERED, stop="Paris")
+    assert result == {"response": 'Sure: {"name": "get_weather", "parameters": {"city": "', "tool_calls": []}
+
+
+# --- generate itself, with a scripted answer ------------------------------------------------------------------
+
+def _script(llm, request, text):
+    """Make the model answer `text` (then <|eot_id|>) to `request` under greedy decoding: a hook on the model
+    puts all the weight, at each position the answer is predicted from, on that position's scripted token.
+    Returns the hook's handle (remove it after)."""
+    ids = llm.tokenizer.encode(text) + [llm.tokenizer.eot_id]
+    n_prompt = len(validate(llm, dict(request)).prompt_ids)
+
+    def hook(module, args, kwargs, logits):
+        input_ids = args[0] if args else kwargs["input_ids"]
+        B, T = input_ids.shape
+        pos = kwargs.get("input_pos")
+        pos = torch.arange(T).expand(B, T) if pos is None else pos.cpu()
+        at = kwargs.get("logits_at")
+        last = pos[torch.arange(B), at.cpu()] if at is not None else pos[:, -1]
+        logits = logits.clone()
+        for b in range(B):
+            g = int(last[b]) + 1 - n_prompt  # the index, in the answer, of the token predicted here
+            if 0 <= g < len(ids):
+                logits[b, -1] = -1e4
+                logits[b, -1, ids[g]] = 1e4
+        return logits
+
+    return llm.model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("text, response, calls", [
+    ("Let me check that.<|python_tag|>{'name': 'get_weather', 'arguments': {'city': 'Paris'}}",
+     "Let me check that.", CALL),
+    ('Here is the call: {"name": "get_weather", "parameters": {"city": "Paris"}} Anything else?',
+     "Here is the call: Anything else?", CALL),
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|python_tag|>[get_time()]', "",
+     CALL + [{"name": "get_time", "arguments": {}}]),
+    ('I know {"name": "delete_files", "parameters": {}} is not offered.',
+     'I know {"name": "delete_files", "parameters": {}} is not offered.', []),
+])
+def test_generate_returns_calls_and_prose_streamed_and_not(llm, text, response, calls):
+    tools = [WEATHER, {"type": "function", "function": {"name": "get_time", "description": "Now", "parameters": {}}}]
+    request = dict(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, temperature=0,
+                   max_tokens=64)
+    handle = _script(llm, request, text)
+    try:
+        out = llama32.generate(llm, **request)
+        chunks = list(llama32.generate(llm, **request, stream=True))
+    finally:
+        handle.remove()
+    assert (out["response"], out["tool_calls"]) == (response, calls)
+    assert out["usage"]["completion_tokens"] == len(llm.tokenizer.encode(text)) + 1
+    assert "".join(c["response"] for c in chunks) == response
+    assert chunks[-1].get("tool_calls", []) == calls
+    assert chunks[-1]["usage"] == out["usage"]
