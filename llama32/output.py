@@ -105,7 +105,7 @@ class Output:
         if self.scanner is None:
             return self.text[:end], end
         self.scanner.feed(self.text[:end])
-        out = self.scanner.text().rstrip()  # the response ends unpadded before a call
+        out = self.scanner.settled()  # the response ends unpadded before a call
         return out, self.scanner.source_offset(len(out))
 
     def _release(self, response: str, upto: int, chunk: dict | None = None) -> None:

@@ -94,7 +94,7 @@ def _literal(node: ast.expr) -> Any:
 def _load(text: str) -> Any:
     """`text` as JSON, else as a Python literal; None when it is neither (None is never a call anyway)."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return _as_json(json.loads(text, parse_constant=_no_constant))  # 1e999 reads as inf: not JSON
     except (ValueError, RecursionError):
         pass
     try:
@@ -258,6 +258,11 @@ class Scanner:
         if len(self._out) > 1:
             self._out = ["".join(self._out)]
         return self._out[0] if self._out else ""
+
+    def settled(self) -> str:
+        """The text outside the calls so far that no later text can change: without the trailing white space
+        (and end tokens) that `remaining()` drops when there are calls."""
+        return _strip_end(self.text())
 
     def remaining(self) -> str:
         """What the answer's text is: the text outside the calls (tidied) when there are calls."""

@@ -186,6 +186,7 @@ NO_FALSE_CALLS = [
     '[{"name": "get_weather", "parameters": {}}, 3]',
     "{'name': 'get_weather', 'arguments': {'city': open('x')}}",
     '{"name": "get_weather", "parameters": {"n": NaN}}', "{'name': 'get_weather', 'parameters': {'n': 1e999}}",
+    '{"name": "get_weather", "parameters": {"n": 1e999}}', '<function=get_weather>{"n": -Infinity}</function>',
     # prose that mentions a tool, even with parentheses
     "You can use get_weather to find the weather in Paris.",
     "I would call get_weather(city='Paris') for that.",
@@ -469,7 +470,7 @@ def test_scanner_decisions_hold_as_text_grows(text, tools):
     scanner = Scanner(names)
     for i in range(len(text) + 1):
         scanner.feed(text[:i])
-        assert response.startswith(scanner.text().rstrip()), (i, scanner.text())
+        assert response.startswith(scanner.settled()), (i, scanner.text())
         assert len(scanner.calls) <= len(calls) and calls[: len(scanner.calls)] == scanner.calls
     scanner.feed(text, final=True)
     assert (scanner.remaining() if scanner.calls else text, scanner.calls) == (response, calls)
