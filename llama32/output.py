@@ -52,7 +52,8 @@ class Output:
         self.pending: list[dict] = []
         self.completion_tokens = 0
         self.finished = False
-        self.finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max_tokens), once done
+        # once done: "stop" (a stop token or string), "length" (max_tokens) or "tool_calls" (calls were found)
+        self.finish_reason: str | None = None
 
     def push(self, token: int, done: bool, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Take the row's next token (`done`: the loop's last for this row: a stop id or max_tokens).
@@ -133,6 +134,8 @@ class Output:
             calls = self.scanner.calls
             response = self.scanner.remaining()
         p = len(self.req.prompt_ids)
+        if calls:
+            self.finish_reason = "tool_calls"
         final: dict = {"usage": {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
                                  "total_tokens": p + self.completion_tokens}}
         if calls:

@@ -244,7 +244,8 @@ def test_generate_returns_calls_and_prose_streamed_and_not(llm, text, response, 
     handle = _script(llm, request, text)
     try:
         out = llama32.generate(llm, **request)
-        chunks = list(llama32.generate(llm, **request, stream=True))
+        stream = llama32.generate(llm, **request, stream=True)
+        chunks = list(stream)
     finally:
         handle.remove()
     assert (out["response"], out["tool_calls"]) == (response, calls)
@@ -252,3 +253,4 @@ def test_generate_returns_calls_and_prose_streamed_and_not(llm, text, response, 
     assert "".join(c["response"] for c in chunks) == response
     assert chunks[-1].get("tool_calls", []) == calls
     assert chunks[-1]["usage"] == out["usage"]
+    assert stream.finish_reason == ("tool_calls" if calls else "stop")
