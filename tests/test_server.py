@@ -234,27 +234,16 @@ def test_sigterm_shuts_the_server_down_cleanly(smollm2_dir):
 def test_openai_tool_calls_shape(client, monkeypatch):
     """A model answer that is a call comes back in OpenAI's form with finish_reason tool_calls (the library's
     own tool-call parsing is tested on real token ids elsewhere; here the route's translation)."""
-    import llama32.server.openai_api as api
+    from llama32.server.backend import Generation
     calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
 
-    class Answer:
-        finish_reason = "stop"
+    async def answer(self):  # what the loop would hand back for a call: one last chunk
+        self.last = {"response": "", "tool_calls": calls,
+                     "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}
+        yield self.last
 
-        def __init__(self):
-            self.chunks = iter([{"response": "", "tool_calls": calls,
-                                 "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}])
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            return next(self.chunks)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(api.llama32, "generate", lambda llm, **kw: Answer())
-    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}],
+    monkeypatch.setattr(Generation, "chunks", answer)
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 2,
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
     choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
@@ -264,6 +253,124 @@ def test_openai_tool_calls_shape(client, monkeypatch):
     events = [json.loads(e) for e in sse_events(client.post("/v1/chat/completions", json=dict(body, stream=True)).text)[:-1]]
     assert events[-2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+
+CHATML = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_completions_prompt_forms_and_n(llm, client):
+    """A string, a list of strings, token ids or a list of id lists: one choice per prompt (n each), in order,
+    each the library's answer to that prompt (what lm-eval's local-completions sends by default)."""
+    texts = [CHATML.format("Name a river."), CHATML.format("Name a mountain.")]
+    want = [llama32.generate(llm, prompt=t, raw=True, **GREEDY) for t in texts]
+    ids = [[llm.tokenizer.bos_id] + llm.tokenizer.encode(t) if llm.tokenizer.bos_id is not None
+           else llm.tokenizer.encode(t) for t in texts]
+    for prompt, which in ((texts[0], [0]), (texts, [0, 1]), (ids[1], [1]), (ids, [0, 1])):
+        r = client.post("/v1/completions", json=dict(prompt=prompt, n=2, **GREEDY))
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == list(range(2 * len(which)))
+        assert [c["text"] for c in choices] == [want[w]["response"] for w in which for _ in range(2)]
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == 2 * sum(want[w]["usage"]["completion_tokens"] for w in which)
+        assert usage["prompt_tokens"] == sum(want[w]["usage"]["prompt_tokens"] for w in which)
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    streamed = [json.loads(e) for e in sse_events(client.post("/v1/completions", json=dict(
+        prompt=ids, stream=True, **GREEDY)).text)[:-1]]
+    for i in range(2):
+        mine = [e["choices"][0] for e in streamed if e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == want[i]["response"] and mine[-1]["finish_reason"]
+
+
+def test_n_seeded_choices_are_seed_plus_index(llm, client):
+    messages = [{"role": "user", "content": "Tell me a joke."}]
+    sampled = dict(temperature=1.0, max_tokens=12, seed=41)
+    r = client.post("/v1/chat/completions", json=dict(messages=messages, n=3, **sampled))
+    got = [c["message"]["content"] for c in r.json()["choices"]]
+    assert got == [llama32.generate(llm, messages=messages, **dict(sampled, seed=41 + i))["response"]
+                   for i in range(3)]
+    events = [json.loads(e) for e in sse_events(client.post("/v1/chat/completions", json=dict(
+        messages=messages, n=3, stream=True, stream_options={"include_usage": True}, **sampled)).text)[:-1]]
+    for i in range(3):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == got[i]
+        assert mine[-1]["finish_reason"] in ("stop", "length")
+    assert events[-1]["usage"]["completion_tokens"] == sum(
+        llama32.generate(llm, messages=messages, **dict(sampled, seed=41 + i))["usage"]["completion_tokens"]
+        for i in range(3))
+
+
+@pytest.mark.parametrize("prefix", ["/ai/v1", "/client/v4/accounts/abc123/ai/v1"])
+def test_workers_ai_openai_compatible_paths(client, prefix):
+    body = {"messages": [{"role": "user", "content": "Hi"}], **GREEDY}
+    a, b = client.post("/v1/chat/completions", json=body).json(), client.post(f"{prefix}/chat/completions", json=body).json()
+    assert a["choices"] == b["choices"] and a["usage"] == b["usage"]
+    c = client.post(f"{prefix}/completions", json={"prompt": "Hello", **GREEDY})
+    assert c.status_code == 200 and c.json()["object"] == "text_completion"
+    assert client.get(f"{prefix}/models").json()["data"][0]["id"] == "smollm2"
+    assert client.get(f"{prefix}/models/smollm2").json()["id"] == "smollm2"
+    oai_error(client.post(f"{prefix}/chat/completions", json=dict(body, n=0)), 400, "n", "n must")
+
+
+def test_metrics_and_sse_headers(client):
+    r = client.post(WAI, json=dict(prompt="Count to three.", stream=True, **GREEDY))
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    client.post(WAI, json={"prompt": "Hi", "max_tokens": 3})
+    client.post(WAI, json={"prompt": "Hi", "temperature": 9})
+    text = client.get("/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['llama32_requests_total{route="/ai/run",status="200"}'] >= 2
+    assert values['llama32_requests_total{route="/ai/run",status="400"}'] >= 1
+    assert values["llama32_generation_tokens_total"] >= 3 and values["llama32_prompt_tokens_total"] > 0
+    assert values["llama32_cached_tokens_total"] >= 0
+    assert values["llama32_time_to_first_token_seconds_count"] >= 2
+    assert values["llama32_time_per_output_token_seconds_count"] >= 1
+    assert values["llama32_running"] == 0 and values["llama32_waiting"] == 0
+    assert "llama32_kv_bytes" in values
+
+
+def test_cors_only_for_allowed_origins(llm):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with running(create_app(llm, allowed_origins=["https://app.example"], api_key="k")) as base:
+        r = httpx.options(base + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(base + "/v1/chat/completions", headers=dict(preflight, Origin="https://evil.example"))
+        assert "access-control-allow-origin" not in r.headers
+    with running(create_app(llm)) as base:  # none by default
+        r = httpx.get(base + "/health", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_a_client_that_gives_up_cancels_its_request(llm, url, client, caplog):
+    """Non-streamed and streamed: the row leaves within a step, and the log counts the tokens produced."""
+    import logging
+    caplog.set_level(logging.INFO, logger="llama32.server")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + WAI, json=dict(prompt="Write a very long story.", max_tokens=2000, temperature=0), timeout=1.5)
+    deadline = time.time() + 5
+    while client.get("/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert client.get("/health").json()["running"] == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"POST {WAI} 499")]
+    assert int(line.split("tokens=")[1].split()[0]) < 2000
+    with httpx.Client(base_url=url, timeout=120) as c:
+        with c.stream("POST", WAI, json=dict(prompt="Write a very long story.", stream=True, max_tokens=2000,
+                                             temperature=0)) as r:
+            lines = r.iter_lines()
+            next(lines)
+            next(lines)
+    deadline = time.time() + 5
+    while client.get("/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    assert client.get("/health").json()["running"] == 0
+    streamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"POST {WAI} 200")][-1]
+    assert 0 < int(streamed.split("tokens=")[1].split()[0]) < 2000
 
 
 # --- many clients ---------------------------------------------------------------------------------------------------
@@ -333,11 +440,17 @@ def test_workers_ai_errors(client):
 
 def test_openai_errors(client):
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
-    oai_error(client.post("/v1/chat/completions", json=dict(chat, n=2)), 400, "n", "n=1")
-    oai_error(client.post("/v1/chat/completions", json=dict(chat, logit_bias={"1": 5})), 400, "logit_bias", "logit_bias")
+    for n in (0, 9, "2", 1.5, True):
+        oai_error(client.post("/v1/chat/completions", json=dict(chat, n=n)), 400, "n", "[1, 8]")
+        oai_error(client.post("/v1/completions", json={"prompt": "x", "n": n}), 400, "n", "[1, 8]")
+    # passed to the library, which names it (out of range, or not a field before it has logit_bias)
+    oai_error(client.post("/v1/chat/completions", json=dict(chat, logit_bias={"1": 500})), 400, None, "logit_bias")
     oai_error(client.post("/v1/chat/completions", json=dict(chat, frobnicate=True)), 400, "frobnicate", "frobnicate")
     oai_error(client.post("/v1/chat/completions", json=dict(chat, temperature=9)), 400, None, "temperature")
-    oai_error(client.post("/v1/completions", json={"prompt": 3}), 400, "prompt", "prompt")
+    for prompt in (3, [], [[]], [1, "a"], [[1], "a"], [True], None, {"a": 1}):
+        oai_error(client.post("/v1/completions", json={"prompt": prompt}), 400, "prompt", "prompt")
+    oai_error(client.post("/v1/completions", json={"prompt": [1, 10 ** 9]}), 400, "prompt", "vocabulary")
+    oai_error(client.get("/v1/models/another-model"), 404, "model", "another-model")
     oai_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens", "echo")
     oai_error(client.post("/v1/chat/completions", content=b"{"), 400, None, "JSON")
     oai_error(client.get("/v1/chat/completions"), 405, None, "not allowed")
@@ -437,3 +550,43 @@ def test_playground_streams_an_answer_in_chromium(url):
         assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith("What is the capital of France?")
     finally:
         driver.quit()
+
+
+def test_two_hundred_concurrent_streams_with_max_batch_8(make_checkpoint, llama3_tokenizer_dir):
+    """No thread per request: 200 clients stream at once through an 8-row batch (the rest wait in the loop's
+    queue, within --max-queue); every stream is well formed and equals the library's answer."""
+    import asyncio
+
+    tiny = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), device="cpu",
+                        dtype="float32", max_batch=8)
+    prompts = [f"Item {i}:" for i in range(5)]
+    body = dict(raw=True, temperature=0, max_tokens=4)
+    want = [llama32.generate(tiny, prompt=p, **body)["response"] for p in prompts]
+    most = []
+
+    async def clients(base):
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
+            async def one(i):
+                async with c.stream("POST", WAI, json=dict(prompt=prompts[i % 5], stream=True, **body)) as r:
+                    assert r.status_code == 200
+                    return i, "".join([part async for part in r.aiter_text()])
+
+            async def watch():
+                while True:
+                    most.append((await c.get("/health")).json()["running"])
+                    await asyncio.sleep(0.05)
+            watcher = asyncio.ensure_future(watch())
+            results = await asyncio.gather(*(one(i) for i in range(200)))
+            watcher.cancel()
+            return results, (await c.get("/health")).json()
+
+    with running(create_app(tiny, max_queue=256)) as base:
+        results, health = asyncio.run(clients(base))
+    for i, text in results:
+        events = sse_events(text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["response"] for c in chunks) == want[i % 5]
+        assert chunks[-1]["usage"]["completion_tokens"] == 4 and all("usage" not in c for c in chunks[:-1])
+    assert max(most) <= 8 and health["running"] == 0 and health["waiting"] == 0

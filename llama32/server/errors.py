@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -41,8 +42,12 @@ def from_exception(e: BaseException) -> ApiError:
     return ApiError(500, "internal error while generating; see the server log")
 
 
+_OPENAI_PATH = re.compile(r"^(/client/v4/accounts/[^/]+)?(/ai)?/v1/")
+
+
 def is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
+    """OpenAI's routes: /v1/..., and Workers AI's OpenAI-compatible /ai/v1/... and /client/v4/accounts/{id}/ai/v1/..."""
+    return _OPENAI_PATH.match(request.url.path) is not None
 
 
 def error_response(request: Request, e: BaseException) -> JSONResponse:

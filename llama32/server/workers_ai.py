@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import Backend, handler, sse
+from . import Backend, event_stream, handler
 from .errors import ApiError
 
 MODEL = "@cf/meta/llama-3.2-1b-instruct"
@@ -21,10 +21,11 @@ def routes(backend: Backend) -> list[Route]:
         body = await backend.adapter(body)  # but `lora` may only name an adapter of --lora-dir
         if body.get("stream"):
             fields = {k: v for k, v in body.items() if k != "stream"}
-            return StreamingResponse(sse(await backend.stream(request, fields)), media_type="text/event-stream")
-        out = await backend.generate(request, body)
+            [gen] = await backend.stream(request, fields)
+            return event_stream(gen.chunks())
+        [out] = await backend.generate(request, body)
         return JSONResponse({"result": out, "success": True, "errors": [], "messages": []})
 
-    endpoint = handler(run)
+    endpoint = handler(run, "/ai/run")
     return [Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", endpoint, methods=["POST"]),
             Route("/ai/run/{model:path}", endpoint, methods=["POST"])]
