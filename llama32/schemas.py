@@ -27,6 +27,7 @@ tokens, token ids against the vocabulary, the chat template, the adapter) stay i
 from __future__ import annotations
 
 import copy
+import json
 import math
 import threading
 from typing import Any
@@ -387,7 +388,8 @@ def _message(e: fastjsonschema.JsonSchemaValueException, name: str | None = None
         if branch is None:
             return f"{where} must be {_describe(d)}, got {type(v).__name__} {_short(v)}"
         try:
-            fastjsonschema.validate(branch, v)
+            # compiled once per branch: branches are the schema's own (a handful), never the request's
+            _validator(json.dumps(branch, sort_keys=True), branch)(copy.deepcopy(v))
         except fastjsonschema.JsonSchemaValueException as inner:
             return _message(inner, name + inner.name[4:])
         return f"{where} must be {_describe(d)}, got {_short(v)}"
