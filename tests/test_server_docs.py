@@ -21,9 +21,14 @@ KEY = "sekret"
 
 
 @pytest.fixture(scope="module")
-def url(make_checkpoint, llama3_tokenizer_dir):
+def app(make_checkpoint, llama3_tokenizer_dir):
     llm = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), dtype="float32")
-    with running(create_app(llm, model_name="tiny", api_key=KEY)) as base:
+    return create_app(llm, model_name="tiny", api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with running(app) as base:
         yield base
 
 
@@ -69,6 +74,19 @@ def test_openapi_is_valid_3_1_and_built_from_the_schema(url):
     body = doc["paths"][f"/ai/run/{MODEL}"]["post"]["requestBody"]["content"]["application/json"]
     for example in body["examples"].values():
         jsonschema.Draft202012Validator(s["input"]).validate(example["value"])
+
+
+def test_openapi_describes_every_route_the_server_has(app, client):
+    """A route added to the server without a description here fails this test."""
+    doc = client.get("/openapi.json").json()
+    pages = {"/", "/favicon.ico", "/openapi.json", "/docs", "/docs/{name}"}  # for browsers, not API calls
+    for route in app.routes:
+        path = route.path.replace(":path}", "}").replace("/run/{model}", f"/run/{MODEL}")
+        if path in pages:
+            continue
+        assert path in doc["paths"], path
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"][path], (method, path)
 
 
 def test_openapi_example_runs(client):

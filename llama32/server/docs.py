@@ -147,8 +147,14 @@ def openapi(model_name: str) -> dict:
     oai_bad = {"description": "A bad request, in OpenAI's error shape.",
                "content": {"application/json": {"schema": _ref("OpenAIError")}}}
 
-    def oai(kind: str, summary: str) -> dict:
-        return {"post": {"tags": ["OpenAI"], "summary": summary, "operationId": f"openai_{kind}",
+    from .openai_api import MAX_N, PREFIXES  # imported here: openai_api imports the package this module is in
+
+    def params(prefix: str) -> dict:
+        return {"parameters": [_ACCOUNT]} if "{account_id}" in prefix else {}
+
+    def oai(prefix: str, kind: str, summary: str) -> dict:
+        return {"post": {"tags": ["OpenAI"], "summary": summary, "operationId": _op_id(prefix, kind),
+                         **params(prefix),
                          "requestBody": {"required": True, "content": {"application/json": {
                              "schema": _ref("ChatCompletionRequest" if kind == "chat" else "CompletionRequest")}}},
                          "responses": {"200": {"description": "OpenAI's completion object; with stream, "
@@ -157,20 +163,38 @@ def openapi(model_name: str) -> dict:
                                                            "text/event-stream": {"schema": {"type": "string"}}}},
                                        "400": oai_bad}}}
 
+    def listing(prefix: str, one: bool) -> dict:
+        op = {"get": {"tags": ["OpenAI"], "summary": "The served model" + ("" if one else "s (one)"),
+                      "operationId": _op_id(prefix, "model" if one else "models"), **params(prefix),
+                      "responses": {"200": {"description": "A model object" if one else
+                                            "{object: 'list', data: [model]}",
+                                            "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+        if one:
+            op["get"]["parameters"] = op["get"].get("parameters", []) + [
+                {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+            op["get"]["responses"]["404"] = oai_bad
+        return op
+
     paths = {
         f"/ai/run/{MODEL}": wai_run(False),
         f"/client/v4/accounts/{{account_id}}/ai/run/{MODEL}": wai_run(True),
         "/client/v4/accounts/{account_id}/ai/models/schema": schema_op,
-        "/v1/chat/completions": oai("chat", "Chat completion"),
-        "/v1/completions": oai("completions", "Text completion (raw prompt)"),
-        "/v1/models": {"get": {"tags": ["OpenAI"], "summary": "The served model", "operationId": "openai_models",
-                               "responses": {"200": {"description": "{object: 'list', data: [model]}",
-                                                     "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        "/health": {"get": {"tags": ["Server"], "summary": "200 once the model is loaded", "operationId": "health",
-                            "security": [],
-                            "responses": {"200": {"description": "Status and the loop's running/waiting counts",
-                                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }
+    for prefix in PREFIXES:
+        paths[f"{prefix}/chat/completions"] = oai(prefix, "chat", "Chat completion")
+        paths[f"{prefix}/completions"] = oai(prefix, "completions", "Text completion (raw prompt)")
+        paths[f"{prefix}/models"] = listing(prefix, False)
+        paths[f"{prefix}/models/{{model_id}}"] = listing(prefix, True)
+    paths["/health"] = {"get": {"tags": ["Server"], "summary": "200 once the model is loaded",
+                                "operationId": "health", "security": [],
+                                "responses": {"200": {"description": "Status and the loop's running/waiting counts",
+                                                      "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+    paths["/metrics"] = {"get": {"tags": ["Server"], "summary": "Prometheus metrics", "operationId": "metrics",
+                                 "responses": {"200": {"description": "Prometheus' text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+    chat_request, completion_request = _openai_request("chat"), _openai_request("completions")
+    for body in (chat_request, completion_request):
+        body["properties"]["n"]["maximum"] = MAX_N
     return {
         "openapi": "3.1.0",
         "info": {"title": f"llama32: {model_name}", "version": "0.1.0",
@@ -187,14 +211,18 @@ def openapi(model_name: str) -> dict:
                 "WorkersAISchemaResponse": _envelope({"type": "object", "properties": {
                     "input": {"type": "object"}, "output": {"type": "object"}}, "required": ["input", "output"]}),
                 "WorkersAIError": _envelope({"type": "null"}),
-                "ChatCompletionRequest": _openai_request("chat"),
-                "CompletionRequest": _openai_request("completions"),
+                "ChatCompletionRequest": chat_request, "CompletionRequest": completion_request,
                 "OpenAIError": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "message": {"type": "string"}, "type": {"type": "string"},
                     "param": {"type": ["string", "null"]}, "code": {}}}}, "required": ["error"]},
             },
         },
     }
+
+
+def _op_id(prefix: str, kind: str) -> str:
+    where = {"/v1": "", "/ai/v1": "_ai"}.get(prefix, "_account")
+    return f"openai_{kind}{where}"
 
 
 _ACCOUNT = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
