@@ -140,6 +140,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, help="a LoRA adapter applied to every request that names none")
     p.add_argument("--lora-dir", default=None, help="the folder of adapters a request may name in 'lora' "
                                                    "(default weights/loras/); a request never names a path")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 for the projections and the head")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="the generation loop's KV memory budget (default 1 GiB on CPU, 4 GiB on CUDA)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id in /v1/models and in responses (default: the checkpoint folder's name)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed to call the server (CORS; none by default), e.g. https://app.example")
     return p
 
 
@@ -151,7 +159,8 @@ def serve(argv: list[str]) -> int:
         raise UsageError(f"serve needs the serve extra ({e}); pip install 'llama32[serve]'") from None
     run_server(args.model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
                device=args.device, dtype=args.dtype, lora=args.lora, max_queue=args.max_queue,
-               lora_dir=args.lora_dir)
+               lora_dir=args.lora_dir, quantize=args.quantize, kv_cache_bytes=args.kv_cache_bytes,
+               served_model_name=args.served_model_name, allowed_origins=args.allowed_origins)
     return 0
 
 

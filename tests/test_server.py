@@ -203,14 +203,16 @@ def test_openai_completions_stream_equals_library(llm, client):
     assert all(e["object"] == "text_completion" for e in events)
 
 
-def test_sigterm_shuts_the_server_down_cleanly(smollm2_dir):
+def test_cli_flags_and_sigterm_shut_the_server_down_cleanly(smollm2_dir):
     import os
     import signal
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llama32", "serve", "--model", str(smollm2_dir), "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32"], stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--dtype", "float32", "--served-model-name", "smol-int8",
+                             "--quantize", "int8", "--kv-cache-bytes", str(64 << 20),
+                             "--allowed-origins", "https://app.example"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -221,6 +223,12 @@ def test_sigterm_shuts_the_server_down_cleanly(smollm2_dir):
                 time.sleep(0.1)
         r = httpx.post(f"http://127.0.0.1:{port}{WAI}", json=dict(prompt="Hi", **GREEDY), timeout=60)
         assert r.status_code == 200
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Origin": "https://app.example"})
+        assert models.json()["data"][0]["id"] == "smol-int8"
+        assert models.headers["access-control-allow-origin"] == "https://app.example"
+        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.json()["model"] == "smol-int8"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         log = proc.stderr.read()
@@ -257,17 +265,18 @@ def test_openai_tool_calls_shape(client, monkeypatch):
 
 
 CHATML = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+SHORT = dict(temperature=0, max_tokens=8)
 
 
 def test_completions_prompt_forms_and_n(llm, client):
     """A string, a list of strings, token ids or a list of id lists: one choice per prompt (n each), in order,
     each the library's answer to that prompt (what lm-eval's local-completions sends by default)."""
     texts = [CHATML.format("Name a river."), CHATML.format("Name a mountain.")]
-    want = [llama32.generate(llm, prompt=t, raw=True, **GREEDY) for t in texts]
+    want = [llama32.generate(llm, prompt=t, raw=True, **SHORT) for t in texts]
     ids = [[llm.tokenizer.bos_id] + llm.tokenizer.encode(t) if llm.tokenizer.bos_id is not None
            else llm.tokenizer.encode(t) for t in texts]
     for prompt, which in ((texts[0], [0]), (texts, [0, 1]), (ids[1], [1]), (ids, [0, 1])):
-        r = client.post("/v1/completions", json=dict(prompt=prompt, n=2, **GREEDY))
+        r = client.post("/v1/completions", json=dict(prompt=prompt, n=2, **SHORT))
         assert r.status_code == 200, r.text
         choices = r.json()["choices"]
         assert [c["index"] for c in choices] == list(range(2 * len(which)))
@@ -277,7 +286,7 @@ def test_completions_prompt_forms_and_n(llm, client):
         assert usage["prompt_tokens"] == sum(want[w]["usage"]["prompt_tokens"] for w in which)
         assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
     streamed = [json.loads(e) for e in sse_events(client.post("/v1/completions", json=dict(
-        prompt=ids, stream=True, **GREEDY)).text)[:-1]]
+        prompt=ids, stream=True, **SHORT)).text)[:-1]]
     for i in range(2):
         mine = [e["choices"][0] for e in streamed if e["choices"][0]["index"] == i]
         assert "".join(c["text"] for c in mine) == want[i]["response"] and mine[-1]["finish_reason"]
@@ -285,7 +294,7 @@ def test_completions_prompt_forms_and_n(llm, client):
 
 def test_n_seeded_choices_are_seed_plus_index(llm, client):
     messages = [{"role": "user", "content": "Tell me a joke."}]
-    sampled = dict(temperature=1.0, max_tokens=12, seed=41)
+    sampled = dict(temperature=1.0, max_tokens=8, seed=41)
     r = client.post("/v1/chat/completions", json=dict(messages=messages, n=3, **sampled))
     got = [c["message"]["content"] for c in r.json()["choices"]]
     assert got == [llama32.generate(llm, messages=messages, **dict(sampled, seed=41 + i))["response"]
