@@ -97,7 +97,8 @@ TOOL_FUNCTION = {
     "required": ["function"],
 }
 TOOL_CALL_IN = {
-    "type": "object", "description": "A call the assistant made: {type, function: {name, arguments}} or {name, arguments}.",
+    "type": "object",
+    "description": "A call the assistant made: {type, function: {name, arguments}} or {name, arguments}.",
     "properties": {"type": {"type": "string"}, "id": {"type": "string"},
                    "function": {"type": "object", "properties": {
                        "name": _NAME, "arguments": {"type": ["object", "string"]}}, "required": ["name"]},
@@ -439,7 +440,7 @@ def check_input(request: dict) -> dict:
         if unknown:
             raise InvalidRequest(_unknown(unknown, PROMPT_FORM, MESSAGES_FORM))
         raise InvalidRequest("exactly one of prompt and messages is required"
-                             + (f", got both" if has_prompt else ""))
+                             + (", got both" if has_prompt else ""))
     form, other = (PROMPT_FORM, MESSAGES_FORM) if has_prompt else (MESSAGES_FORM, PROMPT_FORM)
     unknown = [k for k in data if k not in form["properties"]]
     if unknown:
@@ -463,12 +464,3 @@ def _unknown(unknown: list, form: dict, other: dict) -> str:
                 f"{'messages' if form is MESSAGES_FORM else 'prompt'}")
     allowed = sorted(set(PROMPT_FORM["properties"]) | set(MESSAGES_FORM["properties"]))
     return f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
-
-
-def check_output(result: dict, *, chunk: bool = False) -> None:
-    """`result` (or one stream chunk) against the output schema; for tests and callers that want the proof."""
-    definition = CHUNK if chunk else RESULT
-    try:
-        _validator("chunk" if chunk else "result", definition)(result)
-    except fastjsonschema.JsonSchemaValueException as e:
-        raise ValueError(_message(e)) from None

@@ -185,10 +185,10 @@ def openapi(model_name: str) -> dict:
         paths[f"{prefix}/completions"] = oai(prefix, "completions", "Text completion (raw prompt)")
         paths[f"{prefix}/models"] = listing(prefix, False)
         paths[f"{prefix}/models/{{model_id}}"] = listing(prefix, True)
+    status = {"description": "Status and the loop's running/waiting counts",
+              "content": {"application/json": {"schema": {"type": "object"}}}}
     paths["/health"] = {"get": {"tags": ["Server"], "summary": "200 once the model is loaded",
-                                "operationId": "health", "security": [],
-                                "responses": {"200": {"description": "Status and the loop's running/waiting counts",
-                                                      "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+                                "operationId": "health", "security": [], "responses": {"200": status}}}
     paths["/metrics"] = {"get": {"tags": ["Server"], "summary": "Prometheus metrics", "operationId": "metrics",
                                  "responses": {"200": {"description": "Prometheus' text format",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
