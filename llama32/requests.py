@@ -50,7 +50,13 @@ def render_prompt(tok: Any, messages: list[dict], tools: list | None, field: str
         raise InvalidRequest(f"{field}: this checkpoint has no chat template (no chat_template in "
                              "tokenizer_config.json, no chat_template.jinja); send a prompt in the model's own "
                              "format with raw=true")
-    return render_template(tok.chat_template, tok.special_tokens, messages, tools)
+    text = render_template(tok.chat_template, tok.special_tokens, messages, tools)
+    if tools and text == render_template(tok.chat_template, tok.special_tokens, messages, None):
+        # the template ignores them: the model would never see the tools, and the caller must know
+        raise InvalidRequest("tools/functions: this checkpoint's chat template does not render tools, so the "
+                             "model would never see them; describe them in a system message instead, or use a "
+                             "checkpoint whose template renders tools (Llama 3.2 does)")
+    return text
 
 
 def require_tokenizer(llm: Any):

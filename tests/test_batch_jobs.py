@@ -19,7 +19,9 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city",
 
 
 def requests() -> list[dict]:
-    """~20 mixed records: greedy, seeded sampling, penalties, tools, a bad request, a record without id."""
+    """~20 mixed records: greedy, seeded sampling, penalties, tools, a bad request, a record without id.
+
+    On SmolLM2 the tools record is an error too: its chat template cannot render tools (said, never dropped)."""
     out = []
     for i in range(6):
         out.append({"id": f"greedy-{i}", "request": {"prompt": f"Name a famous person born in year {1900 + i}.",
@@ -67,7 +69,7 @@ def read(path) -> list[dict]:
 def test_local_job_equals_generate(smol, smollm2_dir, job, tmp_path):
     out = tmp_path / "out.jsonl"
     summary = run_file(job, out, model=str(smollm2_dir), device="cpu", dtype="float32", progress=False)
-    assert summary == {"skipped": 0, "written": len(requests()), "errors": 1}
+    assert summary == {"skipped": 0, "written": len(requests()), "errors": 2}  # the bad record and the tools one
     want = expected(smol)
     assert read(out) == json.loads(json.dumps(want))
     assert [r["id"] for r in read(out)][-3:] == ["bad", 17, 42]

@@ -104,3 +104,12 @@ def test_llama3_tokenizer_keeps_render_chat(make_checkpoint, llama3_tokenizer_di
     from llama32.requests import render_prompt
     messages = [{"role": "user", "content": "Hi"}]
     assert render_prompt(llm.tokenizer, messages, None, "prompt") == llama32.render_chat(messages)
+
+
+@pytest.mark.parametrize("offered", [{"tools": [{"name": "get_weather", "description": "Weather in a city"}]},
+                                     {"functions": [{"name": "hello", "code": "def hello(): pass"}]}])
+def test_tools_the_template_cannot_render_are_refused(smol, offered):
+    # SmolLM2's template has no tools section: they would be dropped silently, so the request is refused
+    for form in ({"prompt": "Weather in Paris?"}, {"messages": [{"role": "user", "content": "Weather in Paris?"}]}):
+        with pytest.raises(llama32.InvalidRequest, match="tools/functions: this checkpoint's chat template does not"):
+            llama32.generate(smol, max_tokens=1, **form, **offered)
