@@ -8,13 +8,15 @@ Meta's (params.json, consolidated.00.pth, tokenizer.model; written by tests/fixt
 transformers' converter). Then loads each with `llama32.load` in a fresh process, alternating the two for
 `--rounds` rounds, and reports per load: wall time, the process's peak RSS growth (VmHWM: counts mapped file
 pages too), the peak of its anonymous memory (RssAnon, sampled), both over the load plus one 16-token forward,
-and, separately, the tokenizer's load time alone. Prints one JSON document.
+and then, in the same process, the tokenizer's load alone and the weights' load alone (wall and CPU seconds:
+the machine is shared, and CPU time moves less with other work). Prints one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -47,9 +49,25 @@ def fixtures_module():
 def child(layout: str, ckpt: Path, dtype: str) -> None:
     result = bench.load_child("llama32", ckpt, torch.device("cpu"), getattr(torch, dtype), "off")
     from llama32.tokenizer import Tokenizer
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     Tokenizer.from_dir(ckpt)
     result["tokenizer_s"] = time.perf_counter() - start
+    result["tokenizer_cpu_s"] = time.process_time() - cpu
+    # the weights alone (a second load in this process: the file is in the page cache, as it was above)
+    gc.collect()
+    from llama32.config import LlamaConfig
+    from llama32.meta import MetaCheckpoint, is_meta_dir
+    from llama32.weights import load_model
+    start, cpu = time.perf_counter(), time.process_time()
+    if is_meta_dir(ckpt):
+        checkpoint = MetaCheckpoint(ckpt)
+        model = load_model(ckpt, checkpoint.config, device="cpu", dtype=getattr(torch, dtype),
+                           entries=checkpoint.entries(), config_name="params.json")
+    else:
+        model = load_model(ckpt, LlamaConfig.from_file(ckpt / "config.json"), device="cpu", dtype=getattr(torch, dtype))
+    result["weights_s"] = time.perf_counter() - start
+    result["weights_cpu_s"] = time.process_time() - cpu
+    del model
     result["layout"] = layout
     print(json.dumps(result))
 
@@ -97,7 +115,8 @@ def main() -> None:
         def summary(rs: list[dict]) -> dict:
             med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
             return {"load_s": med("load_s"), "load_s_runs": [round(r["load_s"], 2) for r in rs],
-                    "tokenizer_s": med("tokenizer_s"),
+                    "tokenizer_s": med("tokenizer_s"), "tokenizer_cpu_s": med("tokenizer_cpu_s"),
+                    "weights_s": med("weights_s"), "weights_cpu_s": med("weights_cpu_s"),
                     "vmhwm_growth_over_weights": med("host_peak_growth_bytes") / weight_bytes,
                     "anon_peak_growth_over_weights": med("host_anon_peak_growth_bytes") / weight_bytes}
 
