@@ -546,7 +546,9 @@ def test_lora_is_only_an_adapter_name_in_lora_dir(llm, tmp_path):
 # --- the playground, in a real browser ---------------------------------------------------------------------------------
 
 
-def test_playground_streams_an_answer_in_chromium(url):
+def test_playground_in_chromium_with_an_api_key(llm):
+    """The page opens without the key, shows the model, sends the typed key with its calls, honours the system
+    prompt and the knobs (its greedy answer is the library's), shows speed, and its Stop button cancels."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -559,57 +561,52 @@ def test_playground_streams_an_answer_in_chromium(url):
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
+    system, question = "You answer in one short sentence.", "What is the capital of France?"
+    want = llama32.generate(llm, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                            temperature=0, top_k=5, seed=3, max_tokens=12)["response"]
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        driver.get(url + "/")
-        driver.find_element(By.ID, "max_tokens").clear()
-        driver.find_element(By.ID, "max_tokens").send_keys("40")
-        driver.find_element(By.ID, "message").send_keys("What is the capital of France?")
-        driver.find_element(By.ID, "send").click()
-        seen = []  # the answer grows in steps while it streams
-        WebDriverWait(driver, 120, poll_frequency=0.05).until(
-            lambda d: seen.append(d.find_element(By.CSS_SELECTOR, ".assistant").text) or "tokens" in d.find_element(
-                By.ID, "status").text)
-        answer = driver.find_element(By.CSS_SELECTOR, ".assistant").text
-        assert answer.strip()
-        assert len({s for s in seen if s}) > 2, seen  # several partial texts: it streamed
-        assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith("What is the capital of France?")
-    finally:
-        driver.quit()
+    with running(create_app(llm, api_key="sekrit", model_name="smollm2")) as url:
+        try:
+            driver.get(url + "/")
+            assert httpx.get(url + "/favicon.ico").headers["content-type"].startswith("image/")
+            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "model: smollm2")
 
+            def field(name, value):
+                box = driver.find_element(By.ID, name)
+                box.clear()
+                box.send_keys(value)
 
-def test_two_hundred_concurrent_streams_with_max_batch_8(tiny, tiny_url):
-    """No thread per request: 200 clients stream at once through an 8-row batch (the rest wait in the loop's
-    queue, within --max-queue); every stream is well formed and equals the library's answer."""
-    import asyncio
+            for name, value in (("temperature", "0"), ("top_k", "5"), ("seed", "3"), ("max_tokens", "12"),
+                                ("system", system), ("message", question), ("key", "sekrit")):
+                field(name, value)
+            driver.find_element(By.ID, "send").click()
+            seen = []  # the answer grows in steps while it streams
+            WebDriverWait(driver, 120, poll_frequency=0.02).until(
+                lambda d: seen.append(d.find_element(By.CSS_SELECTOR, ".assistant").text) or "tokens/s" in d.find_element(
+                    By.ID, "status").text)
+            assert driver.find_element(By.CSS_SELECTOR, ".assistant").text == want.strip()
+            assert len({s for s in seen if s}) > 2, seen  # several partial texts: it streamed
+            status = driver.find_element(By.ID, "status").text
+            assert "time to first token" in status and "tokens/s" in status
+            assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith(question)
 
-    prompts = [f"Item {i}:" for i in range(5)]
-    body = dict(raw=True, temperature=0, max_tokens=4)
-    want = [llama32.generate(tiny, prompt=p, **body)["response"] for p in prompts]
-    most = []
+            # Stop: a long answer is cancelled in the server, not just hidden
+            field("max_tokens", "2000")
+            field("message", "Write a very long story about the sea.")
+            driver.find_element(By.ID, "send").click()
+            WebDriverWait(driver, 60, poll_frequency=0.02).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+                and d.find_elements(By.CSS_SELECTOR, ".assistant")[1].text)
+            driver.find_element(By.ID, "stop").click()
+            WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
+            deadline = time.time() + 5
+            while httpx.get(url + "/health").json()["running"] and time.time() < deadline:
+                time.sleep(0.02)
+            assert httpx.get(url + "/health").json()["running"] == 0
 
-    async def clients(base):
-        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
-        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
-            async def one(i):
-                async with c.stream("POST", WAI, json=dict(prompt=prompts[i % 5], stream=True, **body)) as r:
-                    assert r.status_code == 200
-                    return i, "".join([part async for part in r.aiter_text()])
-
-            async def watch():
-                while True:
-                    most.append((await c.get("/health")).json()["running"])
-                    await asyncio.sleep(0.05)
-            watcher = asyncio.ensure_future(watch())
-            results = await asyncio.gather(*(one(i) for i in range(200)))
-            watcher.cancel()
-            return results, (await c.get("/health")).json()
-
-    results, health = asyncio.run(clients(tiny_url))
-    for i, text in results:
-        events = sse_events(text)
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert "".join(c["response"] for c in chunks) == want[i % 5]
-        assert chunks[-1]["usage"]["completion_tokens"] == 4 and all("usage" not in c for c in chunks[:-1])
-    assert max(most) <= 8 and health["running"] == 0 and health["waiting"] == 0
+            field("key", "wrong")  # the typed key is what the calls send
+            field("message", "Hi")
+            driver.find_element(By.ID, "send").click()
+            WebDriverWait(driver, 30).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
+        finally:
+            driver.quit()
