@@ -196,6 +196,21 @@ def test_logits_equal_the_hf_layout(layouts, kind, shards):
         assert torch.allclose(la, fixtures.hf_model(twin)(IDS).logits, atol=1e-4, rtol=0)
 
 
+def test_embedding_split_along_its_width_llama2_style(layouts, tmp_path):
+    """Llama 2's model-parallel embedding split its width (dim 1), Llama 3's its vocabulary (dim 0): the shapes say."""
+    meta, twin = layouts("mha", 2)
+    folder = Path(shutil.copytree(meta, tmp_path / "llama2-style"))
+    shards = [torch.load(folder / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
+    whole = torch.cat([s["tok_embeddings.weight"] for s in shards], 0)
+    for i, piece in enumerate(whole.chunk(2, dim=1)):
+        shards[i]["tok_embeddings.weight"] = piece.clone()
+        shards[i]["rope.freqs"] = torch.zeros(8)  # Llama 2's files carry their RoPE table; it is ignored
+        torch.save(shards[i], folder / f"consolidated.0{i}.pth")
+    a, b = llama32.load(folder, dtype="float32", device="cpu"), llama32.load(twin, dtype="float32", device="cpu")
+    assert torch.equal(a.model.model.embed_tokens.weight, b.model.model.embed_tokens.weight)
+    assert (a.model(IDS) - b.model(IDS)).abs().max().item() <= 1e-4
+
+
 def test_tied_head_written_as_a_copy_is_still_tied(make_checkpoint, tmp_path):
     meta = fixtures.write_meta_checkpoint(make_checkpoint(kind="llama32"), tmp_path / "m", output="copy")
     llm = llama32.load(meta, dtype="float32", device="cpu")
