@@ -12,6 +12,7 @@ import llama32
 
 pytest.importorskip("starlette")
 from llama32.server import create_app  # noqa: E402
+from llama32.server.docs import PLAYGROUND_FIELDS  # noqa: E402
 
 from test_server import running  # noqa: E402  (a real uvicorn server on a free loopback port)
 
@@ -108,11 +109,10 @@ def test_docs_assets_are_served_locally(url, client):
     assert httpx.get(url + "/docs/index.html").status_code == 401  # and nothing else is open
 
 
-def test_docs_render_and_run_a_request_in_chromium(url):
+@pytest.fixture(scope="module")
+def browser():
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
@@ -122,29 +122,58 @@ def test_docs_render_and_run_a_request_in_chromium(url):
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        driver.get(url + "/docs")
-        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 6)
-        text = driver.find_element(By.ID, "swagger-ui").text
-        assert "/v1/chat/completions" in text and f"/ai/run/{MODEL}" in text
-        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".errors-wrapper")]
-        assert not errors, errors  # Swagger UI found nothing wrong in the document
-        # the schema route, tried out from the page (with the key typed into Authorize)
-        driver.find_element(By.CSS_SELECTOR, ".authorize").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".auth-container input"))
-        driver.find_element(By.CSS_SELECTOR, ".auth-container input").send_keys(KEY)
-        driver.find_element(By.CSS_SELECTOR, ".auth-btn-wrapper .authorize").click()
-        driver.find_element(By.CSS_SELECTOR, ".btn-done").click()
-        op = driver.find_element(By.ID, "operations-Workers_AI-model_schema")
-        op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-        wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, "input[placeholder='account_id']"))
-        op.find_element(By.CSS_SELECTOR, "input[placeholder='account_id']").send_keys("abc123")
-        op.find_element(By.CSS_SELECTOR, ".execute").click()
-        cell = ".live-responses-table tr.response .response-col_status"
-        wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, cell))
-        assert op.find_element(By.CSS_SELECTOR, cell).text.strip() == "200"
-        shown = op.find_element(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_description").text
-        assert '"success": true' in shown and '"x-extension": true' in shown
-    finally:
-        driver.quit()
+    yield driver
+    driver.quit()
+
+
+def test_playground_controls_come_from_the_schema(url, browser):
+    from selenium.webdriver.common.by import By
+
+    fields = llama32.schema()["input"]["oneOf"][1]["properties"]
+    browser.get(url + "/")
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#knobs input')].map(i => [i.id, i.min, i.max, i.value, i.step])")
+    assert [s[0] for s in shown] == list(PLAYGROUND_FIELDS)
+    for name, lo, hi, value, step in shown:
+        d = fields[name]
+        assert float(lo) == d["minimum"] and (hi == "" if "maximum" not in d else float(hi) == d["maximum"])
+        assert value == ("" if "default" not in d else str(d["default"])), name
+        assert step == ("1" if d["type"] == "integer" else "any"), name
+    # a value outside the schema's range is refused by the page itself: nothing is sent
+    box = browser.find_element(By.ID, "top_k")
+    box.clear()
+    box.send_keys("99")
+    browser.find_element(By.ID, "message").send_keys("Hi")
+    browser.find_element(By.ID, "send").click()
+    assert browser.execute_script("return document.getElementById('top_k').validity.rangeOverflow") is True
+    assert browser.find_elements(By.CSS_SELECTOR, ".user") == [] and browser.find_element(By.ID, "status").text == ""
+
+
+def test_docs_render_and_run_a_request_in_chromium(url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    driver.get(url + "/docs")
+    wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 6)
+    text = driver.find_element(By.ID, "swagger-ui").text
+    assert "/v1/chat/completions" in text and f"/ai/run/{MODEL}" in text
+    errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".errors-wrapper")]
+    assert not errors, errors  # Swagger UI found nothing wrong in the document
+    # the schema route, tried out from the page (with the key typed into Authorize)
+    driver.find_element(By.CSS_SELECTOR, ".authorize").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".auth-container input"))
+    driver.find_element(By.CSS_SELECTOR, ".auth-container input").send_keys(KEY)
+    driver.find_element(By.CSS_SELECTOR, ".auth-btn-wrapper .authorize").click()
+    driver.find_element(By.CSS_SELECTOR, ".btn-done").click()
+    op = driver.find_element(By.ID, "operations-Workers_AI-model_schema")
+    op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, "input[placeholder='account_id']"))
+    op.find_element(By.CSS_SELECTOR, "input[placeholder='account_id']").send_keys("abc123")
+    op.find_element(By.CSS_SELECTOR, ".execute").click()
+    cell = ".live-responses-table tr.response .response-col_status"
+    wait.until(lambda d: op.find_elements(By.CSS_SELECTOR, cell))
+    assert op.find_element(By.CSS_SELECTOR, cell).text.strip() == "200"
+    shown = op.find_element(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_description").text
+    assert '"success": true' in shown and '"x-extension": true' in shown

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import llama32
@@ -103,8 +103,10 @@ def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: st
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": backend.model_name, **llm.loop.stats()})
 
-    async def playground(request: Request) -> FileResponse:
-        return FileResponse(STATIC / "playground.html", media_type="text/html")
+    page = docs.playground_page((STATIC / "playground.html").read_text())  # its controls from the schema
+
+    async def playground(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
 
     async def favicon(request: Request) -> FileResponse:
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")

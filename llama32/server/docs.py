@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 from starlette.requests import Request
@@ -19,7 +20,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 import llama32
-from llama32.schemas import MODEL, PROMPT_FORM
+from llama32.schemas import MESSAGES_FORM, MODEL, PROMPT_FORM
 
 from .errors import ApiError, error_response
 
@@ -36,6 +37,35 @@ _PAGE = """<!doctype html>
   tryItOutEnabled: true, persistAuthorization: true});</script>
 </body></html>
 """
+
+
+# The playground's sampling controls, in this order; each one's range, default and help come from the schema.
+PLAYGROUND_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "repetition_penalty",
+                     "frequency_penalty", "presence_penalty")
+PLAYGROUND_MARK = "/*CONTROLS*/[]"  # in playground.html's script, where the controls' table goes
+
+
+def controls(fields: tuple[str, ...] = PLAYGROUND_FIELDS) -> list[dict]:
+    """The playground's controls: `{name, min, max, step, value, title}` from each field's schema (the default
+    as the value; "" when the field has none, so nothing is sent), so the page and the validation cannot
+    disagree. The browser itself refuses a value outside `min`..`max`."""
+    out = []
+    for name in fields:
+        d = MESSAGES_FORM["properties"][name]
+        c = {"name": name, "min": d["minimum"], "step": 1 if d["type"] == "integer" else "any",
+             "value": str(d.get("default", "")), "title": d["description"]}
+        if "maximum" in d:
+            c["max"] = d["maximum"]
+        out.append(c)
+    return out
+
+
+def playground_page(template: str) -> str:
+    """The playground page (`template`: static/playground.html) with its controls' table filled in."""
+    if PLAYGROUND_MARK not in template:
+        raise ValueError(f"the playground page has no {PLAYGROUND_MARK} for its controls")
+    table = json.dumps(controls()).replace("</", "<\\/")  # a JSON literal inside <script>
+    return template.replace(PLAYGROUND_MARK, table)
 
 
 def _assets_dir() -> Path | None:
