@@ -1,17 +1,20 @@
 """A client-side load generator for `python -m llama32 serve`, like the serving benchmarks people already use:
-N concurrent clients stream mixed-length requests from the OpenAI route; reports tok/s, time to first token and
-inter-token latency p50/p99, then runs the same requests through the library directly (threads on one handle)
-for the server's overhead.
+for each concurrency level (default 8, 32 and 128 clients), that many clients stream mixed-length chat requests
+from the OpenAI route at once (each takes the next request as it finishes one); then the same requests, at the
+same concurrency, stream through the library in-process (threads on one handle, no HTTP). For both: throughput
+(generated tokens per second of wall time), time to first token and inter-token latency p50/p99.
 
-    python benchmarks/load_client.py --model <checkpoint dir> --dtype float32 --clients 8 --requests 32
+    python benchmarks/load_client.py --model <checkpoint dir> --dtype float32 --clients 8 32 128 --max-batch 32
 
-Starts its own server on a free loopback port (or `--url` for a running one). One JSON report to --out.
+Starts its own server on a free loopback port (or `--url` for a running one). The clients are asyncio tasks on
+one httpx.AsyncClient, so the load generator itself needs no thread per client. One JSON report to --out, and a
+Markdown table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import json
 import random
 import socket
@@ -30,77 +33,129 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from serve_bench import cpu_flags, percentile, words  # noqa: E402
 
 
-def workload(n: int, seed: int) -> list[dict]:
+def workload(n: int, seed: int, max_new: int = 64) -> list[dict]:
     rng = random.Random(seed)
     return [{"messages": [{"role": "user", "content": words(rng.randint(8, 120), rng)}],
-             "max_tokens": rng.randint(16, 96), "temperature": 0} for _ in range(n)]
+             "max_tokens": rng.randint(max(1, max_new // 4), max_new), "temperature": 0} for _ in range(n)]
 
 
-def stream_one(client: httpx.Client, body: dict) -> dict:
+def summary(wall: float, results: list[dict]) -> dict:
+    """Throughput and latency percentiles of one run (each result: ttft_s, latency_s, tokens, itl_s)."""
+    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
+    itl = [g for r in results for g in r["itl_s"]]
+    tokens = sum(r["tokens"] for r in results)
+    pct = (lambda v, q: percentile(v, q) if v else None)
+    return {"requests": len(results), "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
+            "latency_p50_s": pct([r["latency_s"] for r in results], 50),
+            "latency_p99_s": pct([r["latency_s"] for r in results], 99)}
+
+
+def timing(start: float, stamps: list[float], tokens: int) -> dict:
+    return {"ttft_s": stamps[0] - start if stamps else None, "latency_s": time.perf_counter() - start,
+            "tokens": tokens, "itl_s": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+async def stream_one(client: httpx.AsyncClient, body: dict) -> dict:
     start = time.perf_counter()
     stamps, tokens = [], 0
-    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True,
-                                                                  stream_options={"include_usage": True})) as r:
+    async with client.stream("POST", "/v1/chat/completions",
+                             json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
+        async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter() - start)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft_s": stamps[0] if stamps else None, "latency_s": time.perf_counter() - start, "tokens": tokens,
-            "itl_s": gaps}
+                stamps.append(time.perf_counter())
+    return timing(start, stamps, tokens)
 
 
-def drain(items: list, work, workers: int, open_client=None) -> tuple[float, list]:
-    """`work(client, item)` for every item, by `workers` threads taking the next item as they free up (each
-    with its own `open_client()` context, if given); returns (wall seconds, results in item order)."""
-    queue = list(enumerate(items))
+async def run_server(url: str, bodies: list[dict], clients: int) -> dict:
+    """`clients` asyncio clients, each streaming the next request as it finishes one."""
+    todo = list(enumerate(bodies))
+    results: list = [None] * len(bodies)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        async def worker():
+            while todo:
+                i, body = todo.pop(0)
+                results[i] = await stream_one(client, body)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return summary(time.perf_counter() - start, results)
+
+
+def run_library(llm, bodies: list[dict], clients: int) -> dict:
+    """The same requests streamed through the library in-process: `clients` threads on one handle."""
+    import llama32
+
+    todo = list(enumerate(bodies))
     lock = threading.Lock()
-    results: list = [None] * len(items)
+    results: list = [None] * len(bodies)
+
+    def one(body):
+        start, stamps, tokens = time.perf_counter(), [], 0
+        for chunk in llama32.generate(llm, stream=True, **body):
+            if chunk["response"]:
+                stamps.append(time.perf_counter())
+            if "usage" in chunk:
+                tokens = chunk["usage"]["completion_tokens"]
+        return timing(start, stamps, tokens)
 
     def worker():
-        with open_client() if open_client else contextlib.nullcontext() as client:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i, item = queue.pop(0)
-                results[i] = work(client, item)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, body = todo.pop(0)
+            results[i] = one(body)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - start, results
+    return summary(time.perf_counter() - start, results)
 
 
-def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
-    wall, results = drain(bodies, stream_one, clients, lambda: httpx.Client(base_url=url, timeout=600))
-    itl = [g for r in results for g in r["itl_s"]]
-    return {"wall_s": wall, "tokens": sum(r["tokens"] for r in results),
-            "tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_p50_s": percentile([r["ttft_s"] for r in results if r["ttft_s"] is not None], 50),
-            "ttft_p99_s": percentile([r["ttft_s"] for r in results if r["ttft_s"] is not None], 99),
-            "itl_p50_s": percentile(itl, 50) if itl else None, "itl_p99_s": percentile(itl, 99) if itl else None,
-            "latency_p50_s": percentile([r["latency_s"] for r in results], 50),
-            "latency_p99_s": percentile([r["latency_s"] for r in results], 99)}
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llama32", "serve", "--model", args.model, "--port", str(port), "--device",
+           args.device, "--dtype", args.dtype, "--max-queue", str(max(args.clients) + 16)]
+    if args.max_batch:
+        cmd += ["--max-batch", str(args.max_batch)]
+    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("the server did not start")
 
 
-def run_library(model: str, device: str, dtype: str, bodies: list[dict], clients: int) -> dict:
-    """The same requests through the library on threads, `clients` at a time (no HTTP)."""
-    import llama32
-
-    llm = llama32.load(model, device=device, dtype=dtype)
-    llama32.generate(llm, **dict(bodies[0], max_tokens=2))
-    wall, outs = drain(bodies, lambda _, body: llama32.generate(llm, **body), clients)
-    tokens = sum(o["usage"]["completion_tokens"] for o in outs)
-    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall}
+def table(rows: list[dict]) -> str:
+    ms = (lambda s: "" if s is None else f"{s * 1000:.0f}")
+    out = ["| clients | path | requests | tok/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | server / library |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for path in ("server", "library"):
+            m = r[path]
+            ratio = f"{r['server']['tok_s'] / r['library']['tok_s']:.3f}" if path == "server" else ""
+            out.append(f"| {r['clients']} | {path} | {m['requests']} | {m['tok_s']:.1f} | "
+                       f"{ms(m['ttft_p50_s'])} / {ms(m['ttft_p99_s'])} | {ms(m['itl_p50_s'])} / {ms(m['itl_p99_s'])} | "
+                       f"{ratio} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -109,43 +164,38 @@ def main(argv=None) -> int:
     p.add_argument("--url", default=None, help="a running server (else one is started here)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--requests-per-client", type=float, default=2.0,
+                   help="requests per concurrency level = clients x this (at least 16)")
+    p.add_argument("--max-new", type=int, default=64, help="new tokens per request: uniform in [max/4, max]")
+    p.add_argument("--max-batch", type=int, default=None, help="rows decoded together, server and library alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "load.json")
     args = p.parse_args(argv)
-    bodies = workload(args.requests, args.seed)
-    server = None
-    url = args.url
-    if url is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "llama32", "serve", "--model", args.model, "--port", str(port),
-                                   "--device", args.device, "--dtype", args.dtype], stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    import llama32
+
+    levels = {c: workload(max(16, round(c * args.requests_per_client)), args.seed + c, args.max_new)
+              for c in args.clients}
+    rows = {c: {"clients": c} for c in args.clients}
+    server, url = (None, args.url) if args.url else start_server(args)
     try:
-        with httpx.Client(base_url=url, timeout=600) as c:  # warm-up
-            stream_one(c, dict(bodies[0], max_tokens=2))
-        served = run_clients(url, bodies, args.clients)
+        asyncio.run(run_server(url, [dict(levels[args.clients[0]][0], max_tokens=2)], 1))  # warm-up
+        for c, bodies in levels.items():
+            rows[c]["server"] = asyncio.run(run_server(url, bodies, c))
+            print(f"server, {c} clients: {rows[c]['server']['tok_s']:.1f} tok/s", flush=True)
     finally:
         if server is not None:
             server.terminate()
-            server.wait(timeout=30)
-    direct = run_library(args.model, args.device, args.dtype, bodies, args.clients)
-    report = {"machine": {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
-              "settings": {k: str(v) for k, v in vars(args).items()}, "server": served, "library": direct,
-              "server_over_library": served["tok_s"] / direct["tok_s"]}
-    print(f"server: {served['tok_s']:.1f} tok/s, TTFT p50/p99 {served['ttft_p50_s']:.3f}/{served['ttft_p99_s']:.3f} s, "
-          f"ITL p50/p99 {served['itl_p50_s'] * 1000:.1f}/{served['itl_p99_s'] * 1000:.1f} ms; library directly: "
-          f"{direct['tok_s']:.1f} tok/s ({report['server_over_library']:.2f}x)")
+            server.wait(timeout=60)
+    llm = llama32.load(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    llama32.generate(llm, **dict(levels[args.clients[0]][0], max_tokens=2))  # warm-up
+    for c, bodies in levels.items():
+        rows[c]["library"] = run_library(llm, bodies, c)
+        print(f"library, {c} clients: {rows[c]['library']['tok_s']:.1f} tok/s", flush=True)
+    report = {"machine": {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+              "settings": {k: str(v) for k, v in vars(args).items()}, "max_batch": llm.loop.max_batch,
+              "rows": list(rows.values())}
+    print(table(report["rows"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -610,3 +610,78 @@ def test_playground_in_chromium_with_an_api_key(llm):
             WebDriverWait(driver, 30).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
         finally:
             driver.quit()
+
+
+# --- lm-eval-harness ------------------------------------------------------------------------------------------------
+
+MC_DOCS = [{"question": "What is the capital of France?", "choices": ["Paris", "London", "Rome"], "answer": 0},
+           {"question": "How many legs does a cat have?", "choices": ["four", "two", "six"], "answer": 0},
+           {"question": "What colour is the sky on a clear day?", "choices": ["green", "blue"], "answer": 1},
+           {"question": "Which animal barks?", "choices": ["a dog", "a fish", "a bird"], "answer": 0},
+           {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": 1}]
+MC_TASK = """task: llama32_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: llama32_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_local_completions_defaults_batch_4(llm, url, smollm2_dir, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` with its default arguments (token-id prompts, lists of them per request)
+    and --batch_size 4, offline on local tasks: every loglikelihood equals the model's own, computed here from
+    the same token ids, and generation tasks are answered."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (tmp_path / "gen.yaml").write_text(GEN_TASK.format(data=data))
+    out = simple_evaluate(model="local-completions", model_args=f"model={smollm2_dir},base_url={url}/v1/completions",
+                          tasks=["llama32_tiny_mc", "llama32_tiny_gen"], batch_size=4, log_samples=True,
+                          task_manager=TaskManager(include_path=str(tmp_path)))
+    hf = out["samples"]["llama32_tiny_mc"]
+    assert len(hf) == len(MC_DOCS)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)  # what lm-eval tokenized with
+    for sample in hf:
+        for (context, continuation), [(logprob, greedy)] in zip(sample["arguments"], sample["resps"]):
+            head, tail = tok.encode(context, add_special_tokens=False), tok.encode(continuation, add_special_tokens=False)
+            ids = torch.tensor([head + tail])
+            with torch.no_grad():
+                logp = torch.log_softmax(llm.model(ids)[0].float(), dim=-1)
+            rows = logp[len(head) - 1: -1]
+            want = rows.gather(-1, torch.tensor(tail)[:, None]).sum().item()
+            assert logprob == pytest.approx(want, abs=1e-3)
+            assert greedy == bool((rows.argmax(-1) == torch.tensor(tail)).all())
+    assert out["results"]["llama32_tiny_mc"]["acc,none"] >= 0.6  # real weights answer most of these
+    answers = [s["resps"][0][0] for s in out["samples"]["llama32_tiny_gen"]]
+    assert len(answers) == len(MC_DOCS) and all(isinstance(a, str) and "\n" not in a for a in answers)
+    assert any(a.strip() for a in answers)
