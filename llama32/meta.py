@@ -34,6 +34,7 @@ import math
 import mmap
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -275,6 +276,7 @@ class MetaCheckpoint:
         params = read_params(path)
         self.files = shard_files(path)
         self.shards = [_load_shard(f) for f in self.files]
+        self._mapped = _file_mappings(self.files)  # where the shards' pages are, for _drop_pages
         names = set(self.shards[0])
         for file, shard in zip(self.files[1:], self.shards[1:]):
             if set(shard) != names:
@@ -326,9 +328,8 @@ class MetaCheckpoint:
                            and o.storage_offset() == e.storage_offset() and o.stride() == e.stride())
             if not same_memory:
                 equal = torch.equal(o, e)
-                if self.embed_dim == 0:  # o and e are the shards' own (mapped) tensors, not joined copies
-                    _drop_pages(o)
-                    _drop_pages(e)
+                _drop_pages(o, self._mapped)
+                _drop_pages(e, self._mapped)
                 if not equal:
                     return False
         return True
@@ -378,32 +379,63 @@ class MetaCheckpoint:
                               owned=(dim is not None and n > 1) or heads is not None,
                               mapped=(lambda p=parts[0]: p) if n == 1 else (lambda: None))
             for part in parts:  # converted by now: its file pages need not stay in this process
-                _drop_pages(part)
+                _drop_pages(part, self._mapped)
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Tell the kernel this process is done with the file pages under `t` (madvise MADV_DONTNEED on its
-    mapping), so a load does not hold a second copy of the weights as mapped file pages (they stay in the
-    page cache; a later read, such as a mapped embedding's lookups, faults them back in from the file,
-    unchanged: nothing is ever written to the mapping). Linux only; elsewhere a no-op."""
+def _file_mappings(files: list[Path]) -> list[tuple[int, int]]:
+    """The address ranges this process maps the shard files at, from /proc/self/maps (Linux), where the file
+    was saved little-endian like this machine (else torch.load may have byte-swapped pages in place, which
+    dropping would undo); empty elsewhere, which turns `_drop_pages` off."""
+    if sys.byteorder != "little":
+        return []
+    names = set()
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                order = [n for n in z.namelist() if n.endswith("/byteorder")]
+                if order and z.read(order[0]).strip() != b"little":
+                    return []
+        except (OSError, zipfile.BadZipFile):
+            return []
+        names.add(str(f.resolve()))
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names and fields[1].endswith("p"):  # a private mapping of a shard
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _drop_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Tell the kernel this process is done with the file pages under `t` (madvise MADV_DONTNEED), so a load
+    does not keep a second copy of the weights resident as mapped file pages. They stay in the page cache; a
+    later read (a mapped embedding's lookups) faults them back in from the file, unchanged, since nothing
+    writes to the mapping. Only pages inside `mapped` (the shard files' private mappings) are ever dropped,
+    so memory of the process's own is never touched. Linux only; elsewhere a no-op."""
     global _madvise
+    if not mapped or t.numel() == 0:
+        return
     if _madvise is None:
         try:
             import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.madvise
+            fn = ctypes.CDLL(None, use_errno=True).madvise
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn if sys.platform.startswith("linux") else False
+            _madvise = fn
         except (OSError, AttributeError):
             _madvise = False
-    if not _madvise or t.numel() == 0:
+    if not _madvise:
         return
     page = mmap.PAGESIZE
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     first = (start + page - 1) // page * page  # whole pages only: a neighbour's partial page stays
     last = end // page * page
-    if last > first:
+    if last > first and any(lo <= first and last <= hi for lo, hi in mapped):
         _madvise(first, last - first, 4)  # MADV_DONTNEED
 
 
