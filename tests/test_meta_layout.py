@@ -516,3 +516,20 @@ def test_download_original_of_a_repo_without_one(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: None)
     with pytest.raises(CheckpointError, match=r"no original/ folder with params.json.*without --original"):
         download("someone/Plain-HF-Model", original=True)
+
+
+def test_released_file_pages_read_back_and_own_memory_is_never_dropped(tmp_path):
+    """The load drops each converted tensor's file pages (madvise); only pages of the shard files' mappings."""
+    import sys
+    from llama32 import meta
+    torch.save({"w": torch.randn(1024, 1024)}, tmp_path / "consolidated.00.pth")
+    state = torch.load(tmp_path / "consolidated.00.pth", mmap=True, weights_only=True)
+    ranges = meta._file_mappings([tmp_path / "consolidated.00.pth"])
+    assert bool(ranges) == sys.platform.startswith("linux")
+    before = state["w"].clone()
+    meta._drop_pages(state["w"], ranges)
+    assert torch.equal(state["w"], before)  # faulted back in from the file, unchanged
+    own = torch.randn(1024, 1024)
+    copy = own.clone()
+    meta._drop_pages(own, ranges)  # not in the file's mapping: left alone (dropping would zero it)
+    assert torch.equal(own, copy)
