@@ -12,6 +12,7 @@ hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +187,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.hd, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None,
-                input_pos: Tensor | None, mask: Tensor | None, lora=None) -> Tensor:
+                input_pos: Tensor | None, mask: Tensor | None, lora=None, probs: list[Tensor] | None = None) -> Tensor:
+        """`probs`: a list to append this layer's attention probabilities [B, H, T, S] to (see `explicit_attention`);
+        None (every generation step) keeps `scaled_dot_product_attention`."""
         B, T, _ = x.shape
         q = self.q_proj(x, lora).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
@@ -204,7 +207,10 @@ class Attention(nn.Module):
                 v_whole[rows, :, input_pos] = v.transpose(1, 2)
                 k, v = k_cache, v_cache
 
-        if mask is None:
+        if probs is not None:
+            y, p = explicit_attention(q, k, v, mask, self.n_heads // self.n_kv)
+            probs.append(p)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
             # Fold each key/value head's group of query heads into the query length, so that one plain
@@ -215,6 +221,23 @@ class Attention(nn.Module):
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
+    """Attention written out, as transformers' eager attention computes it, for the probabilities it returns.
+
+    q [B, H, T, hd]; k, v [B, K, S, hd], each key/value head serving `groups` query heads; mask [B, 1, T, S]
+    (True: may attend) or None: causal, the T queries being the last T of the S positions. Scores are scaled
+    in the model dtype, the softmax runs in float32 and is cast back. Returns (y [B, H, T, hd], probs [B, H, T, S]).
+    """
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+    v = v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v, probs
 
 
 class MLP(nn.Module):
@@ -238,8 +261,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
-                mask: Tensor | None, lora=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora)
+                mask: Tensor | None, lora=None, probs: list[Tensor] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -251,6 +274,22 @@ class LlamaModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.forward` returns when asked for more than logits (transformers' field names).
+
+    - logits [B, T, V] (or [B, 1, V] with `logits_at`).
+    - hidden_states: L + 1 tensors [B, T, D], or None: the embeddings' output, then each layer's output,
+      the last one after the final norm (as transformers gives them: the last layer's output before the
+      norm is not among them).
+    - attentions: L tensors [B, H, T, S] of attention probabilities (each row sums to 1), or None.
+    """
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 class Transformer(nn.Module):
@@ -278,7 +317,8 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(self.config, device)
 
     def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
-                logits_at: Tensor | None = None, lora=None) -> Tensor:
+                logits_at: Tensor | None = None, lora=None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> Tensor | ModelOutput:
         """Logits for `input_ids` [B, T].
 
         - no cache: a plain causal forward over positions 0..T-1.
@@ -287,6 +327,8 @@ class Transformer(nn.Module):
           cached position at or before their own (decode, or continuing a prompt).
         `logits_at` [B]: apply the head only at that position of each row and return [B, 1, V].
         `lora`: per-row LoRA adapters (`lora.RowAdapters`) in place of the handle's own.
+        `output_hidden_states` / `output_attentions`: return a `ModelOutput` with them (attention then runs
+        written out, `explicit_attention`, for its probabilities); without either, the logits tensor alone.
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -301,9 +343,21 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
 
         x = self.model.embed_tokens(input_ids).to(dtype)  # (B, T, D)
+        hidden = [x] if output_hidden_states else None
+        probs = [] if output_attentions else None
         for i, layer in enumerate(self.model.layers):
             kv = cache.layer(i) if cache is not None else None
-            x = layer(x, cos, sin, kv, input_pos, mask, lora)
+            x = layer(x, cos, sin, kv, input_pos, mask, lora, probs)
+            if hidden is not None:
+                hidden.append(x)
+        if hidden is not None or probs is not None:
+            x = self.model.norm(x)
+            if hidden is not None:
+                hidden[-1] = x
+            if logits_at is not None:
+                x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+            return ModelOutput(self.lm_head(x), None if hidden is None else tuple(hidden),
+                               None if probs is None else tuple(probs))
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.model.norm(x))  # the head is never adapted
