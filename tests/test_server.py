@@ -256,7 +256,7 @@ def test_cli_flags_and_sigterm_shut_the_server_down_cleanly(smollm2_dir):
             os.kill(proc.pid, signal.SIGKILL)
 
 
-def test_openai_tool_calls_shape(client, monkeypatch):
+def test_openai_tool_calls_shape(tiny_url, monkeypatch):
     """A model answer that is a call comes back in OpenAI's form with finish_reason tool_calls (the library's
     own tool-call parsing is tested on real token ids elsewhere; here the route's translation)."""
     from llama32.server.backend import Generation
@@ -270,6 +270,7 @@ def test_openai_tool_calls_shape(client, monkeypatch):
     monkeypatch.setattr(Generation, "chunks", answer)
     body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 2,
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}
+    client = httpx.Client(base_url=tiny_url, timeout=120)  # a checkpoint whose template renders tools
     choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     (call,) = choice["message"]["tool_calls"]
@@ -278,6 +279,7 @@ def test_openai_tool_calls_shape(client, monkeypatch):
     events = [json.loads(e) for e in sse_events(client.post("/v1/chat/completions", json=dict(body, stream=True)).text)[:-1]]
     assert events[-2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    client.close()
 
 
 
