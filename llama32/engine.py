@@ -5,7 +5,7 @@ then submit it as a `Job`. One loop thread owns the model's generation state and
 1. admit: waiting jobs, in arrival order, take free rows ("slots") of one preallocated KV cache, up to
    `max_batch` at once; each is prefilled alone, at its own slot, and draws its first token;
 2. step: one decode forward for every running row, each at its own position (no left padding), then the
-   sampler with each row's own parameters, generator and LoRA adapter;
+   sampler with each row's own parameters, seed and LoRA adapter;
 3. retire: a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
    cancelled (a stream closed or dropped), freeing its slot for the next waiting job.
 Tokens reach each caller through its `Output` (output.py) and a queue. A row's arithmetic does not depend on
@@ -20,10 +20,15 @@ request longer than a slot (prompt + max_tokens) is served alone, in a cache of 
 up to a power of two, at most the context), once the rows ahead of it have finished. Each decode step
 attends only over the positions in use (rounded up to a power of two), not the whole slot.
 
-Two forms of the step: `decode_step`, the readable eager reference (the sampler skips, from Python, what no
-row uses; noise from each request's generator), and `static_decode_step`, the one `llm.compiled` runs through
-torch.compile: rows [0, n) for n a power of two, every sampler setting a tensor row of `StepKnobs`, noise
-from `counter_noise`, LoRA through `GatheredAdapters`, so it compiles one graph per (n, positions attended).
+Two forms of the step, one sampler: `decode_step`, the readable eager reference (the sampler skips, from
+Python, the steps no row uses), and `static_decode_step`, the one `llm.compiled` runs through torch.compile:
+rows [0, n) for n a power of two, every sampler step always run, LoRA through `GatheredAdapters`, so it
+compiles one graph per (n, positions attended). Both read each row's settings from `StepKnobs` and draw with
+`counter_noise`, so a seed gives the same tokens eager or compiled, alone or batched.
+
+JSON mode's hook: a job whose `constraint` is set (an object with `fill(row)`, writing the (V,) bool
+allowed-token row for the next token, and `advance(token)`, called with each token delivered) has its
+row of the allowed-token mask filled before every draw; rows without one allow every token.
 """
 
 from __future__ import annotations
@@ -46,12 +51,10 @@ from .lora import GatheredAdapters, RowAdapters
 from .model import KVCache, keep_address
 from .output import Output
 from .requests import Request
-from .sampling import (SamplerState, SamplingParams, StepKnobs, exponential_noise, make_generator, sample,
-                       sample_static)
+from .sampling import StepKnobs, sample_static, steps_used
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
-_IDLE = SamplingParams(temperature=0)  # what a free row "samples" with: greedy, ignored
 _END = object()  # a job's last event
 _MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
 MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
@@ -75,6 +78,8 @@ class Job:
         # scoring: all ids, how many of them are context, how many most likely alternatives to report
         self.ids, self.n_context, self.top = ids, n_context, top
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # chunk lists, a result, then _END or an exception
+        # JSON mode: fills this row's allowed-token mask before each draw and advances per token (module doc)
+        self.constraint: Any = None
         self.cancelled = False
         self.finished = False
         # Called (on the loop thread) after each event put on `events`: lets an asyncio caller (the server) be
@@ -82,8 +87,7 @@ class Job:
         self.notify: Callable[[], None] | None = None
         # generation state, kept by the loop
         self.adapter = None
-        self.seed = 0  # the request's seed, or a random one: the compiled step's noise (counter_noise)
-        self.generator: torch.Generator | None = None  # the eager step's noise, seeded the same
+        self.seed = 0  # the request's seed, or a random one: the sampler's noise (counter_noise)
         self.token = 0  # the last drawn token, fed to the next step
         self.pos = 0  # where that token goes
         self.produced = 0
@@ -271,7 +275,6 @@ class GenerationLoop:
         llm, req = self.llm, job.req
         job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
         job.seed = req.seed if req.seed is not None else secrets.randbits(63)
-        job.generator = None if req.params.greedy else make_generator(job.seed, llm.device)
         rows.knobs.set_row(slot, req.params, job.seed, req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], device=llm.device)
         n = ids.shape[1]
@@ -301,24 +304,33 @@ class GenerationLoop:
         pos = torch.tensor([j.pos if j else 0 for j in jobs], device=llm.device)
         attended = min(rows.cache.length, max(_MIN_ATTENDED, _pow2(max(j.pos for j in jobs if j) + 1)))
         adapters = [j.adapter if j else None for j in jobs]
+        allowed = self._allowed(rows, jobs)
         if compiled:
-            out = self._compiled(rows, tokens, pos, attended, GatheredAdapters.of(llm, adapters))
+            out = self._compiled(rows, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
         else:
             cache = rows.cache.view(slice(0, n), attended)
-            state = self._state(rows, 0, n)
-            noise = None if state.all_greedy else exponential_noise(state.generators, state.vocab_size, llm.device)
-            out = decode_step(llm.model, tokens, pos, cache, state, noise, RowAdapters.of(llm, adapters),
-                              self._logprobs_wanted(jobs))
+            out = decode_step(llm.model, tokens, pos, cache, rows.knobs.view(0, n), self._steps(jobs), allowed,
+                              RowAdapters.of(llm, adapters), self._logprobs_wanted(jobs))
         for j in jobs:
             if j is not None:
                 j.pos += 1
         self._deliver(rows, [i for i in range(n) if jobs[i] is not None], *out)
 
-    def _state(self, rows: _Rows, start: int, stop: int) -> SamplerState:
-        """The eager sampler over rows [start, stop), its history in the rows' knobs (free rows: greedy)."""
-        jobs, k = rows.jobs[start:stop], rows.knobs.view(start, stop)
-        return SamplerState.over([j.req.params if j else _IDLE for j in jobs], [j.generator if j else None for j in jobs],
-                                 self.llm.config.vocab_size, self.llm.device, seen=k.seen, counts=k.counts, bias=k.bias)
+    @staticmethod
+    def _steps(jobs: list[Job | None]) -> frozenset[str]:
+        """The sampler steps some row of `jobs` uses (the eager step skips the others)."""
+        return steps_used([j.req.params for j in jobs if j is not None])
+
+    @staticmethod
+    def _allowed(rows: _Rows, jobs: list[Job | None], first: int = 0) -> Tensor | None:
+        """The allowed-token mask for rows [first, first + len(jobs)): each constrained row's filled by its
+        matcher, the others all True; None when no row is constrained."""
+        if not any(j is not None and j.constraint is not None for j in jobs):
+            return None
+        for i, j in enumerate(jobs, start=first):
+            if j is not None and j.constraint is not None:
+                j.constraint.fill(rows.knobs.allowed[i])
+        return rows.knobs.allowed[first: first + len(jobs)]
 
     @staticmethod
     def _logprobs_wanted(jobs: list[Job | None]) -> int | None:
@@ -330,14 +342,10 @@ class GenerationLoop:
         """Sample from a prefill's logits (rows `slots`, in order) and deliver."""
         assert len(slots) == 1
         s = slots[0]
-        if self.llm.compiled:  # the compiled step's sampler and noise, so a seed gives one stream throughout
-            knobs = rows.knobs.view(s, s + 1)
-            tokens = sample_static(logits, knobs)
-            knobs.update(tokens)
-        else:
-            state = self._state(rows, s, s + 1)
-            tokens = sample(logits, state)
-            state.update(tokens)
+        job = rows.jobs[s]
+        knobs = rows.knobs.view(s, s + 1)
+        tokens = sample_static(logits, knobs, self._allowed(rows, [job], s), self._steps([job]))
+        knobs.update(tokens)
         want = self._logprobs_wanted([rows.jobs[s]])
         self._deliver(rows, slots, tokens, *token_logprobs(logits, tokens, want), first=s)
 
@@ -358,6 +366,8 @@ class GenerationLoop:
                 continue
             job.token = drawn[k]
             job.produced += 1
+            if job.constraint is not None:
+                job.constraint.advance(job.token)
             lp = None
             if job.req.logprobs:
                 n = job.req.top_logprobs
@@ -395,11 +405,12 @@ class GenerationLoop:
 
     # -- compiling ---------------------------------------------------------------------------------------
 
-    def _compiled(self, rows: _Rows, tokens: Tensor, pos: Tensor, attended: int, lora: GatheredAdapters | None):
+    def _compiled(self, rows: _Rows, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
+                  lora: GatheredAdapters | None):
         """`static_decode_step` through torch.compile: one graph per (rows, positions attended) and set of
         loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
         llm = self.llm
-        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, lora)
+        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, allowed, lora)
         shape = (tokens.shape[0], attended)
         started = time.perf_counter()
         try:
@@ -468,26 +479,28 @@ def token_logprobs(logits: Tensor, tokens: Tensor, k: int | None) -> tuple[Tenso
     return chosen, (ids, values)
 
 
-def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, state: SamplerState,
-                noise: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
-    """One decode step for rows [0, B): forward at each row's position, then the sampler (the eager reference;
-    `static_decode_step` is the compiled form). Returns (tokens, logprob, top) as `token_logprobs`."""
+def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, knobs: StepKnobs,
+                steps: frozenset[str], allowed: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
+    """One decode step for rows [0, B): forward at each row's position, then the sampler over rows [0, B) of
+    `knobs`, running only `steps` (the eager reference; `static_decode_step` is the compiled form). Returns
+    (tokens, logprob, top) as `token_logprobs`."""
     logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
-    drawn = sample(logits, state, noise)
-    state.update(drawn)
+    drawn = sample_static(logits, knobs, allowed, steps)
+    knobs.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, logprobs))
 
 
 def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: list[Tensor], v: list[Tensor],
-                       attended: int, knobs: StepKnobs, lora: GatheredAdapters | None):
+                       attended: int, knobs: StepKnobs, allowed: Tensor | None, lora: GatheredAdapters | None):
     """`decode_step` in the form that is compiled: rows [0, n) of the cache tensors `k`, `v` (each layer's,
-    whole) over their first `attended` positions, every sampler setting a tensor row of `knobs`, the noise
-    a hash (`counter_noise`), and always the top `MAX_TOP_LOGPROBS` log-probabilities. Shapes depend only on
-    (n, attended) and the loaded adapters, nothing reads a tensor back to the host, and the cache and the
-    knobs are written in place. Returns (tokens, logprob, (top ids, top values))."""
+    whole) over their first `attended` positions, every sampler step run (neutral where a row leaves it off),
+    `allowed` the allowed-token mask or None, and always the top `MAX_TOP_LOGPROBS` log-probabilities.
+    Shapes depend only on (n, attended), whether a mask is given and the loaded adapters; nothing reads a
+    tensor back to the host, and the cache and the knobs are written in place. Returns (tokens, logprob,
+    (top ids, top values))."""
     n = tokens.shape[0]
     cache = KVCache.over(k, v).view(slice(0, n), attended)
     logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
-    drawn = sample_static(logits, knobs)
+    drawn = sample_static(logits, knobs, allowed)
     knobs.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))

@@ -152,7 +152,8 @@ class Stream:
 
     @property
     def finish_reason(self) -> str | None:
-        """Why the request ended, once it has: "stop" (a stop token or stop string) or "length" (max_tokens)."""
+        """Why the request ended, once it has: "stop" (a stop token or stop string), "length" (max_tokens) or
+        "tool_calls" (the answer is tool calls)."""
         return self._job.output.finish_reason
 
     def close(self) -> None:
@@ -185,7 +186,8 @@ def _collect(chunks: Iterable[dict]) -> dict:
             any_logprobs = True
             logprobs.extend(chunk["logprobs"])
         last = chunk
-    result = {"response": "".join(text), "tool_calls": last.get("tool_calls", []), "usage": last["usage"]}
+    result = {"response": "".join(text), "tool_calls": last.get("tool_calls", []),
+              "finish_reason": last["finish_reason"], "usage": last["usage"]}
     if any_logprobs:
         result["logprobs"] = logprobs
     return result

@@ -235,31 +235,6 @@ def apply_to_handle(llm: Any, lora: str | None) -> None:
     _install(llm, adapter)
 
 
-class active:
-    """`with active(llm, adapter):` the model's projections carry `adapter` (None: the handle's own).
-
-    On exit the projections carry what they did before, also when the block raises. Entering and leaving
-    are attribute assignments only (nothing when the adapter is already in place), since generation wraps
-    every decode step in one. Not thread-safe: one handle serves one request at a time.
-    """
-
-    __slots__ = ("llm", "adapter", "previous")
-
-    def __init__(self, llm: Any, adapter: Adapter | None):
-        self.llm = llm
-        self.adapter = adapter if adapter is not None else getattr(llm, "_default_adapter", None)
-
-    def __enter__(self) -> Adapter | None:
-        self.previous = getattr(self.llm, "_installed_adapter", None)
-        if self.adapter is not self.previous:
-            _install(self.llm, self.adapter)
-        return self.adapter
-
-    def __exit__(self, *exc: object) -> None:
-        if getattr(self.llm, "_installed_adapter", None) is not self.previous:
-            _install(self.llm, self.previous)
-
-
 def _install(llm: Any, adapter: Adapter | None) -> None:
     modules = adapter.modules if adapter is not None else {}
     for name, linear in _projections(llm).items():

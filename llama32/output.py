@@ -1,6 +1,8 @@
 """One request's output stage: tokens in, response chunks out (text, tool calls, log-probabilities, usage).
 
 The generation loop pushes each row's tokens here; `generate`, streams and `generate_batch` read the chunks.
+The last chunk carries `usage` (with `cached_tokens`: prompt tokens whose keys and values were reused),
+`finish_reason` ("stop", "length" or "tool_calls") and any `tool_calls`.
 Text is released as soon as nothing can still change it, and held back while it might:
 - a stop string: the longest tail of the text that could still grow into one is held; once one appears,
   the text ends before it and the output is complete;
@@ -54,6 +56,7 @@ class Output:
         self.finished = False
         # once done: "stop" (a stop token or string), "length" (max_tokens) or "tool_calls" (calls were found)
         self.finish_reason: str | None = None
+        self.cached_tokens = 0  # prompt tokens not computed (their keys and values reused); set by the loop
 
     def push(self, token: int, done: bool, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Take the row's next token (`done`: the loop's last for this row: a stop id or max_tokens).
@@ -137,7 +140,8 @@ class Output:
         if calls:
             self.finish_reason = "tool_calls"
         final: dict = {"usage": {"prompt_tokens": p, "completion_tokens": self.completion_tokens,
-                                 "total_tokens": p + self.completion_tokens}}
+                                 "total_tokens": p + self.completion_tokens, "cached_tokens": self.cached_tokens},
+                       "finish_reason": self.finish_reason}
         if calls:
             final["tool_calls"] = calls
         self.entries = [(0, e) for _, e in self.entries]  # every entry left goes out with the last chunk

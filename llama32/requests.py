@@ -23,8 +23,7 @@ from .templates import render_template
 
 # Fields in the schema whose consumer is not built yet: a request using one is refused, never silently run
 # without it. Whoever wires a field's semantics removes it here.
-NOT_YET = {"logit_bias": "the sampler does not apply token biases yet",
-           "response_format": "constrained JSON output is not implemented yet"}
+NOT_YET = {"response_format": "constrained JSON output is not implemented yet"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class Request:
     stream: bool
     tool_names: frozenset[str]  # names offered through tools/functions; empty: no tool-call parsing
     adapter: Any  # the resolved LoRA adapter for this request, or None for the handle's own
-    adapter_key: Any  # requests with equal keys can share a batch
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives per token
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one that appears
@@ -67,6 +65,20 @@ def require_tokenizer(llm: Any):
     return llm.tokenizer
 
 
+def _logit_bias(request: dict, r: dict, vocab: int) -> tuple[tuple[int, float], ...]:
+    """The schema-checked `logit_bias` as sorted (token id, bias) pairs, each id below the model's vocabulary
+    and given once (an int key and its decimal string are the same id)."""
+    biases = r.get("logit_bias")
+    if not biases:
+        return ()
+    if len(biases) < len(request["logit_bias"]):
+        raise InvalidRequest("logit_bias: a token id is given twice (as an integer and as its decimal string)")
+    pairs = sorted((int(k), float(v)) for k, v in biases.items())
+    if pairs[-1][0] >= vocab:
+        raise InvalidRequest(f"logit_bias: token id {pairs[-1][0]} is outside the model's vocabulary of {vocab} ids")
+    return tuple(pairs)
+
+
 def validate(llm: Any, request: dict) -> Request:
     """Check `request` against the input schema, then against the loaded model; return what the loop needs."""
     r = check_input(request)  # nulls dropped, the schema's defaults filled in
@@ -78,7 +90,8 @@ def validate(llm: Any, request: dict) -> Request:
     num = lambda k: float(r[k]) if k in r else None  # noqa: E731
     params = SamplingParams(temperature=float(r["temperature"]), top_p=num("top_p"), top_k=r.get("top_k"),
                             repetition_penalty=num("repetition_penalty"),
-                            frequency_penalty=num("frequency_penalty"), presence_penalty=num("presence_penalty"))
+                            frequency_penalty=num("frequency_penalty"), presence_penalty=num("presence_penalty"),
+                            logit_bias=_logit_bias(request, r, llm.config.vocab_size))
     seed, logprobs, top_logprobs = r.get("seed"), r["logprobs"], r["top_logprobs"]
     if top_logprobs and not logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true")
@@ -127,7 +140,5 @@ def validate(llm: Any, request: dict) -> Request:
         )
     # Last, so a request rejected for anything else loads (and caches) no adapter.
     adapter = lora_mod.resolve(llm, lora) if lora is not None else None
-    effective = adapter if adapter is not None else llm._default_adapter
-    return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter,
-                   adapter_key=None if effective is None else id(effective), logprobs=logprobs,
+    return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter, logprobs=logprobs,
                    top_logprobs=top_logprobs, stop=stop)

@@ -1,28 +1,29 @@
-"""Next-token selection: penalties, temperature, top-k, top-p and the draw, batched with per-row parameters.
+"""Next-token selection: logit_bias, penalties, the allowed-token mask, temperature, top-k, top-p and the
+draw, batched with per-row parameters. One sampler, used by the eager and the compiled decode step alike.
 
-Shapes: B rows (one request each), V the logits width (the model's vocabulary; tokenizer ids >= V are
+Shapes: B (or n) rows (one request each), V the logits width (the model's vocabulary; tokenizer ids >= V are
 treated as absent), K the candidates kept by `torch.topk`. Parameter tensors are (B, 1) so they broadcast
 over V. The semantics are those of the API contract (docs/API.md, "Generating"), which follow HF
 transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper and
-TopPLogitsWarper; OpenAI's frequency/presence penalties; and gpt-fast's sync-free sampling.
+TopPLogitsWarper; OpenAI's logit_bias and frequency/presence penalties; and gpt-fast's sync-free sampling.
 
-Per step, in this order: penalties, temperature, top_k, top_p, draw. Every function is a pure tensor
-function on the logits' device; randomness comes only from each request's own `torch.Generator`, never the
-global RNG, and a row's draw depends only on its own logits, parameters and generator, so a request gives
-the same tokens alone or in any batch.
+Per step, in this order: logit_bias, penalties, the allowed-token mask (JSON mode), temperature, top_k,
+top_p, draw. Every knob is a row of a tensor in `StepKnobs` (neutral where a row leaves a step off), and the
+randomness is `counter_noise`: a hash of (request seed, tokens drawn so far, vocabulary id), never the
+global RNG. A row's draw depends only on its own logits, knobs and counter, so a request gives the same
+tokens alone or in any batch, eager or compiled.
 
-Two choices that go beyond the contract's words:
+Choices that go beyond the contract's words:
 * Ties are kept at the cut of both top_k (as HF does) and top_p (HF keeps whichever tied token its sort puts
   first; keeping all of them makes the kept set independent of sort order, hence of device and batch).
 * The draw is the exponential race (see `draw`), not an inverse CDF, so it needs no sort and no cumulative sum
   whose rounding depends on the batch's layout.
-* top_p looks for the nucleus among the largest logits (the top-k candidates, else the top 1024) and sorts a
-  whole row only when the nucleus is bigger than that; the result is the full sort's (tested against it).
+* top_p looks for the nucleus among the largest 1024 logits, and over the whole row by bisection only when
+  the nucleus is bigger than that; the result is the full sort's (`apply_top_p`, tested against it).
 """
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +35,7 @@ _F32_MAX = torch.finfo(torch.float32).max
 # Temperatures and repetition penalties are floored here so a divisor can never round to 0 in float32 (0/0
 # is NaN). Below 1e-6 a temperature is greedy in all but name: any two logits 1e-4 apart differ by e^100.
 _MIN_DIVISOR = 1e-6
-# How many of the largest logits top_p looks at before it sorts the whole row (see _warp).
+# How many of the largest logits top_p looks at before it searches the whole row (see process_static).
 _NUCLEUS_CANDIDATES = 1024
 
 
@@ -48,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float | None = None  # 0..2; 0 and 1 are off
     frequency_penalty: float | None = None  # 0..2
     presence_penalty: float | None = None  # 0..2
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id < V, -100..100) pairs added to the logits
 
     @property
     def greedy(self) -> bool:
@@ -69,12 +71,25 @@ class SamplingParams:
     def uses_frequency_presence(self) -> bool:
         return bool(self.frequency_penalty) or bool(self.presence_penalty)
 
+    @property
+    def uses_temperature(self) -> bool:
+        return not self.greedy and self.temperature != 1
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
-    """A generator for one request on `device`: seeded from `seed`, or from the OS's randomness when None."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return g
+
+ALL_STEPS = frozenset({"logit_bias", "repetition", "frequency_presence", "sampling", "temperature", "filter"})
+
+
+def steps_used(params: Sequence[SamplingParams]) -> frozenset[str]:
+    """The sampler steps some row of `params` uses (see `process_static`'s `steps`). The eager decode step
+    passes it to skip, from Python, what no row uses: a step left off by every row is neutral for all of
+    them, bit for bit, so skipping it changes no token."""
+    used = set()
+    for p in params:
+        used.update(name for name, on in (
+            ("logit_bias", bool(p.logit_bias)), ("repetition", p.uses_repetition),
+            ("frequency_presence", p.uses_frequency_presence), ("sampling", not p.greedy),
+            ("temperature", p.uses_temperature), ("filter", p.uses_top_k or p.uses_top_p)) if on)
+    return frozenset(used)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,22 +165,6 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
     return logits.masked_fill(logits < cutoff, _NEG_INF)
 
 
-def exponential_noise(generators: Sequence[torch.Generator | None], width: int, device: torch.device) -> Tensor:
-    """(B, width) independent Exp(1) noise, row b from `generators[b]` only; rows without one (greedy) are 1.
-
-    Each sampling row always consumes `width` uniforms per step, whatever the batch around it. -log(u) of a
-    uniform is used rather than `exponential_` (about 6x slower on CPU): u in [0, 1) makes the noise (0, inf],
-    and the floor keeps it > 0 should u ever round to 1, so `draw` never divides by zero.
-    """
-    noise = torch.empty(len(generators), width, device=device)
-    for b, g in enumerate(generators):
-        if g is None:
-            noise[b].fill_(1.0)
-        else:
-            noise[b].uniform_(generator=g).log_().neg_().clamp_min_(torch.finfo(torch.float32).tiny)
-    return noise
-
-
 def draw(logits: Tensor, noise: Tensor) -> Tensor:
     """(B,) long: one token per row, distributed as softmax(logits), given `noise` of Exp(1) draws.
 
@@ -179,206 +178,23 @@ def draw(logits: Tensor, noise: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running state for a batch, and the per-step entry point.
-
-
-class SamplerState:
-    """The per-row parameters and token history of a batch, as device tensors.
-
-    Which steps run is decided here, once, from the Python-side parameters rather than from tensors: a step
-    that every row leaves off costs nothing, and a step holds no host sync (but see top_p in `_warp`).
-    Rebuilt by `select` when rows leave, so a batch stops paying for the knobs of requests that finished.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[SamplingParams],
-        prompt_ids: Sequence[Sequence[int]],
-        vocab_size: int,
-        device: torch.device | str,
-        generators: Sequence[torch.Generator | None],
-    ):
-        """`generators[b]` is row b's generator; it may be None for greedy rows, which draw nothing."""
-        self._setup(params, vocab_size, torch.device(device), generators)
-        B, V, dev = len(self.params), vocab_size, self.device
-        assert len(prompt_ids) == B
-        self.counts: Tensor | None = None  # (B, V) float32: generated ids only
-        self.bias: Tensor | None = None  # (B, V): frequency_presence_bias(counts, ...), kept up to date
-        if self.uses_frequency_presence:
-            self.counts = torch.zeros(B, V, device=dev)
-            self.bias = torch.zeros(B, V, device=dev)
-        self.seen: Tensor | None = None  # (B, V) bool: prompt and generated ids
-        if self.uses_repetition:
-            rows = [b for b, ids in enumerate(prompt_ids) for i in ids if 0 <= i < V]
-            cols = [i for ids in prompt_ids for i in ids if 0 <= i < V]
-            self.seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
-            self.seen[torch.tensor(rows, device=dev, dtype=torch.long),
-                      torch.tensor(cols, device=dev, dtype=torch.long)] = True
-
-    @classmethod
-    def over(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], vocab_size: int,
-             device: torch.device | str, *, seen: Tensor, counts: Tensor, bias: Tensor) -> SamplerState:
-        """A state whose history lives in the caller's (B, V) tensors (the generation loop's slot rows):
-        `update` writes into them in place. `seen` must hold each repetition-penalised row's prompt ids."""
-        new = cls.__new__(cls)
-        new._setup(params, vocab_size, torch.device(device), generators)
-        new.seen = seen if new.uses_repetition else None
-        new.counts, new.bias = (counts, bias) if new.uses_frequency_presence else (None, None)
-        return new
-
-    def _setup(self, params, vocab_size, device, generators) -> None:
-        self.params = tuple(params)
-        # Greedy rows never touch a generator, even when given one.
-        self.generators = tuple(None if p.greedy else g for p, g in zip(self.params, generators, strict=True))
-        self.vocab_size, self.device = vocab_size, device
-        ps, dev = self.params, device
-        assert len(ps) == len(self.generators) >= 1
-        assert all(g is not None for p, g in zip(ps, self.generators) if not p.greedy), "sampling rows need one"
-        self._arange = torch.arange(len(ps), device=dev)
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=dev)[:, None]
-
-        self.all_greedy = all(p.greedy for p in ps)
-        self.any_greedy = any(p.greedy for p in ps)
-        self.greedy_mask = column([p.greedy for p in ps], torch.bool)[:, 0] if self.any_greedy else None
-        # Greedy rows get neutral values for temperature, top_k and top_p: their token is the argmax anyway.
-        self.temperature = None
-        if any(not p.greedy and p.temperature != 1 for p in ps):
-            self.temperature = column([1.0 if p.greedy else max(p.temperature, _MIN_DIVISOR) for p in ps])
-        self.uses_repetition = any(p.uses_repetition for p in ps)
-        self.repetition = None
-        if self.uses_repetition:
-            self.repetition = column([max(p.repetition_penalty, _MIN_DIVISOR) if p.uses_repetition else 1.0
-                                      for p in ps])
-        self.uses_frequency_presence = any(p.uses_frequency_presence for p in ps)
-        self.frequency = column([p.frequency_penalty or 0.0 for p in ps])
-        self.presence = column([p.presence_penalty or 0.0 for p in ps])
-        self.top_k = self.max_k = None
-        if any(p.uses_top_k for p in ps):
-            self.top_k = column([p.top_k if p.uses_top_k else 0 for p in ps], torch.long)
-            self.max_k = min(max(p.top_k for p in ps if p.uses_top_k), vocab_size)
-        self.top_p = self.n_candidates = self.nucleus_may_overflow = self.top_p_without_k = None
-        if any(p.uses_top_p for p in ps):
-            self.top_p = column([p.top_p if p.uses_top_p else 1.0 for p in ps], torch.float64)
-            without_k = [p.uses_top_p and not p.uses_top_k for p in ps]
-            # Rows with top_k find their nucleus among their k candidates; the others among the largest
-            # _NUCLEUS_CANDIDATES, falling back to a sort of the row when the nucleus is bigger than that.
-            wanted = _NUCLEUS_CANDIDATES if any(without_k) else self.max_k
-            self.n_candidates = min(max(wanted, self.max_k or 0), vocab_size)
-            self.nucleus_may_overflow = any(without_k) and self.n_candidates < vocab_size
-            self.top_p_without_k = column(without_k, torch.bool)
-
-    def update(self, tokens: Tensor) -> None:
-        """Record the tokens (B,) just drawn (ids < V) in the history the penalties read."""
-        _record(self._arange, tokens, self.seen, self.counts, self.bias, self.frequency, self.presence)
-
-    def select(self, rows: Tensor | Sequence[int]) -> SamplerState:
-        """A state holding only `rows` (in that order), for when finished rows leave the batch."""
-        rows = rows.tolist() if isinstance(rows, Tensor) else list(rows)
-        new = SamplerState.__new__(SamplerState)
-        new._setup([self.params[r] for r in rows], self.vocab_size, self.device,
-                   [self.generators[r] for r in rows])
-        idx = torch.tensor(rows, device=self.device, dtype=torch.long)
-        new.counts = new.bias = new.seen = None
-        if new.uses_frequency_presence:
-            new.counts, new.bias = self.counts[idx], self.bias[idx]
-        if new.uses_repetition:
-            new.seen = self.seen[idx]
-        return new
-
-
-def _record(rows: Tensor, tokens: Tensor, seen: Tensor | None, counts: Tensor | None, bias: Tensor | None,
-            frequency: Tensor, presence: Tensor) -> None:
-    """Mark `tokens[i]` seen in row `rows[i]` of `seen`, count it in `counts` and refresh `bias` (None: not
-    kept); `frequency` and `presence` are (len(rows), 1)."""
-    if seen is not None:
-        seen[rows, tokens] = True
-    if counts is not None:
-        c = counts[rows, tokens] + 1
-        counts[rows, tokens] = c
-        # Same elementwise arithmetic as frequency_presence_bias, so the cached bias equals the formula.
-        bias[rows, tokens] = c * frequency[:, 0] + presence[:, 0]
-
-
-def _penalise(logits: Tensor, state: SamplerState) -> Tensor:
-    x = logits.float()
-    if state.repetition is not None:
-        x = apply_repetition_penalty(x, state.seen, state.repetition)
-    if state.bias is not None:
-        x = x - state.bias
-    return x
-
-
-def _warp(x: Tensor, state: SamplerState) -> Tensor:
-    """Temperature, top_k and top_p on penalised logits; removed tokens become -inf."""
-    if state.temperature is not None:
-        x = apply_temperature(x, state.temperature)
-    if state.top_p is None:
-        return x if state.top_k is None else apply_top_k(x, state.top_k, state.max_k)
-    # Sorting V logits costs ~10 ms per row on a small CPU; the nucleus is nearly always among the top few
-    # hundred, so look there first. One topk serves both the top_k cut and the nucleus candidates.
-    cand = torch.topk(x, state.n_candidates, dim=-1).values  # (B, K), largest first
-    if state.top_k is not None:
-        k_cut = _kth_largest(cand, state.top_k)
-        x = x.masked_fill(x < k_cut, _NEG_INF)
-        cand = cand.masked_fill(cand < k_cut, _NEG_INF)
-    # The whole row's mass, which also counts the ties with a top-k cut that topk left out.
-    total = torch.exp(x - cand[:, :1]).sum(-1, keepdim=True, dtype=torch.float64)
-    cutoff, n_kept = _nucleus(cand, state.top_p, total)
-    if state.nucleus_may_overflow:
-        # A row without top_k that kept every candidate may need more: sort just those rows. (The one host
-        # sync of a step, and only for such batches; free on CPU, where it matters.)
-        rows = ((n_kept == cand.shape[-1]) & state.top_p_without_k)[:, 0].nonzero()[:, 0]
-        if len(rows):
-            full = torch.sort(x.index_select(0, rows), dim=-1, descending=True).values
-            cutoff = cutoff.index_copy(0, rows, _nucleus(full, state.top_p.index_select(0, rows))[0])
-    return x.masked_fill(x < cutoff, _NEG_INF)
-
-
-def process_logits(logits: Tensor, state: SamplerState) -> Tensor:
-    """(B, V) float32: the logits `sample` draws from, removed tokens at -inf; softmax gives the distribution.
-
-    Greedy rows get the penalties only (their token is the argmax of these).
-    """
-    x = _penalise(logits, state)
-    return x if state.all_greedy else _warp(x, state)
-
-
-def sample(logits: Tensor, state: SamplerState, noise: Tensor | None = None) -> Tensor:
-    """(B,) long: the next token of each row from its logits (B, V); call `state.update` with the result.
-
-    `noise`: this step's `exponential_noise`, when the caller draws it (the compiled decode step takes it as
-    an input, since per-request generators stay outside a compiled graph).
-    """
-    assert logits.shape == (len(state.params), state.vocab_size), (logits.shape, state.vocab_size)
-    x = _penalise(logits, state)
-    greedy_tokens = x.argmax(-1) if state.any_greedy else None
-    if state.all_greedy:
-        return greedy_tokens
-    if noise is None:
-        noise = exponential_noise(state.generators, state.vocab_size, x.device)
-    tokens = draw(_warp(x, state), noise)
-    if greedy_tokens is not None:
-        tokens = torch.where(state.greedy_mask, greedy_tokens, tokens)
-    return tokens
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The same sampler with every knob a tensor: the compiled decode step's (see engine.py, "compiling").
+# The sampler over per-row tensor knobs.
 #
-# `SamplerState` skips, from Python, the steps no row uses, and draws noise from each request's generator:
-# right for the eager loop, but each distinct setting would be a new graph for torch.compile, and the
-# generators are B launches outside any graph. Here every step always runs, with neutral values for rows that
-# leave it off (temperature 1, top_k 0, top_p 1, penalties 1 and 0: each leaves a logit bit for bit as it
-# was), shapes never depend on a setting, nothing reads a tensor back to the host, and the noise is a hash of
-# (seed, step, token id) computed by a fixed number of tensor ops for all rows at once.
+# Every step can always run, with neutral values for rows that leave it off (logit_bias 0, temperature 1,
+# top_k 0, top_p 1, penalties 1 and 0, mask all True: each leaves a logit bit for bit as it was), so shapes
+# never depend on a setting, nothing reads a tensor back to the host (the compiled step's form), and the
+# noise is a hash of (seed, step, token id) computed by a fixed number of tensor ops for all rows at once.
+# The eager step passes `steps_used(...)` to skip the steps no row uses; results are the same.
 
 class StepKnobs:
     """Per-row sampler settings and history as (rows, ...) tensors, neutral where a row leaves a step off.
 
-    The generation loop keeps one per KV cache, a row per slot, and writes a request's row when it is
-    admitted (`set_row`); a step samples rows [0, n) with `sample_static(logits, knobs)`, logits (n, V).
+    The generation loop keeps one per batch of rows, and writes a request's row when it is admitted
+    (`set_row`); a step samples rows [0, n) with `sample_static(logits, knobs)`, logits (n, V).
+
+    `allowed` (rows, V) bool is the allowed-token mask's buffer (JSON mode): all True unless a constrained
+    row's matcher wrote its row before the step; a step passes `allowed[:n]` to the sampler only when some
+    row is constrained.
     """
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device | str):
@@ -400,6 +216,8 @@ class StepKnobs:
         self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=dev)  # prompt and generated ids
         self.counts = torch.zeros(rows, vocab_size, device=dev)  # generated ids
         self.bias = torch.zeros(rows, vocab_size, device=dev)  # frequency_presence_bias(counts, ...)
+        self.logit_bias = torch.zeros(rows, vocab_size, device=dev)  # the request's logit_bias, dense
+        self.allowed = torch.ones(rows, vocab_size, dtype=torch.bool, device=dev)  # the allowed-token mask
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: t for name, t in vars(self).items() if isinstance(t, Tensor)}
@@ -419,6 +237,12 @@ class StepKnobs:
         self.seen[row] = False
         self.counts[row] = 0
         self.bias[row] = 0
+        self.logit_bias[row] = 0
+        self.allowed[row] = True
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias)
+            self.logit_bias[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = torch.tensor(
+                values, dtype=torch.float32, device=self.seen.device)
         if p.uses_repetition:
             ids = [i for i in prompt_ids if 0 <= i < V]
             self.seen[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = True
@@ -437,6 +261,17 @@ class StepKnobs:
         _record(torch.arange(n, device=tokens.device), tokens, self.seen, self.counts, self.bias,
                 self.frequency[:n], self.presence[:n])
         self.counters[:n] += 1
+
+
+def _record(rows: Tensor, tokens: Tensor, seen: Tensor, counts: Tensor, bias: Tensor, frequency: Tensor,
+            presence: Tensor) -> None:
+    """Mark `tokens[i]` seen in row `rows[i]` of `seen`, count it in `counts` and refresh `bias`;
+    `frequency` and `presence` are (len(rows), 1)."""
+    seen[rows, tokens] = True
+    c = counts[rows, tokens] + 1
+    counts[rows, tokens] = c
+    # Same elementwise arithmetic as frequency_presence_bias, so the cached bias equals the formula.
+    bias[rows, tokens] = c * frequency[:, 0] + presence[:, 0]
 
 
 _M32 = 0xFFFFFFFF
@@ -505,19 +340,36 @@ def _nucleus_by_bisection(x: Tensor, top_p: Tensor, total: Tensor) -> Tensor:
     return torch.where(x >= t, x, float("inf")).amin(-1, keepdim=True)
 
 
-def process_static(logits: Tensor, knobs: StepKnobs) -> tuple[Tensor, Tensor]:
-    """(filtered logits (n, V), greedy tokens (n,)) for logits (n, V), rows [0, n) of `knobs`, every step
-    always applied.
+def process_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = None,
+                   steps: frozenset[str] | None = None) -> tuple[Tensor, Tensor]:
+    """(filtered logits (n, V), greedy tokens (n,)) for logits (n, V), rows [0, n) of `knobs`.
 
-    For a sampling row the filtered logits equal `process_logits`' for the same settings (penalties,
-    temperature, top_k, top_p, ties kept at both cuts); a greedy row's token is the argmax of its penalised
-    logits, as in `sample`.
+    `allowed`: the allowed-token mask, (n, V) bool or None (no row constrained: costs nothing). Tokens it
+    leaves out become -inf after the penalties and before temperature, for greedy and sampling rows alike.
+    `steps`: which steps to run (`steps_used`: the eager step, which may also read a tensor on the host to
+    skip work); None runs them all with no host sync (the compiled step). A greedy row's token is the
+    argmax of its biased, penalised, masked logits; its filtered logits are those (neutral knobs), and a
+    sampling row's are the full-sort reference's (`apply_top_p`), ties kept at both cuts.
     """
     n, V = logits.shape[0], knobs.vocab_size
-    x = apply_repetition_penalty(logits.float(), knobs.seen[:n], knobs.repetition[:n])
-    x = x - knobs.bias[:n]
+    compiled = steps is None
+    steps = ALL_STEPS if compiled else steps
+    x = logits.float()
+    if "logit_bias" in steps:
+        x = x + knobs.logit_bias[:n]
+    if "repetition" in steps:
+        x = apply_repetition_penalty(x, knobs.seen[:n], knobs.repetition[:n])
+    if "frequency_presence" in steps:
+        x = x - knobs.bias[:n]
+    if allowed is not None:
+        x = x.masked_fill(~allowed, _NEG_INF)
     greedy_tokens = x.argmax(-1)
-    x = apply_temperature(x, knobs.temperature[:n])
+    if "sampling" not in steps:
+        return x, greedy_tokens
+    if "temperature" in steps:
+        x = apply_temperature(x, knobs.temperature[:n])
+    if "filter" not in steps:
+        return x, greedy_tokens
     K = min(_NUCLEUS_CANDIDATES, V)
     cand = torch.topk(x, K, dim=-1).values
     k_cut = _kth_largest(cand, knobs.top_k[:n])
@@ -526,16 +378,22 @@ def process_static(logits: Tensor, knobs: StepKnobs) -> tuple[Tensor, Tensor]:
     top_p = knobs.top_p[:n]
     total = torch.exp(x - cand[:, :1]).sum(-1, keepdim=True, dtype=torch.float64)
     cutoff, n_kept = _nucleus(cand, top_p, total)
-    if K < V:  # a nucleus bigger than the candidates: found over the whole row (always computed, used if so)
+    if K < V:  # a nucleus bigger than the candidates: found over the whole row
         overflow = (n_kept == K) & (top_p < 1)
-        cutoff = torch.where(overflow, _nucleus_by_bisection(x, top_p, total), cutoff)
+        # The compiled step always computes it; the eager one asks the host first.
+        if compiled or bool(overflow.any()):
+            cutoff = torch.where(overflow, _nucleus_by_bisection(x, top_p, total), cutoff)
     return x.masked_fill(x < cutoff, _NEG_INF), greedy_tokens
 
 
-def sample_static(logits: Tensor, knobs: StepKnobs) -> Tensor:
-    """(n,) long: the next token of rows [0, n) of `knobs` from logits (n, V): `process_static`, then the
-    exponential race with `counter_noise` in place of a generator's. Call `knobs.update(tokens)` after."""
+def sample_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = None,
+                  steps: frozenset[str] | None = None) -> Tensor:
+    """(n,) long: the next token of rows [0, n) of `knobs` from logits (n, V): `process_static` (with the
+    allowed-token mask `allowed` and the `steps` to run), then the exponential race with `counter_noise`.
+    Call `knobs.update(tokens)` after."""
     n = logits.shape[0]
-    x, greedy_tokens = process_static(logits, knobs)
+    x, greedy_tokens = process_static(logits, knobs, allowed, steps)
+    if steps is not None and "sampling" not in steps:
+        return greedy_tokens
     tokens = draw(x, counter_noise(knobs.seeds[:n], knobs.counters[:n], knobs.vocab_size))
     return torch.where(knobs.greedy[:n], greedy_tokens, tokens)

@@ -69,8 +69,8 @@ def test_json_has_exactly_the_contract_keys(tiny):
     assert len(proc.stdout.splitlines()) == 1  # one line of JSON, easy to pipe
     result = json.loads(proc.stdout)
     assert result == greedy_json(tiny, "Hello")
-    assert set(result) == {"response", "tool_calls", "usage"}
-    assert set(result["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert set(result) == {"response", "tool_calls", "finish_reason", "usage"}
+    assert set(result["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"}
     assert isinstance(result["response"], str) and result["tool_calls"] == []
     usage = result["usage"]
     assert 1 <= usage["completion_tokens"] <= 8

@@ -86,6 +86,7 @@ def test_stream_concatenates_to_response(smol):
     assert "".join(c["response"] for c in chunks) == whole["response"]
     assert all(set(c) == {"response"} for c in chunks[:-1])
     assert chunks[-1]["usage"] == whole["usage"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
     assert len(chunks) > 3
 
 
@@ -105,6 +106,38 @@ def test_max_tokens_stops_and_counts(smol):
     out = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=5)
     assert out["usage"]["completion_tokens"] == 5
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 5
+    assert out["finish_reason"] == "length"
+
+
+def test_finish_reason_on_results_and_last_chunks(smol):
+    eos = sorted(smol.stop_ids)[0]
+    # +100 on an end-of-sequence id all but forces it: the first token ends the answer
+    stopped = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=5, logit_bias={eos: 100})
+    assert stopped["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 1
+    full = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=8)
+    assert full["finish_reason"] == "length"
+    cut = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=8, stop=full["response"][2:5])
+    assert cut["finish_reason"] == "stop" and cut["response"] == full["response"][:2]
+    for want, req in (("length", {}), ("stop", {"logit_bias": {str(eos): 100}})):
+        chunks = list(llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=6, stream=True,
+                                       **req))
+        assert chunks[-1]["finish_reason"] == want and chunks[-1]["usage"]["cached_tokens"] == 0
+        assert all("finish_reason" not in c for c in chunks[:-1])
+
+
+def test_logit_bias_steers_greedy_and_sampled_tokens(smol):
+    plain = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=6)
+    ids = smol.tokenizer.encode(plain["response"])
+    banned = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=6,
+                              logit_bias={ids[0]: -100})
+    assert not banned["response"].startswith(smol.tokenizer.decode(ids[:1]))
+    # a sampled request never draws a banned token, and zero biases change nothing
+    word = smol.tokenizer.encode(" the")[0]
+    sampled = llama32.generate(smol, prompt=PROMPT, raw=True, temperature=1.0, seed=3, max_tokens=24,
+                               logprobs=True, logit_bias={word: -100})
+    assert word not in [e["id"] for e in sampled["logprobs"]]
+    assert llama32.generate(smol, prompt=PROMPT, raw=True, temperature=0, max_tokens=6,
+                            logit_bias={word: 0}) == plain
 
 
 def test_to_sse(smol):

@@ -48,6 +48,7 @@ def test_offered_call_is_extracted(llm, text):
     chunks, result = answer(llm, text, tools=[WEATHER])
     assert result == {"response": "", "tool_calls": CALL}
     assert chunks[-1]["usage"]["completion_tokens"] == len(llm.tokenizer.encode(text)) + 1
+    assert chunks[-1]["finish_reason"] == "tool_calls"
 
 
 def test_functions_are_offered_as_tools(llm):
@@ -65,6 +66,7 @@ def test_without_tools_a_call_is_plain_text(llm):
     text = '[get_weather(city="Paris")]'
     chunks, result = answer(llm, text)
     assert result == {"response": text, "tool_calls": []}
+    assert chunks[-1]["finish_reason"] == "stop"
     assert len(chunks) > 2  # streamed as it came, not held back
 
 
@@ -88,7 +90,8 @@ def test_call_after_prose_is_extracted(llm, text, prose):
     assert llama32.parse_tool_calls(text) == CALL
     chunks, result = answer(llm, text, tools=[WEATHER])
     assert result == {"response": prose, "tool_calls": CALL}
-    assert _collect(chunks) == {"response": prose, "tool_calls": CALL, "usage": chunks[-1]["usage"]}
+    assert _collect(chunks) == {"response": prose, "tool_calls": CALL, "finish_reason": "tool_calls",
+                                "usage": chunks[-1]["usage"]}
     assert len([c for c in chunks if c["response"]]) >= 2  # the prose streamed before the call was known
     assert all("<" not in c["response"] for c in chunks)  # no part of the call was shown
 

@@ -70,6 +70,18 @@ BAD = [
     ({"prompt": "Hi", "lora": "no-such-adapter", "max_tokens": 8}, "lora"),
     ({"prompt": "Hi", "lora": 7}, "lora"),
     ({"prompt": "<|image|> what is this?", "raw": True}, "prompt"),  # a token past the text vocabulary
+    ({"prompt": "Hi", "logit_bias": [[5, 1]]}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"5": math.nan}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"5": "1"}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"5": True}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"1.0": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {True: 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"128256": 1}}, "logit_bias"),  # the vocabulary is 128256 ids
+    ({"prompt": "Hi", "logit_bias": {"7": 1, 7: 2}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}},
                                                          {"function": {"name": "b", "arguments": {}}}]}],
       "tools": [{"name": "a"}]}, "tool_calls"),
@@ -103,14 +115,17 @@ EDGES = [
     {"top_p": 0.5, "top_k": 10, "temperature": 1.2, "seed": 3, "repetition_penalty": 1.1,
      "frequency_penalty": 0.3, "presence_penalty": 0.2},
     {"temperature": None, "top_p": None, "seed": None},  # JSON nulls mean unset
+    {"logit_bias": {"15": -100, 16: 100, "128255": 0.5}}, {"logit_bias": {str(i): 1 for i in range(300)}},
+    {"logit_bias": {}}, {"logit_bias": None},
 ]
 
 
 @pytest.mark.parametrize("extra", EDGES, ids=[",".join(f"{k}={v}" for k, v in e.items()) for e in EDGES])
 def test_edge_values_accepted(llm, extra):
     out = llama32.generate(llm, prompt="Hi", max_tokens=2, **extra)
-    assert set(out) == {"response", "tool_calls", "usage"}
+    assert set(out) == {"response", "tool_calls", "finish_reason", "usage"}
     assert 1 <= out["usage"]["completion_tokens"] <= 2
+    assert out["finish_reason"] in ("stop", "length") and out["usage"]["cached_tokens"] == 0
 
 
 def test_rejected_request_leaves_model_usable(llm):

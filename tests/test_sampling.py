@@ -1,5 +1,9 @@
 """The sampler on hand-made logits: each step's formula, the step order, seeds, batch-vs-single, the draw's
-distribution, a property test over the contract's ranges, and HF's logits processors as the oracle."""
+distribution, a property test over the contract's ranges, and HF's logits processors as the oracle.
+
+There is one sampler (`process_static` / `sample_static` over `StepKnobs`); every check below runs it both
+as the eager step does (skipping, from Python, the steps no row uses) and as the compiled step does (every
+step), and asserts the two agree bit for bit."""
 
 from __future__ import annotations
 
@@ -12,40 +16,69 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama32.sampling import (
-    SamplerState,
     SamplingParams,
+    StepKnobs,
     apply_frequency_presence,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
-    draw,
-    exponential_noise,
-    make_generator,
-    StepKnobs,
     counter_noise,
-    process_logits,
+    draw,
     process_static,
-    sample,
     sample_static,
+    steps_used,
 )
 
 INF = math.inf
 P = SamplingParams
 
 
-def state_for(params, prompts=None, vocab=None, generated=(), seeds=None, logits=None):
-    """A SamplerState for rows `params` (one SamplingParams or a list), with `generated[b]` already drawn."""
+class Rows:
+    """Rows of `StepKnobs` for `params`, sampled as the generation loop samples them."""
+
+    def __init__(self, params, prompts, vocab, seeds, mask=None):
+        self.params = list(params)
+        self.knobs = StepKnobs(len(self.params), vocab, "cpu")
+        for b, (p, prompt, seed) in enumerate(zip(self.params, prompts, seeds, strict=True)):
+            self.knobs.set_row(b, p, seed, prompt)
+        self.mask = mask
+
+    def set_row(self, b, p, seed, prompt=()):
+        self.params[b] = p
+        self.knobs.set_row(b, p, seed, prompt)
+
+    def update(self, tokens):
+        self.knobs.update(tokens)
+
+
+def state_for(params, prompts=None, vocab=None, generated=(), seeds=None, logits=None, mask=None):
+    """Sampler rows for `params` (one SamplingParams or a list), with `generated[b]` already drawn."""
     params = [params] if isinstance(params, SamplingParams) else list(params)
     vocab = vocab if vocab is not None else logits.shape[-1]
     prompts = prompts if prompts is not None else [[] for _ in params]
     seeds = seeds if seeds is not None else list(range(1, len(params) + 1))
-    gens = [None if p.greedy else make_generator(s, "cpu") for p, s in zip(params, seeds)]
-    state = SamplerState(params, prompts, vocab, "cpu", gens)
+    state = Rows(params, prompts, vocab, seeds, mask)
     generated = [list(g) for g in generated] if generated else [[] for _ in params]
     for step in range(max((len(g) for g in generated), default=0)):
         state.update(torch.tensor([g[step] for g in generated]))
     return state
+
+
+def process_logits(logits, state):
+    """(B, V) the logits the sampler draws from (greedy rows: biased, penalised and masked only), checked
+    equal, bit for bit, whether the steps no row uses are skipped (eager) or run with neutral knobs (compiled)."""
+    skipped, greedy = process_static(logits, state.knobs, state.mask, steps_used(state.params))
+    every, greedy_all = process_static(logits, state.knobs, state.mask)
+    assert torch.equal(skipped, every) and torch.equal(greedy, greedy_all)
+    return every
+
+
+def sample(logits, state):
+    """(B,) the next tokens, checked equal between the eager (steps skipped) and the compiled (all) form."""
+    eager = sample_static(logits, state.knobs, state.mask, steps_used(state.params))
+    assert torch.equal(eager, sample_static(logits, state.knobs, state.mask))
+    return eager
 
 
 def kept(row: torch.Tensor) -> set[int]:
@@ -150,15 +183,63 @@ def test_top_p_sets():
     assert kept(apply_top_p(torch.tensor([[1.0, 0.0, 1.0, 1.0]]), p(0.1))) == {0, 2, 3}
 
 
-def test_greedy_is_argmax_of_penalised_logits_and_draws_nothing():
+def test_greedy_is_argmax_of_penalised_logits_whatever_the_seed():
     logits = torch.tensor([[3.0, 2.9, 1.0, -5.0]])
-    g = make_generator(7, "cpu")
-    before = g.get_state()
-    state = SamplerState([P(temperature=0, top_k=3, top_p=0.1)], [[]], 4, "cpu", [g])
+    for seed in (7, 8, 2**40):
+        state = state_for(P(temperature=0, top_k=3, top_p=0.1), seeds=[seed], logits=logits)
+        assert sample(logits, state).tolist() == [0]
+        state = state_for(P(temperature=0, repetition_penalty=2.0), prompts=[[0]], seeds=[seed], logits=logits)
+        assert sample(logits, state).tolist() == [1]  # 3.0 / 2 < 2.9
+    # beside sampling rows, greedy rows still take their argmax
+    state = state_for([P(temperature=0), P(temperature=5.0)], logits=logits.expand(2, 4))
+    for _ in range(20):
+        assert sample(logits.expand(2, 4), state)[0] == 0
+        state.update(torch.tensor([0, 0]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# logit_bias and the allowed-token mask
+
+
+def test_logit_bias_is_added_before_penalties():
+    logits = torch.tensor([[1.0, 0.5, -1.0, 2.0]])
+    bias = ((0, 3.0), (2, -100.0))
+    state = state_for(P(temperature=0, logit_bias=bias), logits=logits)
+    assert process_logits(logits, state).tolist() == [[4.0, 0.5, -101.0, 2.0]]
     assert sample(logits, state).tolist() == [0]
-    state = SamplerState([P(temperature=0, repetition_penalty=2.0)], [[0]], 4, "cpu", [g])
-    assert sample(logits, state).tolist() == [1]  # 3.0 / 2 < 2.9
-    assert torch.equal(g.get_state(), before)
+    # repetition divides the biased logit: (1 + 3) / 2 = 2; the bias added after it would give 3.5
+    state = state_for(P(temperature=0, logit_bias=bias, repetition_penalty=2.0), prompts=[[0]], logits=logits)
+    assert process_logits(logits, state).tolist() == [[2.0, 0.5, -101.0, 2.0]]
+    # per row: a row without a bias is untouched by its neighbour's
+    two = logits.expand(2, 4)
+    state = state_for([P(temperature=0, logit_bias=bias), P(temperature=0)], logits=two)
+    assert process_logits(two, state).tolist() == [[4.0, 0.5, -101.0, 2.0], [1.0, 0.5, -1.0, 2.0]]
+    # -100 bans a token for sampling rows too
+    state = state_for([P(temperature=1.0, logit_bias=((3, -100.0),))] * 200, logits=logits.expand(200, 4),
+                      seeds=list(range(1, 201)))
+    assert 3 not in sample(logits.expand(200, 4), state).tolist()
+
+
+def test_allowed_mask_applies_after_penalties_and_before_temperature():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0]])
+    mask = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    rows = [P(temperature=0, repetition_penalty=4.0), P(temperature=0.5, top_k=2)]
+    state = state_for(rows, prompts=[[1], []], logits=logits, mask=mask)
+    got = process_logits(logits, state)
+    # row 0 greedy: 3.0 masked, 2.0 / 4 = 0.5 after the penalty, so id 2 (1.0) wins
+    assert got[0].tolist() == [-INF, 0.5, 1.0, 0.0]
+    assert sample(logits, state)[0] == 2
+    # row 1: the mask before temperature and top_k: the two kept are ids 0 and 1, scaled by 1 / 0.5
+    assert got[1].tolist() == [6.0, 4.0, -INF, -INF]
+    # sampling rows never draw a masked token
+    many = torch.zeros(300, 4)
+    only = torch.tensor([False, False, True, False]).expand(300, 4)
+    state = state_for([P(temperature=2.0)] * 300, logits=many, seeds=list(range(1, 301)), mask=only)
+    assert set(sample(many, state).tolist()) == {2}
+    # an all-True mask changes nothing
+    state = state_for(rows, prompts=[[1], []], logits=logits)
+    full = state_for(rows, prompts=[[1], []], logits=logits, mask=torch.ones(2, 4, dtype=torch.bool))
+    assert torch.equal(process_logits(logits, state), process_logits(logits, full))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,11 +291,9 @@ def test_seed_reproducibility():
     a = _draws(P(temperature=1.0), steps, [1234])
     b = _draws(P(temperature=1.0), steps, [1234])
     c = _draws(P(temperature=1.0), steps, [1235])
+    d = _draws(P(temperature=1.0), steps, [9999999999])  # the contract's largest seed
     assert torch.equal(a, b)
-    assert (a != c).sum() > 50
-    assert make_generator(9999999999, "cpu").initial_seed() == 9999999999
-    fresh = [torch.empty(4).uniform_(generator=make_generator(None, "cpu")).tolist() for _ in range(2)]
-    assert fresh[0] != fresh[1]
+    assert (a != c).sum() > 50 and (a != d).sum() > 50
 
 
 def test_sampling_does_not_touch_the_global_rng():
@@ -241,22 +320,26 @@ def test_batch_equals_single_with_mixed_params_and_compaction(vocab):
     steps = [torch.randn(len(MIXED), vocab) * 1.5 for _ in range(24)]
     seeds = [11, 22, 33, 44, 55, 66]
     prompts = [[1, 2, 3, 2], [4, 4], [5], [], [6, 7], [8]]
-    keep = [0, 2, 3, 5]  # after step 12, rows 1 and 4 finish and leave the batch
+    keep = [0, 2, 3, 5]  # after step 12, rows 1 and 4 finish and new requests take their rows
+    newcomer = {1: (P(temperature=1.1, top_p=0.7, frequency_penalty=0.5), 77), 4: (P(temperature=0), 88)}
     state = state_for(MIXED, prompts=prompts, vocab=vocab, seeds=seeds)
     batch = {b: [] for b in range(len(MIXED))}
-    rows = list(range(len(MIXED)))
+    late = {b: [] for b in newcomer}
     for i, logits in enumerate(steps):
         if i == 12:
-            state = state.select(torch.tensor([rows.index(b) for b in keep]))
-            rows = keep
-        tokens = sample(logits[rows], state)
-        state.update(tokens)
-        for b, t in zip(rows, tokens.tolist()):
-            batch[b].append(t)
+            for b, (p, seed) in newcomer.items():
+                state.set_row(b, p, seed, [9])
+        tokens = sample(logits, state).tolist()
+        state.update(torch.tensor(tokens))
+        for b, t in enumerate(tokens):
+            (batch if i < 12 or b in keep else late)[b].append(t)
     for b, params in enumerate(MIXED):
         n = 24 if b in keep else 12
         alone = _draws(params, [s[b : b + 1] for s in steps[:n]], [seeds[b]], prompts=[prompts[b]])
         assert batch[b] == alone[:, 0].tolist(), b
+    for b, (p, seed) in newcomer.items():
+        alone = _draws(p, [s[b : b + 1] for s in steps[12:]], [seed], prompts=[[9]])
+        assert late[b] == alone[:, 0].tolist(), b
 
 
 def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -274,9 +357,13 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
 )
 def test_draws_follow_the_softmax(params, expected):
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0, -INF])
-    n_rows, n_steps = 500, 40  # 20000 draws, one generator per row
+    n_rows, n_steps = 500, 40  # 20000 draws: 500 seeds, 40 counters each
     state = state_for([params] * n_rows, vocab=5, seeds=list(range(1, n_rows + 1)))
-    tokens = torch.cat([sample(logits.expand(n_rows, 5), state) for _ in range(n_steps)])
+    tokens = []
+    for _ in range(n_steps):
+        tokens.append(sample(logits.expand(n_rows, 5), state))
+        state.update(tokens[-1])
+    tokens = torch.cat(tokens)
     assert (tokens < 4).all()  # the -inf token is never drawn
     support = expected > 0
     assert set(tokens.tolist()) == set(support.nonzero()[:, 0].tolist())
@@ -289,10 +376,8 @@ def test_draw_is_argmax_of_probability_over_noise():
     logits = torch.tensor([[0.0, math.log(2.0), -INF], [0.0, 0.0, 0.0]])
     noise = torch.tensor([[0.1, 0.3, 1e-30], [1.0, 0.5, 0.7]])
     assert draw(logits, noise).tolist() == [0, 1]  # 1/0.1 > 2/0.3; the -inf token scores 0
-    gens = [make_generator(3, "cpu"), None]
-    noise = exponential_noise(gens, 1000, torch.device("cpu"))
-    assert (noise[0] > 0).all() and abs(noise[0].mean().item() - 1.0) < 0.1
-    assert (noise[1] == 1).all()
+    noise = counter_noise(torch.tensor([3, 3]), torch.tensor([0, 1]), 1000)
+    assert (noise > 0).all() and abs(noise[0].mean().item() - 1.0) < 0.1 and not torch.equal(noise[0], noise[1])
 
 
 def test_extreme_values_stay_finite():
