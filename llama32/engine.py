@@ -96,7 +96,10 @@ class Job:
         """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it."""
         self.events.put(item)
         if self.notify is not None:
-            self.notify()
+            try:
+                self.notify()
+            except Exception:  # noqa: BLE001 - a caller's wake-up hook must not take the loop down
+                pass
 
     def results(self) -> Iterator[Any]:
         """What the loop sends this job, as it comes; raises the loop's error for it, if any."""
@@ -186,14 +189,18 @@ class GenerationLoop:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _run_once(self, idle: float) -> bool:
-        """Admit and step once; False when there was nothing to do for `idle` seconds (or closing)."""
+        """Admit and step once (or wait up to `idle` seconds for work); False when the thread must end: the
+        loop is closing and idle. That is decided under the lock, where `_thread` is cleared, so a job
+        submitted a moment later starts a new thread instead of being left to one that is ending."""
         with self._cond:
             if not self._waiting and not (self._rows and self._rows.live()):
                 if self._closing:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
                     return False
                 self._cond.wait(idle)
                 if not self._waiting:
-                    return False
+                    return True
             admitted = self._admit()
         with torch.inference_mode():
             for job in admitted:
@@ -223,13 +230,19 @@ class GenerationLoop:
                     break  # served alone: once the rows ahead of it are done
                 admitted.append(self._waiting.popleft())
                 break
-            if rows is None:
-                rows = self._rows = _Rows(self.llm, self.capacity, self._length_for(need))
-            free = [i for i, j in enumerate(rows.jobs) if j is None]
-            if not free or len(rows.live()) >= self.max_batch:
-                break
-            if need > rows.cache.length:
-                rows.grow(self._length_for(need))
+            try:  # KV memory is allocated here: if that fails, this request fails, and the loop goes on
+                if rows is None:
+                    rows = self._rows = _Rows(self.llm, self.capacity, self._length_for(need))
+                free = [i for i, j in enumerate(rows.jobs) if j is None]
+                if not free or len(rows.live()) >= self.max_batch:
+                    break
+                if need > rows.cache.length:
+                    rows.grow(self._length_for(need))
+            except Exception as e:  # noqa: BLE001 - out of memory, most likely
+                self._waiting.popleft()
+                job.finished = True
+                job.put(e)
+                continue
             rows.jobs[free[0]] = job
             admitted.append(self._waiting.popleft())
         return admitted
@@ -238,6 +251,14 @@ class GenerationLoop:
         """Slots grow in powers of two (from 256) as requests need them, up to the budget's slot length, so a
         small model or short requests never hold the whole budget."""
         return min(self.slot_length, max(256, _pow2(need)))
+
+    def _fail_running(self, error: BaseException) -> None:
+        """The loop's last resort: every running job fails with `error` (the waiting ones stay queued)."""
+        with self._cond:
+            running = [j for r in (self._rows, self._solo) if r is not None for j in r.jobs if j is not None]
+        for job in running:
+            self._retire(job)
+            job.put(error)
 
     def _guarded(self, jobs: list[Job], work) -> None:
         """Run `work`; if it raises, the jobs it was for fail with that error and leave. Others go on."""
@@ -359,27 +380,36 @@ class GenerationLoop:
         lps = logprob.tolist() if logprob is not None else None
         tops = (top[0].tolist(), top[1].tolist()) if top is not None else None
         for s in slots:
-            job, k = rows.jobs[s], s - first
-            if job.cancelled:
+            job = rows.jobs[s]
+            try:
+                self._deliver_one(job, drawn[s - first], lps, tops, s - first, stop_ids)
+            except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails
                 self._retire(job)
-                job.put(_END)
-                continue
-            job.token = drawn[k]
-            job.produced += 1
-            if job.constraint is not None:
-                job.constraint.advance(job.token)
-            lp = None
-            if job.req.logprobs:
-                n = job.req.top_logprobs
-                lp = (lps[k], list(zip(tops[0][k][:n], tops[1][k][:n])))
-            done = job.token in stop_ids or job.produced >= job.req.max_tokens
-            done = job.output.push(job.token, done, lp)
-            chunks = list(job.output.chunks())
-            if chunks:
-                job.put(chunks)
-            if done:
-                self._retire(job)
-                job.put(_END)
+                job.put(e)
+
+    def _deliver_one(self, job: Job, token: int, lps: list | None, tops: tuple | None, k: int,
+                     stop_ids: frozenset[int]) -> None:
+        """Row `job`'s new `token` (column `k` of the step's log-probabilities) into its output."""
+        if job.cancelled:
+            self._retire(job)
+            job.put(_END)
+            return
+        job.token = token
+        job.produced += 1
+        if job.constraint is not None:
+            job.constraint.advance(job.token)
+        lp = None
+        if job.req.logprobs:
+            n = job.req.top_logprobs
+            lp = (lps[k], list(zip(tops[0][k][:n], tops[1][k][:n])))
+        done = job.token in stop_ids or job.produced >= job.req.max_tokens
+        done = job.output.push(job.token, done, lp)
+        chunks = list(job.output.chunks())
+        if chunks:
+            job.put(chunks)
+        if done:
+            self._retire(job)
+            job.put(_END)
 
     def _retire(self, job: Job) -> None:
         job.finished = True
@@ -391,7 +421,9 @@ class GenerationLoop:
     def _score(self, job: Job) -> None:
         llm = self.llm
         ids = torch.tensor([job.ids], device=llm.device)
-        logits = llm.model(ids)[0, job.n_context - 1: -1].float()  # each text token's predicting position
+        # the head only at each text token's predicting position, not over the context
+        at = torch.arange(job.n_context - 1, ids.shape[1] - 1, device=llm.device)[None]
+        logits = llm.model(ids, logits_at=at)[0].float()
         targets = ids[0, job.n_context:]
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, targets[:, None])[:, 0]
@@ -415,7 +447,12 @@ class GenerationLoop:
         started = time.perf_counter()
         try:
             out = self._compiled_step()(*args)
-        except Exception as e:  # noqa: BLE001 - a compile or capture failure: answer eagerly, say so once
+        except Exception as e:  # noqa: BLE001
+            # Compiling a shape happens before its graph runs, so a failure on a new shape left the cache and
+            # the sampler's history untouched: answer eagerly (once more, safely), say so once. An error at a
+            # shape that compiled before, or out of memory, is a runtime error: it fails this step's requests.
+            if shape in llm.compiled_shapes or isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+                raise
             self._compile_failed(e)
             return static_decode_step(*args)
         if shape not in llm.compiled_shapes:
@@ -456,8 +493,11 @@ def _serve(ref: weakref.ref) -> None:
         loop = ref()
         if loop is None:
             return
-        if not loop._run_once(idle=0.5) and loop._closing:
-            return
+        try:
+            if not loop._run_once(idle=0.5):
+                return
+        except BaseException as e:  # noqa: BLE001 - nothing may end the loop: fail what was running, go on
+            loop._fail_running(e)
         del loop
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -52,7 +53,10 @@ def generate_batch(llm: Llama, requests: list[dict]) -> list[dict]:
             raise InvalidRequest(f"requests[{i}].stream: streaming is not available in generate_batch")
         reqs.append(req)
     jobs = [llm.loop.submit(Job(req, Output(llm, req))) for req in reqs]
-    return [_collect(_chunks(llm, job)) for job in jobs]
+    try:
+        return [_collect(_chunks(llm, job)) for job in jobs]
+    finally:  # one failed or the caller was interrupted: the others stop too, rather than run to max_tokens
+        _cancel_unfinished(llm, jobs)
 
 
 def score(llm: Llama, text: str, *, context: str = "") -> dict:
@@ -96,12 +100,15 @@ def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list
         prepared.append((ids, len(head)))
     jobs = [llm.loop.submit(Job(ids=ids, n_context=n)) for ids, n in prepared]
     results = []
-    for job, (ids, n) in zip(jobs, prepared):
-        logprobs, greedy = next(iter(job.results()))
-        total = sum(logprobs)
-        results.append({"tokens": [tok.decode([t]) for t in ids[n:]], "ids": ids[n:], "logprobs": logprobs,
-                        "is_greedy": greedy, "sum_logprob": total,
-                        "perplexity": math.exp(-total / len(logprobs))})
+    try:
+        for job, (ids, n) in zip(jobs, prepared):
+            logprobs, greedy = next(iter(job.results()))
+            total = sum(logprobs)
+            results.append({"tokens": [tok.decode([t]) for t in ids[n:]], "ids": ids[n:], "logprobs": logprobs,
+                            "is_greedy": greedy, "sum_logprob": total,
+                            "perplexity": math.exp(-total / len(logprobs))})
+    finally:
+        _cancel_unfinished(llm, jobs)
     return results
 
 
@@ -129,16 +136,18 @@ class Stream:
         self._job = Job(req, Output(llm, req))
         self._submitted = self._closed = False
         self._pending: deque[dict] = deque()
+        self._lock = threading.Lock()  # the first read's submit and a close() from another thread
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> dict:
-        if self._closed:
-            raise StopIteration
-        if not self._submitted:
-            self._submitted = True
-            self._loop.submit(self._job)
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            if not self._submitted:
+                self._submitted = True
+                self._loop.submit(self._job)
         while not self._pending:
             item = self._job.events.get()
             if item is _END:
@@ -157,9 +166,12 @@ class Stream:
         return self._job.output.finish_reason
 
     def close(self) -> None:
-        if self._submitted and not self._job.finished:
+        # The job is cancelled even when not submitted yet: a first read racing this close() then submits
+        # a cancelled job, which the loop drops unrun.
+        with self._lock:
+            self._closed = True
+        if not self._job.finished:
             self._loop.cancel(self._job)
-        self._closed = True
 
     def __del__(self) -> None:
         self.close()
@@ -167,6 +179,12 @@ class Stream:
 
 def _stream(llm: Llama, req: Request) -> Stream:
     return Stream(llm, req)
+
+
+def _cancel_unfinished(llm: Llama, jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.finished:
+            llm.loop.cancel(job)
 
 
 def _chunks(llm: Llama, job: Job) -> Iterator[dict]:

@@ -325,7 +325,8 @@ class Transformer(nn.Module):
         - cache, no input_pos: prefill at positions 0..T-1, keys and values stored in the cache.
         - cache and input_pos [B, T]: each row's tokens sit at its own positions; they attend to every
           cached position at or before their own (decode, or continuing a prompt).
-        `logits_at` [B]: apply the head only at that position of each row and return [B, 1, V].
+        `logits_at` [B]: apply the head only at that position of each row and return [B, 1, V]; [B, P]: at
+        those P positions of each row, [B, P, V] (scoring: the head over the context would be wasted).
         `lora`: per-row LoRA adapters (`lora.RowAdapters`) in place of the handle's own.
         `output_hidden_states` / `output_attentions`: return a `ModelOutput` with them (attention then runs
         written out, `explicit_attention`, for its probabilities); without either, the logits tensor alone.
@@ -359,7 +360,11 @@ class Transformer(nn.Module):
             return ModelOutput(self.lm_head(x), None if hidden is None else tuple(hidden),
                                None if probs is None else tuple(probs))
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
+            rows = torch.arange(B, device=x.device)
+            if logits_at.dim() == 2:
+                x = x[rows[:, None], logits_at]  # (B, P, D)
+            else:
+                x = x[rows, logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.model.norm(x))  # the head is never adapted
 
 

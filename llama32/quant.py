@@ -9,8 +9,8 @@ Which kernel runs (measured on a 2-core AMD EPYC with AVX-512 and avx512_bf16, t
 8192 x 2048 weight; see benchmarks/RESULTS.md for whole-model figures):
 - CPU, a few rows (decode): `torch.ops.aten._weight_int8pack_mm` with bfloat16 activations, 15-16 GB/s of
   int8 weights streaming from memory at one row (22 GB/s at 2048 x 8192). With float32 activations the same
-  kernel moved 1.7 GB/s, so a float32 model's activations are rounded to bfloat16 for this one product (its
-  output is float32 again); dequantizing to float32 first moved 0.6 GB/s.
+  kernel moved 1.7 GB/s. A float32 model's products go the many-rows way below at any row count (rounding its
+  activations to bfloat16 for the kernel would make a row's result depend on how many rows share the step).
 - CPU, many rows (a prompt): dequantize the weight to the activations' dtype into a buffer the thread reuses
   and multiply through oneDNN (`scratch.linear_converted`): 42 ms for 512 rows of bfloat16 and 85 ms of
   float32, against 134 ms for `_weight_int8pack_mm` and 51 / 134 ms dequantizing into a fresh tensor for
@@ -53,7 +53,9 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x [..., in] times an int8 weight [out, in] with per-row `scale`: [..., out] in x's dtype."""
     rows = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if rows <= _FEW_ROWS:
+        # bfloat16 activations only: a float32 model's would be rounded to bfloat16 for a few rows and not
+        # for many, so a request's result would depend on how many others share its step.
+        if rows <= _FEW_ROWS and x.dtype == torch.bfloat16:
             flat = x.reshape(rows, x.shape[-1])
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale.to(torch.bfloat16))
             return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,7 @@ def test_a_failed_compile_warns_once_and_answers_eagerly(handle, monkeypatch):
         raise RuntimeError("no Triton here")
 
     llm.compiled, llm._compiled_step = True, broken
+    llm.compiled_shapes.clear()  # a new step function: no shape of it has compiled
     try:
         with pytest.warns(RuntimeWarning, match="compiling the decode step failed") as caught:
             got = [llama32.generate(llm, **requests[0])]
@@ -189,6 +191,37 @@ def test_a_failed_compile_warns_once_and_answers_eagerly(handle, monkeypatch):
         llm.compiled, llm._compiled_step = False, None
     assert len([w for w in caught if "compiling" in str(w.message)]) == 1
     assert tokens(got) == tokens(want)
+
+
+def test_only_a_compile_failure_falls_back_to_eager(handle):
+    """Out of memory, or any error at a shape that compiled before, is a runtime error: the step's requests
+    fail with it (never rerun eagerly, which would record the sampler's history twice), and the handle stays
+    compiled and usable."""
+    llm, _, _ = handle
+    request = dict(prompt="Hello there", raw=True, temperature=0, max_tokens=5)
+    want = llama32.generate(llm, **request)
+    failures = [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("an illegal memory access")]
+
+    def failing(*args):
+        raise failures[0]
+
+    llm.compiled, llm._compiled_step = True, failing
+    llm.compiled_shapes.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "compiling failed" warning
+            with pytest.raises(torch.OutOfMemoryError):
+                llama32.generate(llm, **request)
+            assert llm.compiled
+            failures.pop(0)
+            llm.compiled_shapes[(1, 16)] = 1.0  # this shape compiled before: an error now is a runtime one
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                llama32.generate(llm, **request)
+            assert llm.compiled
+    finally:
+        llm.compiled, llm._compiled_step = False, None
+        llm.compiled_shapes.clear()
+    assert llama32.generate(llm, **request) == want
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

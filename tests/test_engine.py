@@ -214,3 +214,139 @@ def test_notify_is_called_after_every_event(smol):
     events = list(job.results())
     assert len(seen) == len(events) + 1  # every chunk list, then the end
     assert all(n >= 1 for n in seen)  # the event was on the queue before the caller was woken
+
+
+# --- hardening: nothing a request does can stop the loop or strand a caller ------------------------------------
+
+
+def _within(seconds, fn, *args):
+    """fn(*args) on a thread; its result, or its error re-raised; fails (instead of hanging) past `seconds`."""
+    box = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"no answer within {seconds} s: the caller would wait forever"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _settle(llm, seconds=5.0):
+    deadline = time.time() + seconds
+    while any(llm.loop.stats().values()) and time.time() < deadline:
+        time.sleep(0.01)
+    return llm.loop.stats()
+
+
+def test_a_failed_kv_allocation_fails_its_request_and_the_loop_lives(smollm2_dir, monkeypatch):
+    import llama32.engine as engine
+
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    real = engine._Rows.__init__
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("no room for the KV cache")
+
+    monkeypatch.setattr(engine._Rows, "__init__", no_memory)
+    with pytest.raises(MemoryError, match="KV cache"):
+        _within(60, run, llm, MIXED[0])
+    with pytest.raises(MemoryError, match="KV cache"):  # and the next caller is answered too
+        _within(60, run, llm, MIXED[0])
+    monkeypatch.setattr(engine._Rows, "__init__", real)
+    assert _within(120, run, llm, MIXED[0]) == run(llm, MIXED[0])
+
+
+def test_an_error_delivering_one_row_fails_only_that_row(smol, monkeypatch):
+    from llama32.output import Output
+
+    want = run(smol, MIXED[0])
+    push = Output.push
+
+    def failing(self, token, done, logprob=None):
+        if self.req.max_tokens == 9 and self.completion_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a broken token")
+        return push(self, token, done, logprob)
+
+    monkeypatch.setattr(Output, "push", failing)
+    bad = dict(prompt=chatml("Count to ten."), max_tokens=9, **GREEDY)
+
+    def bad_run():
+        with pytest.raises(UnicodeDecodeError):
+            run(smol, bad)
+        return "failed"
+
+    got = in_threads(lambda f: f(), [(lambda: run(smol, MIXED[0]),), (bad_run,)])
+    assert got == [want, "failed"]
+
+
+def test_generate_batch_stops_the_others_when_the_caller_is_interrupted(smol, monkeypatch):
+    import sys
+
+    gen = sys.modules["llama32.generate"]  # (llama32.generate is also the function)
+
+    def interrupted(chunks):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "_collect", interrupted)
+    long = dict(prompt=chatml("Write a very long story."), max_tokens=2000, **GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        llama32.generate_batch(smol, [long, long, long])
+    assert _settle(smol) == {"running": 0, "waiting": 0}  # not 2000 tokens each, unread
+
+
+def test_a_close_racing_the_first_read_leaves_nothing_running(smol):
+    stream = llama32.generate(smol, prompt=chatml("Write a very long story."), max_tokens=2000, stream=True,
+                              **GREEDY)
+    stream.close()
+    stream._closed = False  # a reader on another thread that passed the closed check just before close()
+    assert next(stream, None) is None  # the cancelled job was dropped unrun
+    assert _settle(smol) == {"running": 0, "waiting": 0}
+
+
+def test_a_job_submitted_as_the_loop_thread_ends_is_served(smollm2_dir, monkeypatch):
+    from llama32.engine import GenerationLoop, Job
+    from llama32.output import Output
+    from llama32.requests import validate
+
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    want = run(llm, MIXED[0])
+    req = validate(llm, MIXED[0])
+    job = Job(req, Output(llm, req))
+    real, sent = GenerationLoop._run_once, []
+
+    def run_once(self, idle):
+        go_on = real(self, idle)
+        if not go_on and not sent:  # the thread decided to end: a caller submits right then
+            sent.append(self.submit(job))
+        return go_on
+
+    monkeypatch.setattr(GenerationLoop, "_run_once", run_once)
+    llm.loop.close()
+    chunks = _within(120, lambda: [c for batch in job.results() for c in batch])
+    assert sent and "".join(c["response"] for c in chunks) == want["response"]
+
+
+def test_score_applies_the_head_only_at_the_text(smol, monkeypatch):
+    want = llama32.score(smol, " Paris.", context="The capital of France is")
+    rows, head = [], smol.model.lm_head.forward
+    monkeypatch.setattr(smol.model.lm_head, "forward", lambda x: rows.append(x.shape[:-1].numel()) or head(x))
+    context = "The capital of France is " * 40
+    got = llama32.score(smol, " Paris.", context=context)
+    assert rows == [len(got["ids"])]  # not the ~240 context positions
+    monkeypatch.setattr(smol.model.lm_head, "forward", head)
+    assert llama32.score(smol, " Paris.", context="The capital of France is") == want
+    # equal to the head over every position
+    tok = smol.tokenizer
+    ids = [tok.bos_id] * (tok.bos_id is not None) + tok.encode(context) + tok.encode(" Paris.")
+    with torch.no_grad():
+        full = torch.log_softmax(smol.model(torch.tensor([ids]))[0].float(), -1)
+    n = len(got["ids"])
+    ref = full[-n - 1:-1].gather(-1, torch.tensor(ids[-n:])[:, None])[:, 0]
+    assert got["logprobs"] == pytest.approx(ref.tolist(), abs=1e-4)

@@ -89,3 +89,13 @@ def test_lora_on_top_of_int8(make_checkpoint, llama3_tokenizer_dir, tmp_path):
     assert ((delta_q - delta_full).abs().max() / delta_full.abs().max()).item() < 0.1
     req = dict(prompt="Hello there", raw=True, temperature=0, max_tokens=6)
     assert llama32.generate(q[None], lora=adapter, **req) == llama32.generate(q[adapter], **req)
+
+
+def test_a_float32_rows_result_does_not_depend_on_how_many_rows_share_the_product():
+    """int8 with float32 activations: one row alone equals the same row among 16 (the few-rows kernel would
+    round it to bfloat16 alone and not among many)."""
+    g = torch.Generator().manual_seed(3)
+    q, scale = quantize_int8(torch.randn(256, 512, generator=g), torch.float32)
+    x = torch.randn(16, 512, generator=g)
+    alone = torch.cat([int8_linear(x[i:i + 1], q, scale) for i in range(16)])
+    torch.testing.assert_close(alone, int8_linear(x, q, scale), rtol=1e-4, atol=1e-4)  # bfloat16: ~1e-2
