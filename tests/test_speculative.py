@@ -170,6 +170,31 @@ def test_seeded_noise_follows_the_token_index():
     assert drawn == _sequential(logits, _clone(knobs), 1)
 
 
+def test_verify_with_logit_bias_and_the_allowed_mask():
+    """logit_bias is a setting (the same at every position); the allowed-token mask is given per position,
+    as the JSON matcher advanced through the proposals would give it."""
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.4, logit_bias=((5, -3.0), (9, 2.5)))
+    g = torch.Generator().manual_seed(4)
+    allowed = torch.rand(6, V, generator=g) < 0.6
+    allowed[:, 3] = True
+    logits = _peaked_logits(6, 8)
+    knobs = _knobs(params, [3, 9])
+    one, ref = _clone(knobs).view(1, 2), []
+    for i in range(6):
+        t = sample_static(logits[i:i + 1], one, allowed[i:i + 1])
+        one.update(t)
+        ref.append(int(t))
+    assert all(allowed[i, t] for i, t in enumerate(ref))
+    v = verify(logits, knobs, 1, ref[:5], allowed)
+    assert v.tokens == ref and v.accepted == 5
+    wrong = ref[:2] + [(ref[2] + 1) % V] + ref[3:5]
+    assert verify(logits, knobs, 1, wrong, allowed).tokens == ref[:3]
+    # without the bias or the mask the tokens differ (both are read)
+    assert target_tokens(logits, knobs, 1, ref[:5]).tolist() != ref
+    plain = _knobs(SamplingParams(temperature=0.8, repetition_penalty=1.4), [3, 9])
+    assert target_tokens(logits, plain, 1, ref[:5], allowed).tolist() != ref
+
+
 def _clone(knobs: StepKnobs) -> StepKnobs:
     out = StepKnobs.__new__(StepKnobs)
     out.vocab_size = knobs.vocab_size
