@@ -361,3 +361,24 @@ def test_adaptive_k_costs_the_verify_step():
     cheap, dear = AdaptiveK(rate=0.7, cost_per_token=0.02), AdaptiveK(rate=0.7, cost_per_token=0.5)
     assert cheap.best_k() > dear.best_k() >= 0
     assert AdaptiveK(rate=0.05).next_k() == 0
+
+
+@pytest.mark.parametrize("request_", [
+    {"temperature": 0.8, "seed": 4242, "repetition_penalty": 1.2, "frequency_penalty": 0.4},
+    {"temperature": 0, "presence_penalty": 0.5},
+], ids=["seeded", "greedy"])
+def test_speculative_decoding_reproduces_the_generation_loop(smol, request_):
+    """The loop's own answer (llm.generate, its counter noise, its knobs) is what n-gram speculation verified
+    with `verify` delivers: the same request's prompt ids, settings and seed through this module's path."""
+    from llama32.requests import validate
+
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    body = {"prompt": f"Repeat exactly: {text}", "max_tokens": 12, **request_}
+    req = validate(smol, body)
+    loop_text = llama32.generate(smol, **body)["response"]
+    seed = req.seed if req.seed is not None else 0
+    got = _decode(smol.model, req.prompt_ids, req.params, seed, 12, NgramProposer())[0]
+    stops = set(smol.config.eos_token_id if isinstance(smol.config.eos_token_id, (list, tuple))
+                else [smol.config.eos_token_id])
+    end = next((i for i, t in enumerate(got) if t in stops), len(got))
+    assert smol.tokenizer.decode(got[:end]) == loop_text and loop_text
