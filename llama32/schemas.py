@@ -210,7 +210,7 @@ _USAGE = {
         "cached_tokens": {"type": "integer", "minimum": 0, "x-extension": True,
                           "description": "Prompt tokens whose keys and values were reused from an earlier request"},
     },
-    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"],
 }
 _TOOL_CALL_OUT = {"type": "object", "properties": {
     "name": {"type": "string", "description": "The name of the tool to be called"},
@@ -235,7 +235,7 @@ _RESULT_PROPS = {
     "logprobs": _LOGPROBS,
 }
 RESULT = {"type": "object", "contentType": "application/json", "properties": _RESULT_PROPS,
-          "required": ["response", "tool_calls", "usage"], "additionalProperties": False}
+          "required": ["response", "tool_calls", "finish_reason", "usage"], "additionalProperties": False}
 CHUNK = {"type": "object", "description": "One Server-Sent Event of a stream: the next piece of text; the last "
          "carries usage, finish_reason and any tool_calls.", "properties": _RESULT_PROPS,
          "required": ["response"], "additionalProperties": False}

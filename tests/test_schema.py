@@ -217,7 +217,9 @@ def test_results_validate_against_the_output_schema(llm, out_schema):
         if request.get("logprobs"):
             assert len(result["logprobs"]) == result["usage"]["completion_tokens"]
     with pytest.raises(jsonschema.ValidationError):  # the schema can fail: a result with a wrong field type
-        _check(out_schema, {**result, "usage": {"prompt_tokens": "3", "completion_tokens": 1, "total_tokens": 4}})
+        _check(out_schema, {**result, "usage": {**result["usage"], "prompt_tokens": "3"}})
+    with pytest.raises(jsonschema.ValidationError):  # every result says why it ended
+        _check(out_schema, {k: v for k, v in result.items() if k != "finish_reason"})
 
 
 def test_a_result_with_tool_calls_validates(llm, out_schema):
