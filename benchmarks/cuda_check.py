@@ -6,7 +6,9 @@
 2. compiled against eager on the random-weight Llama 3.2 1B in bfloat16: greedy tokens of a batch of mixed
    requests, and how many graphs the compiled step built for them (one per (rows, positions attended));
 3. the whole benchmark: `bench.py` (decode batch 1 and 32, prefill up to 8k, load; against HF) and
-   `serve_bench.py` (8 concurrent requests; 64 Poisson arrivals against one after another).
+   `serve_bench.py` (8 concurrent requests; 64 Poisson arrivals against one after another);
+4. the generation loop's rows, `loop_bench.py`: prompt-prefix reuse, a long prompt arriving while a stream
+   decodes, 8 long-max_tokens requests, and the no-regression figures.
 
 Each part's outcome goes into one JSON file, and a table of the figures that have targets into a Markdown
 file, to copy into benchmarks/RESULTS.md. A part that fails is recorded as failed and the others still run.
@@ -76,6 +78,17 @@ def table(report: dict) -> str:
             ours, hf = figures["llama32"]["tok_s"], figures.get("hf", {}).get("tok_s") or 0
             target = "≥ 250,000 tok/s" if scenario == "prefill_8192" else ""
             rows.append(f"| prefill {scenario[8:]} tokens, bf16 | {ours:,.0f} tok/s (HF {hf:,.0f}) | {target} |")
+    loop = report.get("loop", {}).get("results", {}).get("rows", {})
+    for name, label, target in (("reuse", "TTFT sharing a 1,500-token prefix / first", "≤ 0.15×"),
+                                ("long_prompt", "longest stream gap as a 2,000-token prompt arrives / median",
+                                 "≤ 4×"),
+                                ("long_max_tokens", "8 requests max_tokens 6000 (12 tokens read) / one", "≤ 2.5×")):
+        if name in loop:
+            rows.append(f"| {label} | {loop[name]['ratio']:.2f}× | {target} |")
+    if "no_regression" in loop:
+        nr = loop["no_regression"]
+        rows.append(f"| 8 concurrent greedy 64-token requests / one (loop_bench) | "
+                    f"{nr['concurrent64']['ratio']:.2f}× | ≤ 1.3× |")
     serve = report.get("serve", {}).get("results", {})
     if "concurrent" in serve:
         c = serve["concurrent"]
@@ -91,7 +104,7 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cuda")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,compiled,bench,serve")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,compiled,bench,serve,loop")
     args = p.parse_args(argv)
     import torch
 
@@ -124,10 +137,16 @@ def main(argv=None) -> int:
                               args.out / "serve.log")
         if serve_json.exists():
             report["serve"]["results"] = json.loads(serve_json.read_text())
+    if "loop" not in skip and ckpt.exists():
+        loop_json = args.out / "loop.json"
+        report["loop"] = run([py, "benchmarks/loop_bench.py", "--ckpt", str(ckpt), "--device", "cuda",
+                              "--json", str(loop_json)], args.out / "loop.log")
+        if loop_json.exists():
+            report["loop"]["results"] = json.loads(loop_json.read_text())
     (args.out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "check.md").write_text(table(report))
     print(table(report))
-    failed = [k for k in ("tests", "bench", "serve") if report.get(k, {}).get("rc", 0) != 0]
+    failed = [k for k in ("tests", "bench", "serve", "loop") if report.get(k, {}).get("rc", 0) != 0]
     return 1 if failed or "error" in report.get("compiled_vs_eager", {}) else 0
 
 

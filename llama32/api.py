@@ -84,7 +84,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     params.json + consolidated.NN.pth + tokenizer.model, see meta.py) or a hub repo id.
 
     `max_batch`: the most requests the handle's generation loop decodes together (default 8 on CPU, 32 on
-    CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine.py).
+    CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine/loop.py).
     A checkpoint without tokenizer.json (or Meta's tokenizer.model) loads model-only: `llm.tokenizer` is None.
     `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
     """

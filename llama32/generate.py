@@ -1,4 +1,4 @@
-"""`generate()`, `generate_batch()` and `score()`: thin clients of the handle's generation loop (engine.py).
+"""`generate()`, `generate_batch()` and `score()`: thin clients of the handle's generation loop (engine/loop.py).
 
 Each validates its whole request on the caller's thread (`requests.py`: a bad request raises here, before
 any compute), submits it to `llm.loop`, and reads what comes back: response chunks (output.py) or a
@@ -13,13 +13,15 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .api import Llama
 from .engine import _END, Job
 from .errors import InvalidRequest
 from .output import Output
 from .requests import Request, require_tokenizer, validate
+
+if TYPE_CHECKING:  # api.py imports this module (Llama.generate); at run time nothing here needs api.py
+    from .api import Llama
 
 
 def generate(llm: Llama, **request: Any) -> dict | Iterator[dict]:

@@ -135,7 +135,7 @@ class KVCache:
 
     Rows are written at their own positions, so a batch of prompts of different lengths shares one cache
     without left padding. `view(rows, length)` gives a cache over some rows and the first positions of this
-    one, sharing its memory (the generation loop's slots; see engine.py).
+    one, sharing its memory (the generation loop's slots; see engine/loop.py).
     """
 
     def __init__(self, config: LlamaConfig, batch: int, length: int, *, device, dtype: torch.dtype):

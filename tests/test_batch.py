@@ -71,7 +71,7 @@ def test_rows_share_steps_and_leave_as_they_finish(smol, one_by_one, together_on
     assert max(sizes) > 1  # batching is real: some step ran several rows at once
     # every token after each row's first comes from a decode step; batched, there are far fewer steps
     assert len(sizes) - len(requests) < sum(counts) - len(requests)
-    assert smol.loop.stats() == {"running": 0, "waiting": 0}
+    assert smol.loop.stats().items() >= {"running": 0, "waiting": 0}.items()
 
 
 def test_batch_validates_every_request_first(smol):

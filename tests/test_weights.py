@@ -180,7 +180,7 @@ def test_model_only_checkpoint(make_checkpoint):
                  lambda: llama32.score_batch(llm, [{"text": "Hi"}])):
         with pytest.raises(CheckpointError, match="no tokenizer.json"):
             call()
-    assert llm.loop.stats() == {"running": 0, "waiting": 0}
+    assert llm.loop.stats().items() >= {"running": 0, "waiting": 0}.items()
 
 
 def test_plain_call_returns_logits(make_checkpoint, llama3_tokenizer_dir):

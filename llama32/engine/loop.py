@@ -2,11 +2,16 @@
 
 Callers validate their request on their own thread (so a bad request raises there, before any compute),
 then submit it as a `Job`. One loop thread owns the model's generation state and runs, over and over:
-1. admit: waiting jobs, in arrival order, take free rows ("slots") of one preallocated KV cache, up to
-   `max_batch` at once; each is prefilled alone, at its own slot, and draws its first token;
-2. step: one decode forward for every running row, each at its own position (no left padding), then the
+1. admit: waiting jobs, in arrival order, take free rows ("slots") of one KV cache, up to `max_batch` at
+   once; a prompt whose first blocks were computed before (by an earlier request with the same adapter)
+   gets those keys and values copied from the prefix index (memory.py) instead of computing them;
+2. prefill: the rest of each new prompt is computed at its own slot, in chunks of at most `prefill_chunk`
+   tokens per iteration while other rows are decoding (so a long prompt never stops their streams for
+   long), all at once when none is; its last chunk draws the first token, and its whole blocks go into
+   the prefix index;
+3. step: one decode forward for every decoding row, each at its own position (no left padding), then the
    sampler with each row's own parameters, seed and LoRA adapter;
-3. retire: a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
+4. retire: a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
    cancelled (a stream closed or dropped), freeing its slot for the next waiting job.
 Tokens reach each caller through its `Output` (output.py) and a queue. A row's arithmetic does not depend on
 the other rows (its own positions, its own noise, its own adapter's product), so a request gets the same
@@ -47,14 +52,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lora import GatheredAdapters, RowAdapters
-from .model import KVCache, keep_address
-from .output import Output
-from .requests import Request
-from .sampling import StepKnobs, sample_static, steps_used
+from ..lora import GatheredAdapters, RowAdapters
+from ..model import KVCache, keep_address
+from ..output import Output
+from ..requests import Request
+from ..sampling import StepKnobs, sample_static, steps_used
+from .memory import PrefixIndex
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+# Prompt tokens prefilled per loop iteration while other rows decode: on a 2-core CPU a 1B decode step takes
+# ~0.1 s and 64 prompt tokens about 0.3 s, so a running stream's longest gap stays a few steps long.
+DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
 _END = object()  # a job's last event
 _MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
 MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
@@ -91,6 +100,8 @@ class Job:
         self.token = 0  # the last drawn token, fed to the next step
         self.pos = 0  # where that token goes
         self.produced = 0
+        self.prefilled = 0  # prompt positions whose keys and values are in the cache (copied or computed)
+        self.decoding = False  # the prompt is done and the first token drawn: the row takes decode steps
 
     def put(self, item: Any) -> None:
         """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it."""
@@ -142,6 +153,11 @@ class GenerationLoop:
         self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES.get(device, 1 << 30)
         c = llm.config
         self.position_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * llm.dtype.itemsize
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK.get(device, 64)
+        self.prefixes = PrefixIndex(self.position_bytes)  # reusable prompt prefixes (memory.py)
+        # Off by default for now: a reused prefix changes only usage.cached_tokens, but much of the test
+        # suite compares whole results of repeated requests. `llm.loop.reuse_prefixes = True` turns it on.
+        self.reuse_prefixes = False
         self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
         self.slot_length = max(1, min(llm.context_length, self.kv_cache_bytes // (self.capacity * self.position_bytes)))
         self._cond = threading.Condition()
@@ -181,10 +197,17 @@ class GenerationLoop:
             self._cond.notify()
 
     def stats(self) -> dict:
-        """{"running": rows decoding now, "waiting": requests queued behind them}."""
+        """{"running": rows prefilling or decoding now, "waiting": requests queued behind them, "kv_bytes":
+        KV memory in use (the rows' caches and the prefix index), "kv_bytes_total": the budget}."""
         with self._cond:
             running = sum(len(r.live()) for r in (self._rows, self._solo) if r is not None)
-            return {"running": running, "waiting": len(self._waiting)}
+            used = self._rows_bytes() + self.prefixes.bytes
+            return {"running": running, "waiting": len(self._waiting), "kv_bytes": used,
+                    "kv_bytes_total": self.kv_cache_bytes}
+
+    def _rows_bytes(self) -> int:
+        return sum(r.cache.batch * r.cache.length * self.position_bytes for r in (self._rows, self._solo)
+                   if r is not None)
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -205,8 +228,10 @@ class GenerationLoop:
         with torch.inference_mode():
             for job in admitted:
                 self._guarded([job], lambda: self._start(job))
-            if self._rows is not None and self._rows.live():
-                self._guarded([self._rows.jobs[i] for i in self._rows.live()], lambda: self._step(self._rows))
+            rows = self._rows
+            if rows is not None and rows.live():
+                self._prefill_chunks(rows)
+                self._guarded([rows.jobs[i] for i in rows.live()], lambda: self._step(rows))
         return True
 
     def _admit(self) -> list[Job]:
@@ -237,7 +262,9 @@ class GenerationLoop:
                 if not free or len(rows.live()) >= self.max_batch:
                     break
                 if need > rows.cache.length:
-                    rows.grow(self._length_for(need))
+                    length = self._length_for(need)
+                    self.prefixes.fit(self.kv_cache_bytes - rows.cache.batch * length * self.position_bytes)
+                    rows.grow(length)
             except Exception as e:  # noqa: BLE001 - out of memory, most likely
                 self._waiting.popleft()
                 job.finished = True
@@ -282,7 +309,7 @@ class GenerationLoop:
             with self._cond:
                 self._solo = rows
         if rows is not self._solo:
-            self._prefill(rows, slot, job)
+            self._begin(rows, slot, job)
             return
         try:
             self._prefill(rows, slot, job)
@@ -292,7 +319,61 @@ class GenerationLoop:
             with self._cond:
                 self._solo = None  # its cache goes with it
 
+    def _begin(self, rows: _Rows, slot: int, job: Job) -> None:
+        """A new request at `slot` of the shared rows: its adapter and seed, and the keys and values of its
+        prompt's longest stored prefix copied in (`_prefill_chunks` computes the rest)."""
+        llm, req = self.llm, job.req
+        job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
+        job.seed = req.seed if req.seed is not None else secrets.randbits(63)
+        blocks = self.prefixes.lookup(job.adapter, req.prompt_ids) if self.reuse_prefixes else []
+        job.prefilled = self.prefixes.copy_into(blocks, [t[slot] for t in rows.cache.k],
+                                                [t[slot] for t in rows.cache.v])
+        job.output.cached_tokens = job.prefilled
+
+    def _prefill_chunks(self, rows: _Rows) -> None:
+        """Prefill the prompts not yet done, in slot order: at most `prefill_chunk` tokens this iteration
+        while some row is decoding, everything when none is. A prompt's last chunk draws its first token."""
+        budget = self.prefill_chunk if any(j is not None and j.decoding for j in rows.jobs) else None
+        for slot, job in enumerate(rows.jobs):
+            if job is None or job.decoding or job.cancelled:
+                continue
+            if budget is not None and budget <= 0:
+                break
+            n = len(job.req.prompt_ids)
+            take = n - job.prefilled if budget is None else min(budget, n - job.prefilled)
+            if budget is not None:
+                budget -= take
+            self._guarded([job], lambda: self._prefill_chunk(rows, slot, job, take))
+
+    def _prefill_chunk(self, rows: _Rows, slot: int, job: Job, take: int) -> None:
+        """Compute prompt positions [prefilled, prefilled + take) of `job` at `slot`; after the last, sample
+        the first token and keep the prompt's whole blocks in the prefix index."""
+        llm, req = self.llm, job.req
+        ids, start, n = req.prompt_ids, job.prefilled, len(req.prompt_ids)
+        end = start + take
+        chunk = torch.tensor([ids[start:end]], device=llm.device)
+        lora = RowAdapters.of(llm, [job.adapter])
+        last = torch.tensor([take - 1], device=llm.device)
+        if start == 0:  # the whole prompt from position 0 (the plain causal prefill)
+            cache = rows.cache.view(slice(slot, slot + 1))
+            logits = llm.model(chunk, cache=cache, logits_at=last, lora=lora)[:, -1]
+        else:  # continuing at its own positions, attending over those before (copied or computed)
+            cache = rows.cache.view(slice(slot, slot + 1), min(rows.cache.length, max(_MIN_ATTENDED, _pow2(end))))
+            pos = torch.arange(start, end, device=llm.device)[None]
+            logits = llm.model(chunk, cache=cache, input_pos=pos, logits_at=last, lora=lora)[:, -1]
+        job.prefilled = end
+        if end < n:
+            return
+        if self.reuse_prefixes:
+            self.prefixes.store(job.adapter, ids, [t[slot] for t in rows.cache.k],
+                                [t[slot] for t in rows.cache.v], self.kv_cache_bytes - self._rows_bytes())
+        rows.knobs.set_row(slot, req.params, job.seed, ids)  # now: the decode steps before wrote this row
+        job.pos = n
+        job.decoding = True
+        self._emit(rows, [slot], logits)
+
     def _prefill(self, rows: _Rows, slot: int, job: Job) -> None:
+        """A request served alone: its whole prompt at once, then its first token."""
         llm, req = self.llm, job.req
         job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
         job.seed = req.seed if req.seed is not None else secrets.randbits(63)
@@ -303,6 +384,7 @@ class GenerationLoop:
                            logits_at=torch.tensor([n - 1], device=llm.device),
                            lora=RowAdapters.of(llm, [job.adapter]))[:, -1]
         job.pos = n
+        job.decoding = True
         self._emit(rows, [slot], logits)
 
     def _step(self, rows: _Rows) -> None:
@@ -313,16 +395,19 @@ class GenerationLoop:
             if job.cancelled:  # a closed stream leaves before the step, not after it
                 self._retire(job)
                 job.put(_END)
-        live = rows.live()
+        live = [i for i in rows.live() if rows.jobs[i].decoding]
         if not live:
             return
         n = live[-1] + 1
         compiled = llm.compiled
         if compiled:
             n = min(_pow2(n), len(rows.jobs))
-        jobs = rows.jobs[:n]
+        # A row still prefilling takes part as a free row does, writing at its next prompt position (which
+        # its next chunk overwrites); the sampler's row for it is set when its first token is drawn.
+        pos = torch.tensor([0 if j is None else j.pos if j.decoding else j.prefilled for j in rows.jobs[:n]],
+                           device=llm.device)
+        jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
         tokens = torch.tensor([j.token if j else 0 for j in jobs], device=llm.device)
-        pos = torch.tensor([j.pos if j else 0 for j in jobs], device=llm.device)
         attended = min(rows.cache.length, max(_MIN_ATTENDED, _pow2(max(j.pos for j in jobs if j) + 1)))
         adapters = [j.adapter if j else None for j in jobs]
         allowed = self._allowed(rows, jobs)

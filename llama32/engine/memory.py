@@ -1,0 +1,99 @@
+"""The KV memory beside the running rows: the prompt-prefix index.
+
+A prompt's keys and values, in whole blocks of `BLOCK` tokens, stay after its request ends, so that a later
+request whose prompt starts with the same tokens (the same system prompt, tool list or chat history) copies
+them instead of computing them again. A block is keyed by its own tokens, the key of the block before it (so
+a key names the whole prefix up to the block's end) and the LoRA adapter (an adapter changes the keys and
+values). Keys and values are stored after RoPE, at the positions they were computed at; a prefix always
+starts at position 0, so a copied block is exactly what computing it would write (the same arithmetic: the
+model's prefill of those tokens).
+
+The index lives within the handle's one budget, `kv_cache_bytes`: it may use what the running rows have not
+taken, and when they need more (or the index outgrows that) the least recently used blocks go first. A
+lookup refreshes a prefix's blocks deepest first, so a prefix's first blocks (shared by the most prompts)
+are the last to go and no block outlives the block before it by much. The shape of nano-vllm's hashed block
+manager and mlx-lm's LRUPromptCache, in copy form: the rows keep one contiguous cache each (what the decode
+step attends over), and the index keeps blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BLOCK = 32  # tokens per reusable block
+
+
+def adapter_key(adapter: Any) -> tuple | None:
+    """What identifies an adapter's keys and values: its files and this loaded copy of them."""
+    return None if adapter is None else (str(adapter.path), id(adapter))
+
+
+class PrefixIndex:
+    """Blocks of prompt keys and values, least recently used first (see the module docstring)."""
+
+    def __init__(self, position_bytes: int):
+        self.position_bytes = position_bytes
+        self.block_bytes = BLOCK * position_bytes
+        # key -> (k, v): per layer, (K, BLOCK, hd) tensors
+        self.blocks: OrderedDict[tuple, tuple[list[Tensor], list[Tensor]]] = OrderedDict()
+
+    @property
+    def bytes(self) -> int:
+        return len(self.blocks) * self.block_bytes
+
+    @staticmethod
+    def _keys(adapter: Any, ids: list[int], n_blocks: int) -> list[tuple]:
+        """Block i's key: (adapter, hash of block i-1's key, block i's tokens)."""
+        keys, parent, which = [], 0, adapter_key(adapter)
+        for i in range(n_blocks):
+            key = (which, parent, tuple(ids[i * BLOCK:(i + 1) * BLOCK]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def lookup(self, adapter: Any, ids: list[int]) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """The stored blocks that begin `ids`, in order (at most all but its last token: the prompt's last
+        position is always computed, for its logits); refreshed, deepest first."""
+        found = []
+        for key in self._keys(adapter, ids, (len(ids) - 1) // BLOCK):
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            found.append((key, block))
+        for key, _ in reversed(found):
+            self.blocks.move_to_end(key)
+        return [block for _, block in found]
+
+    def store(self, adapter: Any, ids: list[int], k: list[Tensor], v: list[Tensor], limit: int) -> None:
+        """Keep the whole blocks of `ids` from one row's cache (`k`, `v`: per layer, (K, S, hd), positions
+        from 0), within `limit` bytes; blocks already stored are refreshed, not copied again."""
+        keys = self._keys(adapter, ids, len(ids) // BLOCK)
+        if limit < len(keys) * self.block_bytes:  # keep what fits of the prefix, from its start
+            keys = keys[:max(limit // self.block_bytes, 0)]
+        for i, key in enumerate(keys):
+            if key not in self.blocks:
+                span = slice(i * BLOCK, (i + 1) * BLOCK)
+                self.blocks[key] = ([t[:, span].clone() for t in k], [t[:, span].clone() for t in v])
+        for key in reversed(keys):
+            self.blocks.move_to_end(key)
+        self.fit(limit)
+
+    def fit(self, limit: int) -> None:
+        """Drop the least recently used blocks until the index holds at most `limit` bytes."""
+        while self.blocks and self.bytes > limit:
+            self.blocks.popitem(last=False)
+
+    @staticmethod
+    def copy_into(blocks: list[tuple[list[Tensor], list[Tensor]]], k: list[Tensor], v: list[Tensor]) -> int:
+        """Write `blocks` at positions [0, len(blocks) * BLOCK) of one row's per-layer (K, S, hd) `k`, `v`;
+        returns how many positions that is."""
+        n = len(blocks) * BLOCK
+        if n:
+            for layer, (kt, vt) in enumerate(zip(k, v)):
+                kt[:, :n] = torch.cat([b[0][layer] for b in blocks], dim=1)
+                vt[:, :n] = torch.cat([b[1][layer] for b in blocks], dim=1)
+        return n
