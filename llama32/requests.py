@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import constrain
 from . import lora as lora_mod
 from .chat import functions_to_tools, render_chat, tool_names
 from .errors import CheckpointError, InvalidRequest
@@ -23,7 +24,7 @@ from .templates import render_template
 
 # Fields in the schema whose consumer is not built yet: a request using one is refused, never silently run
 # without it. Whoever wires a field's semantics removes it here.
-NOT_YET = {"response_format": "constrained JSON output is not implemented yet"}
+NOT_YET: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Request:
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # and this many most likely alternatives per token
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one that appears
+    grammar: Any = None  # response_format's compiled grammar (constrain.Grammar), or None: free text
 
 
 def render_prompt(tok: Any, messages: list[dict], tools: list | None, field: str) -> str:
@@ -138,7 +140,10 @@ def validate(llm: Any, request: dict) -> Request:
             f"max_tokens: the prompt is {len(ids)} tokens and max_tokens is {max_tokens}, together beyond the "
             f"model's context of {context} tokens; allowed max_tokens here: at most {max(context - len(ids), 0)}"
         )
+    grammar = None
+    if "response_format" in r:  # compiled (or found in the handle's cache) here: an unenforceable schema
+        grammar = constrain.grammars(llm).compile(constrain.schema_of(r["response_format"]))  # fails now
     # Last, so a request rejected for anything else loads (and caches) no adapter.
     adapter = lora_mod.resolve(llm, lora) if lora is not None else None
     return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter, logprobs=logprobs,
-                   top_logprobs=top_logprobs, stop=stop)
+                   top_logprobs=top_logprobs, stop=stop, grammar=grammar)
