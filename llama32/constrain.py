@@ -64,8 +64,11 @@ def tool_call_schema(tools: list[dict], name: str | None = None) -> dict:
     """The JSON Schema of one Llama 3.2 JSON tool call, `{"name": ..., "parameters": {...}}`, to one of
     `tools` (each `{name, parameters}` or `{type: "function", function: {...}}`), or to `name` only."""
     options = []
-    for t in tools:
-        spec = t.get("function", t)
+    for i, t in enumerate(tools if isinstance(tools, list) else []):
+        spec = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidRequest(f"tools[{i}] must be {{name, description, parameters}} or "
+                                 "{type: 'function', function: {name, description, parameters}}")
         if name is not None and spec["name"] != name:
             continue
         params = spec.get("parameters") or {"type": "object", "properties": {}}

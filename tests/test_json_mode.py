@@ -292,3 +292,74 @@ def test_tool_call_constrained_by_response_format_is_a_parsed_call(smol):
     assert out["finish_reason"] == "tool_calls"
     assert len(out["tool_calls"]) == 1 and out["tool_calls"][0]["name"] == "get_weather"
     jsonschema.validate(out["tool_calls"][0]["arguments"], tools[0]["parameters"])
+
+
+# --- over HTTP -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(smol):
+    pytest.importorskip("starlette")
+    import httpx
+    from llama32.server import create_app
+    from test_server import running
+
+    with running(create_app(smol, model_name="smollm2")) as base, httpx.Client(base_url=base, timeout=300) as c:
+        yield base, c
+
+
+WAI = "/ai/run/@cf/meta/llama-3.2-1b-instruct"
+
+
+def test_workers_ai_route_answers_json_mode_and_says_when_it_could_not_be_met(smol, served):
+    _, client = served
+    _, prompt, schema = SCHEMAS[0]
+    body = request(prompt, schema, temperature=0)
+    r = client.post(WAI, json=body)
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert result == llama32.generate(smol, **body)
+    check(result, schema)
+    r = client.post(WAI, json={**body, "max_tokens": 4})
+    assert r.status_code == 400
+    env = r.json()
+    assert env["success"] is False and "JSON Mode couldn't be met" in env["errors"][0]["message"]
+    r = client.post(WAI, json={**body, "response_format": {"type": "json_schema", "json_schema": {"not": {}}}})
+    assert r.status_code == 400 and '"not"' in r.json()["errors"][0]["message"]
+
+
+def test_openai_sdk_response_format_and_required_tool_choice(smol, served):
+    openai = pytest.importorskip("openai")
+    base, client = served
+    oai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    _, prompt, schema = SCHEMAS[3]
+    messages = request(prompt, schema)["messages"]
+    rf = {"type": "json_schema", "json_schema": {"name": "shirt", "schema": schema, "strict": True}}
+    got = oai.chat.completions.create(model="smollm2", messages=messages, response_format=rf, temperature=0,
+                                      max_tokens=MAX_TOKENS)
+    want = llama32.generate(smol, **request(prompt, schema, temperature=0))
+    assert got.choices[0].message.content == want["response"]
+    jsonschema.validate(json.loads(got.choices[0].message.content), schema)
+    # json_object, streamed through the SDK: the pieces make one JSON object
+    stream = oai.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=48,
+                                         response_format={"type": "json_object"}, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == llama32.generate(smol, messages=messages, temperature=0, max_tokens=48,
+                                    response_format={"type": "json_object"})["response"]
+    assert text.startswith("{")
+    # tool_choice "required": one call to an offered tool, parsed, whatever the model would have said
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": obj(city=S(20))}},
+             {"type": "function", "function": {"name": "get_time", "description": "Time in a city",
+                                               "parameters": obj(city=S(20))}}]
+    for choice, names in (("required", {"get_weather", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})):
+        got = oai.chat.completions.create(model="smollm2", temperature=0, max_tokens=64, tools=tools,
+                                          tool_choice=choice,
+                                          messages=[{"role": "user", "content": "What's the weather in Oslo?"}])
+        c = got.choices[0]
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        assert c.message.tool_calls[0].function.name in names
+        assert isinstance(json.loads(c.message.tool_calls[0].function.arguments)["city"], str)
+    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "tool_choice": "sometimes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"

@@ -87,8 +87,9 @@ class Job:
         # scoring: all ids, how many of them are context, how many most likely alternatives to report
         self.ids, self.n_context, self.top = ids, n_context, top
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # chunk lists, a result, then _END or an exception
-        # JSON mode: fills this row's allowed-token mask before each draw and advances per token (module doc)
-        self.constraint: Any = None
+        # JSON mode: fills this row's allowed-token mask before each draw and advances per token (module doc);
+        # a request with response_format gets its own matcher of the compiled grammar (constrain.py)
+        self.constraint: Any = req.grammar.matcher() if req is not None and req.grammar is not None else None
         self.cancelled = False
         self.finished = False
         # Called (on the loop thread) after each event put on `events`: lets an asyncio caller (the server) be

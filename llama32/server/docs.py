@@ -116,7 +116,8 @@ def _openai_request(kind: str) -> dict:
                 "type": {"const": "function"}, "function": {"type": "object", "properties": {
                     "name": {"type": "string"}, "description": {"type": "string"},
                     "parameters": {"type": "object"}}, "required": ["name"]}}}},
-            "tool_choice": {"description": "'auto' or 'none'."},
+            "tool_choice": {"description": "'auto', 'none', 'required' or {type: 'function', function: {name}}: the "
+                            "last two constrain the answer to one call of the offered tools (JSON mode)."},
             "logprobs": {"type": "boolean", "default": False},
             "top_logprobs": copy.deepcopy(common["top_logprobs"]),
         })

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from llama32.constrain import tool_call_schema
 from llama32.generate import score_ids
 from llama32.requests import require_tokenizer
 
@@ -48,6 +49,30 @@ def _unsupported(body: dict, known: tuple[str, ...]) -> int:
     if body.get("suffix"):
         raise ApiError(400, "suffix is not supported", param="suffix")
     return n
+
+
+def _response_format(body: dict, fields: dict) -> dict:
+    """OpenAI's response_format into `fields`: json_object, or json_schema with its {name, schema, strict}
+    wrapper, both taken by the library as they are (JSON mode); {"type": "text"}, the default, is no constraint."""
+    rf = body.get("response_format")
+    if rf is not None and rf != {"type": "text"}:
+        fields["response_format"] = rf
+    return fields
+
+
+def _forced_call(choice, tools) -> dict | None:
+    """`tool_choice` "required" or `{"type": "function", "function": {"name": ...}}`: the answer is constrained
+    (JSON mode) to one Llama 3.2 JSON call to an offered tool (or that one), which comes back as a tool call."""
+    if choice in (None, "auto"):
+        return None
+    name = None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        name = choice["function"]["name"]
+    elif choice != "required":
+        raise ApiError(400, "tool_choice must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", param="tool_choice")
+    return {"type": "json_schema", "json_schema": tool_call_schema(tools, name)}
 
 
 def _common(body: dict) -> dict:
@@ -151,13 +176,18 @@ def routes(backend: Backend) -> list[Route]:
 
     async def chat(request: Request):
         body = await backend.body(request)
-        n = _unsupported(body, _SAME + _IGNORED + ("messages", "tools"))
+        n = _unsupported(body, _SAME + _IGNORED + ("messages", "tools", "response_format"))
         fields = _common(body)
         fields["messages"] = _messages(body.get("messages"))
-        if body.get("tools") and body.get("tool_choice") not in (None, "auto", "none"):
-            raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice")
+        _response_format(body, fields)
         if body.get("tools") and body.get("tool_choice") != "none":
             fields["tools"] = body["tools"]
+            forced = _forced_call(body.get("tool_choice"), body["tools"])
+            if forced is not None:
+                if "response_format" in fields:
+                    raise ApiError(400, "tool_choice: a required tool call cannot be combined with "
+                                        "response_format", param="tool_choice")
+                fields["response_format"] = forced
         if body.get("logprobs"):
             fields["logprobs"] = True
             fields["top_logprobs"] = body.get("top_logprobs") or 0
@@ -183,9 +213,9 @@ def routes(backend: Backend) -> list[Route]:
 
     async def completions(request: Request):
         body = await backend.body(request)
-        n = _unsupported(body, _SAME + _IGNORED + ("prompt",))
+        n = _unsupported(body, _SAME + _IGNORED + ("prompt", "response_format"))
         prompts = _prompts(body.get("prompt"))
-        fields = await backend.adapter(dict(_common(body), raw=True))
+        fields = await backend.adapter(_response_format(body, dict(_common(body), raw=True)))
         fields.setdefault("max_tokens", 16)  # OpenAI's default for completions
         k = body.get("logprobs")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):

@@ -24,6 +24,10 @@ def routes(backend: Backend) -> list[Route]:
             [gen] = await backend.stream(request, fields)
             return event_stream(gen.chunks())
         [out] = await backend.generate(request, body)
+        if body.get("response_format") is not None and out.get("finish_reason") == "length":
+            # Workers AI's JSON mode error; the library's result keeps the partial text and finish_reason
+            raise ApiError(400, "JSON Mode couldn't be met: max_tokens ended the answer before its JSON was "
+                                f"complete ({out['usage']['completion_tokens']} tokens); raise max_tokens")
         return JSONResponse({"result": out, "success": True, "errors": [], "messages": []})
 
     endpoint = handler(run, "/ai/run")
