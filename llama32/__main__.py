@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send the prompt as written, without the chat template (special tokens honoured)")
     req.add_argument("--system", metavar="TEXT", help="a system message (the request then uses messages)")
     req.add_argument("--tools", metavar="FILE.json", help="a JSON file holding a list of tools to offer")
+    req.add_argument("--json-schema", metavar="FILE.json",
+                     help="JSON mode: the answer is constrained to JSON matching the JSON Schema in this file "
+                          "(response_format json_schema); {\"type\": \"object\"} for any object")
 
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true",
@@ -217,20 +220,27 @@ def request_fields(args: argparse.Namespace) -> dict:
         request["raw"] = True
     if args.tools is not None:
         request["tools"] = read_tools(args.tools)
+    if args.json_schema is not None:
+        schema = read_json_file(args.json_schema, "--json-schema", dict, "a JSON object (a JSON Schema)")
+        request["response_format"] = {"type": "json_schema", "json_schema": schema}
     return request
 
 
-def read_tools(path: str) -> list:
+def read_json_file(path: str, flag: str, kind: type, what: str):
     try:
         with open(path, encoding="utf-8") as fh:
-            tools = json.load(fh)
+            data = json.load(fh)
     except OSError as e:
-        raise UsageError(f"--tools: cannot read {path}: {e.strerror or e}") from None
+        raise UsageError(f"{flag}: cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
-        raise UsageError(f"--tools: {path} is not valid JSON ({e})") from None
-    if not isinstance(tools, list):
-        raise UsageError(f"--tools: {path} must hold a JSON list of tools, got {type(tools).__name__}")
-    return tools
+        raise UsageError(f"{flag}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise UsageError(f"{flag}: {path} must hold {what}, got {type(data).__name__}")
+    return data
+
+
+def read_tools(path: str) -> list:
+    return read_json_file(path, "--tools", list, "a JSON list of tools")
 
 
 def first_turn(args: argparse.Namespace) -> dict:

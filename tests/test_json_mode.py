@@ -363,3 +363,21 @@ def test_openai_sdk_response_format_and_required_tool_choice(smol, served):
         assert isinstance(json.loads(c.message.tool_calls[0].function.arguments)["city"], str)
     r = client.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "tool_choice": "sometimes"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_cli_json_schema_file(tiny3, tmp_path):
+    from test_cli import assert_clean_error, run_cli
+
+    schema = obj(n=I(0, 9), ok={"type": "boolean"})
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    proc = run_cli("--model", str(tiny3.path), "--temperature", "1", "--seed", "3", "--max-tokens", "40", "--json",
+                   "--json-schema", str(path), "Hello")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    check(out, schema)
+    path.write_text(json.dumps({"type": "string", "not": {"const": "x"}}))
+    err = assert_clean_error(run_cli("--model", str(tiny3.path), "--max-tokens", "8", "--json-schema", str(path), "Hello"), 2)
+    assert '"not"' in err
+    path.write_text("[1]")
+    assert "--json-schema" in assert_clean_error(run_cli("--model", str(tiny3.path), "--max-tokens", "8", "--json-schema", str(path), "x"), 2)
