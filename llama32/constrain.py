@@ -184,14 +184,15 @@ class Grammars:
 
     def _compile(self, schema: dict, key: str, field: str) -> Grammar:
         ll = _engine()
-        tok = self._engine_tokenizer()
         try:
             text = ll.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except ValueError as e:
             raise InvalidRequest(f"{field}: not a usable JSON Schema ({e})") from None
-        failed, messages = ll.LLMatcher.validate_grammar_with_warnings(text, tok)
-        if failed:
-            raise InvalidRequest(f"{field}: cannot be enforced: {_explain(messages[0] if messages else '')}")
+        # what the schema asks is checked before the tokenizer is needed: a bad schema costs no tokenizer build
+        for tok in (None, self._engine_tokenizer()):
+            failed, messages = ll.LLMatcher.validate_grammar_with_warnings(text, tok)
+            if failed:
+                raise InvalidRequest(f"{field}: cannot be enforced: {_explain(messages[0] if messages else '')}")
         template = ll.LLMatcher(tok, text, log_level=0)
         if template.is_error():
             raise InvalidRequest(f"{field}: cannot be enforced: {_explain(template.get_error())}")

@@ -248,6 +248,10 @@ EXTRA = [  # keywords beyond the required list, each walked by a random model th
     obj(t={"type": "array", "prefixItems": [I(0, 3), {"type": "boolean"}], "items": False}),
     {"oneOf": [obj(a=I(0, 5)), obj(b=S(4))]},
     {"type": "array", "items": S(3), "minItems": 2, "maxItems": 2},
+    {"allOf": [obj(["a"], a=I(0, 3), b=S(3)), {"required": ["b"]}]},
+    {"definitions": {"d": I(5, 7)}, "type": "array", "items": {"$ref": "#/definitions/d"}, "maxItems": 3},
+    {"$defs": {"n": obj(["v"], v=I(0, 9), kids={"type": "array", "items": {"$ref": "#/$defs/n"}, "maxItems": 1})},
+     "$ref": "#/$defs/n"},
 ]
 
 
@@ -264,6 +268,31 @@ def test_random_weights_walk_the_grammar_and_stay_valid(tiny3):
             ended += 1
             jsonschema.validate(json.loads(out["response"]), r["response_format"]["json_schema"])
     assert ended >= len(reqs) * 2 // 3, f"only {ended} of {len(reqs)} walks ended"
+
+
+def test_compiled_step_takes_the_mask_as_an_input(make_checkpoint, llama3_tokenizer_dir, monkeypatch):
+    """torch.compile (inductor on CPU): a constrained row's compiled step gives the eager step's answer, and
+    another schema in the same shape compiles nothing new (the mask is an input, not part of the graph)."""
+    monkeypatch.setenv("LLAMA32_CPU_PACK", "0")  # inductor traces dense weights
+    llm = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), dtype="float32",
+                       device="cpu", max_batch=1)
+    monkeypatch.undo()
+    reqs = [dict(prompt="a", raw=True, temperature=1, seed=seed, max_tokens=8,
+                 response_format={"type": "json_schema", "json_schema": schema})
+            for schema, seed in ((SCHEMAS[0][2], 1), (SCHEMAS[10][2], 2))]
+    eager = [llama32.generate(llm, **r) for r in reqs]
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    llm.compiled = True
+    try:
+        got = [llama32.generate(llm, **reqs[0])]
+        graphs = counters["stats"]["unique_graphs"]
+        got.append(llama32.generate(llm, **reqs[1]))
+    finally:
+        llm.compiled = False
+    assert got == eager
+    assert graphs == 1 and counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"]
 
 
 def test_schema_of_and_tool_call_schema():
