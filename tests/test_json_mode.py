@@ -311,12 +311,13 @@ def test_schema_of_and_tool_call_schema():
         tool_call_schema(tools, "c")
 
 
-def test_tool_call_constrained_by_response_format_is_a_parsed_call(smol):
+def test_tool_call_constrained_by_response_format_is_a_parsed_call(tiny3):
     """The machinery `tool_choice: "required"` uses on /v1: the call format as the schema, tools offered,
-    so the JSON answer comes back as a parsed call."""
+    so the JSON answer comes back as a parsed call (SmolLM2's template does not render tools: Llama 3's
+    format on random weights, which the grammar alone makes a call)."""
     tools = [{"name": "get_weather", "description": "Weather in a city",
-              "parameters": obj(city=S(20), unit={"enum": ["celsius", "fahrenheit"]})}]
-    out = llama32.generate(smol, prompt="What's the weather in Paris?", tools=tools, temperature=0, max_tokens=64,
+              "parameters": obj(city=S(6), unit={"enum": ["celsius", "fahrenheit"]})}]
+    out = llama32.generate(tiny3, prompt="What's the weather in Paris?", tools=tools, temperature=0, max_tokens=40,
                            response_format={"type": "json_schema", "json_schema": tool_call_schema(tools)})
     assert out["finish_reason"] == "tool_calls"
     assert len(out["tool_calls"]) == 1 and out["tool_calls"][0]["name"] == "get_weather"
@@ -376,22 +377,41 @@ def test_openai_sdk_response_format_and_required_tool_choice(smol, served):
     assert text == llama32.generate(smol, messages=messages, temperature=0, max_tokens=48,
                                     response_format={"type": "json_object"})["response"]
     assert text.startswith("{")
-    # tool_choice "required": one call to an offered tool, parsed, whatever the model would have said
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": obj(city=S(20))}},
-             {"type": "function", "function": {"name": "get_time", "description": "Time in a city",
-                                               "parameters": obj(city=S(20))}}]
-    for choice, names in (("required", {"get_weather", "get_time"}),
-                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})):
-        got = oai.chat.completions.create(model="smollm2", temperature=0, max_tokens=64, tools=tools,
-                                          tool_choice=choice,
-                                          messages=[{"role": "user", "content": "What's the weather in Oslo?"}])
-        c = got.choices[0]
-        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
-        assert c.message.tool_calls[0].function.name in names
-        assert isinstance(json.loads(c.message.tool_calls[0].function.arguments)["city"], str)
-    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "tool_choice": "sometimes"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_openai_sdk_tool_choice_required_or_named_is_a_parsed_call(tiny3, tmp_path):
+    """tool_choice "required" or a named function: one call to an offered tool (to that one), parsed, whatever
+    the model would have said (random weights, Llama 3's template, which renders tools: a context of 1024 for
+    its tool preamble)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("starlette")
+    import shutil
+
+    import httpx
+    from llama32.server import create_app
+    from test_server import running
+
+    ckpt = shutil.copytree(tiny3.path, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    llm = llama32.load(ckpt, dtype="float32", device="cpu")
+    with running(create_app(llm, model_name="tiny")) as base, httpx.Client(base_url=base, timeout=300) as client:
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        # tool_choice "required": one call to an offered tool, parsed, whatever the model would have said
+        tools = [{"type": "function", "function": {"name": "weather", "parameters": obj(city=S(6))}},
+                 {"type": "function", "function": {"name": "time", "parameters": obj(city=S(6))}}]
+        for choice, names in (("required", {"weather", "time"}),
+                              ({"type": "function", "function": {"name": "time"}}, {"time"})):
+            got = oai.chat.completions.create(model="tiny", temperature=0, max_tokens=24, tools=tools,
+                                              tool_choice=choice,
+                                              messages=[{"role": "user", "content": "Oslo?"}])
+            c = got.choices[0]
+            assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+            assert c.message.tool_calls[0].function.name in names
+            assert isinstance(json.loads(c.message.tool_calls[0].function.arguments)["city"], str)
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                      "tools": tools, "tool_choice": "sometimes"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
 
 
 def test_cli_json_schema_file(tiny3, tmp_path):
