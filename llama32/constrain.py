@@ -120,7 +120,7 @@ class Matcher:
         its error state and `fill` allows only the end)."""
         return bool(self._m.consume_token(token)) and not self._m.is_error()
 
-    advance = accept  # the generation loop's name for it (engine.py, "JSON mode's hook")
+    advance = accept  # the generation loop's name for it (engine/loop.py, "JSON mode's hook")
 
     @property
     def complete(self) -> bool:
