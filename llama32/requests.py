@@ -22,11 +22,6 @@ from .sampling import SamplingParams
 from .schemas import MAX_CHARS, MAX_STOPS, ROLES, check_input  # noqa: F401  (re-exported names)
 from .templates import render_template
 
-# Fields in the schema whose consumer is not built yet: a request using one is refused, never silently run
-# without it. Whoever wires a field's semantics removes it here.
-NOT_YET: dict[str, str] = {}
-
-
 @dataclass(frozen=True)
 class Request:
     prompt_ids: list[int]
@@ -84,9 +79,6 @@ def _logit_bias(request: dict, r: dict, vocab: int) -> tuple[tuple[int, float], 
 def validate(llm: Any, request: dict) -> Request:
     """Check `request` against the input schema, then against the loaded model; return what the loop needs."""
     r = check_input(request)  # nulls dropped, the schema's defaults filled in
-    for field, why in NOT_YET.items():
-        if field in r:
-            raise InvalidRequest(f"{field} is not supported yet: {why}")
     has_prompt = "prompt" in r
     raw, stream, max_tokens = r.get("raw", False), r["stream"], r["max_tokens"]
     num = lambda k: float(r[k]) if k in r else None  # noqa: E731

@@ -17,7 +17,7 @@ import llama32
 from llama32 import InvalidRequest
 from llama32.generate import _collect
 from llama32.output import Output
-from llama32.requests import NOT_YET, validate
+from llama32.requests import validate
 from llama32.schemas import check_input
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -186,15 +186,6 @@ def test_defaults_come_from_the_schema():
     for name in ("max_tokens", "temperature", "raw", "stream", "logprobs", "top_logprobs"):
         assert r[name] == p[name]["default"]
     assert "seed" not in r and "top_k" not in r
-
-
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"})])
-def test_fields_without_a_consumer_are_refused_never_dropped(llm, field, value):
-    if field not in NOT_YET:
-        pytest.skip(f"{field} is implemented; its own tests cover it")
-    check_input({"prompt": "Hi", field: value})  # a valid value...
-    with pytest.raises(InvalidRequest, match=f"{field} is not supported yet"):
-        llama32.generate(llm, prompt="Hi", **{field: value})  # ...that this build cannot honour
 
 
 def _check(schema: dict, result: dict) -> None:
