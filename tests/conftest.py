@@ -78,3 +78,23 @@ def smol(smollm2_dir):
 def smol_hf(smollm2_dir):
     """The same checkpoint in transformers, the oracle."""
     return fixtures.hf_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (selenium) for the browser tests; chromium and its driver come from scripts/setup.sh."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "chromium and chromium-driver are installed by scripts/setup.sh"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

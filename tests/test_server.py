@@ -550,70 +550,58 @@ def test_lora_is_only_an_adapter_name_in_lora_dir(llm, tmp_path):
 # --- the playground, in a real browser ---------------------------------------------------------------------------------
 
 
-def test_playground_in_chromium_with_an_api_key(llm):
+def test_playground_in_chromium_with_an_api_key(llm, browser):
     """The page opens without the key, shows the model, sends the typed key with its calls, honours the system
     prompt and the knobs (its greedy answer is the library's), shows speed, and its Stop button cancels."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    assert chromium and driver_path, "chromium and chromium-driver are installed by scripts/setup.sh"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
+    driver = browser
     system, question = "You answer in one short sentence.", "What is the capital of France?"
     want = llama32.generate(llm, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
                             temperature=0, top_k=5, seed=3, max_tokens=12)["response"]
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
     with running(create_app(llm, api_key="sekrit", model_name="smollm2")) as url:
-        try:
-            driver.get(url + "/")
-            assert httpx.get(url + "/favicon.ico").headers["content-type"].startswith("image/")
-            WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "model: smollm2")
+        driver.get(url + "/")
+        assert httpx.get(url + "/favicon.ico").headers["content-type"].startswith("image/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").text == "model: smollm2")
 
-            def field(name, value):
-                box = driver.find_element(By.ID, name)
-                box.clear()
-                box.send_keys(value)
+        def field(name, value):
+            box = driver.find_element(By.ID, name)
+            box.clear()
+            box.send_keys(value)
 
-            for name, value in (("temperature", "0"), ("top_k", "5"), ("seed", "3"), ("max_tokens", "12"),
-                                ("system", system), ("message", question), ("key", "sekrit")):
-                field(name, value)
-            driver.find_element(By.ID, "send").click()
-            seen = []  # the answer grows in steps while it streams
-            WebDriverWait(driver, 120, poll_frequency=0.02).until(
-                lambda d: seen.append(d.find_element(By.CSS_SELECTOR, ".assistant").text) or "tokens/s" in d.find_element(
-                    By.ID, "status").text)
-            assert driver.find_element(By.CSS_SELECTOR, ".assistant").text == want.strip()
-            assert len({s for s in seen if s}) > 2, seen  # several partial texts: it streamed
-            status = driver.find_element(By.ID, "status").text
-            assert "time to first token" in status and "tokens/s" in status
-            assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith(question)
+        for name, value in (("temperature", "0"), ("top_k", "5"), ("seed", "3"), ("max_tokens", "12"),
+                            ("system", system), ("message", question), ("key", "sekrit")):
+            field(name, value)
+        driver.find_element(By.ID, "send").click()
+        seen = []  # the answer grows in steps while it streams
+        WebDriverWait(driver, 120, poll_frequency=0.02).until(
+            lambda d: seen.append(d.find_element(By.CSS_SELECTOR, ".assistant").text) or "tokens/s" in d.find_element(
+                By.ID, "status").text)
+        assert driver.find_element(By.CSS_SELECTOR, ".assistant").text == want.strip()
+        assert len({s for s in seen if s}) > 2, seen  # several partial texts: it streamed
+        status = driver.find_element(By.ID, "status").text
+        assert "time to first token" in status and "tokens/s" in status
+        assert driver.find_element(By.CSS_SELECTOR, ".user").text.endswith(question)
 
-            # Stop: a long answer is cancelled in the server, not just hidden
-            field("max_tokens", "2000")
-            field("message", "Write a very long story about the sea.")
-            driver.find_element(By.ID, "send").click()
-            WebDriverWait(driver, 60, poll_frequency=0.02).until(
-                lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
-                and d.find_elements(By.CSS_SELECTOR, ".assistant")[1].text)
-            driver.find_element(By.ID, "stop").click()
-            WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
-            deadline = time.time() + 5
-            while httpx.get(url + "/health").json()["running"] and time.time() < deadline:
-                time.sleep(0.02)
-            assert httpx.get(url + "/health").json()["running"] == 0
+        # Stop: a long answer is cancelled in the server, not just hidden
+        field("max_tokens", "2000")
+        field("message", "Write a very long story about the sea.")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+            and d.find_elements(By.CSS_SELECTOR, ".assistant")[1].text)
+        driver.find_element(By.ID, "stop").click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "status").text == "stopped")
+        deadline = time.time() + 5
+        while httpx.get(url + "/health").json()["running"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert httpx.get(url + "/health").json()["running"] == 0
 
-            field("key", "wrong")  # the typed key is what the calls send
-            field("message", "Hi")
-            driver.find_element(By.ID, "send").click()
-            WebDriverWait(driver, 30).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
-        finally:
-            driver.quit()
+        field("key", "wrong")  # the typed key is what the calls send
+        field("message", "Hi")
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 30).until(lambda d: "API key" in d.find_element(By.ID, "status").text)
 
 
 # --- lm-eval-harness ------------------------------------------------------------------------------------------------

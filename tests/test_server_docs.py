@@ -3,8 +3,6 @@ headless Chromium), all equal to or built from llama32.schema()."""
 
 from __future__ import annotations
 
-import shutil
-
 import httpx
 import pytest
 
@@ -107,23 +105,6 @@ def test_docs_assets_are_served_locally(url, client):
     assert httpx.get(url + "/docs/swagger-ui.css").status_code == 200
     assert client.get("/docs/index.html").status_code == 404  # only the two files the page needs
     assert httpx.get(url + "/docs/index.html").status_code == 401  # and nothing else is open
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    assert chromium and driver_path, "chromium and chromium-driver are installed by scripts/setup.sh"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_playground_controls_come_from_the_schema(url, browser):
