@@ -442,6 +442,19 @@ def test_disconnect_frees_the_row(llm, url, client):
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 
+def test_logit_bias_reaches_the_sampler_on_both_apis(llm, client, oai):
+    """+100 on one token all but forces it: every generated token is that id (Workers AI and OpenAI routes),
+    and the answer equals the library's with the same bias."""
+    forced = llm.tokenizer.encode(" banana")[0]
+    body = {"prompt": "Name a colour.", "temperature": 0, "max_tokens": 4, "logit_bias": {str(forced): 100}}
+    want = llama32.generate(llm, **body)
+    assert want["response"] == llm.tokenizer.decode([forced] * 4)
+    assert client.post(WAI, json=body).json()["result"]["response"] == want["response"]
+    chat = oai.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}],
+                                       temperature=0, max_tokens=4, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == want["response"]
+
+
 def wai_error(r, status, fragment):
     assert r.status_code == status, r.text
     body = r.json()
@@ -473,7 +486,7 @@ def test_openai_errors(client):
     for n in (0, 9, "2", 1.5, True):
         oai_error(client.post("/v1/chat/completions", json=dict(chat, n=n)), 400, "n", "[1, 8]")
         oai_error(client.post("/v1/completions", json={"prompt": "x", "n": n}), 400, "n", "[1, 8]")
-    # passed to the library, which names it (out of range, or not a field before it has logit_bias)
+    # passed to the library, which names it (out of range)
     oai_error(client.post("/v1/chat/completions", json=dict(chat, logit_bias={"1": 500})), 400, None, "logit_bias")
     oai_error(client.post("/v1/chat/completions", json=dict(chat, frobnicate=True)), 400, "frobnicate", "frobnicate")
     oai_error(client.post("/v1/chat/completions", json=dict(chat, temperature=9)), 400, None, "temperature")
