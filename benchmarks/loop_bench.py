@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--rows", default="reuse,long_prompt,long_max_tokens,no_regression")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="the compiled decode step: the handle's default (auto), or forced on/off")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out", help="where the 1B checkpoint is written")
     args = p.parse_args(argv)
     ckpt = args.ckpt
@@ -139,11 +141,13 @@ def main(argv=None) -> int:
     import torch
 
     llm = llama32.load(ckpt, device=args.device, dtype=args.dtype)
+    if args.compile != "auto":
+        llm.compiled = args.compile == "on"
     if hasattr(llm.loop, "reuse_prefixes"):
         llm.loop.reuse_prefixes = True
     result = {"machine": machine_info(torch.device(args.device)), "checkpoint": str(ckpt), "dtype": args.dtype,
               "llama32": str(Path(llama32.__file__).parent),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": {}}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compiled": llm.compiled, "rows": {}}
     rows = {"reuse": reuse_row, "long_prompt": long_prompt_row, "long_max_tokens": long_max_tokens_row,
             "no_regression": no_regression_rows}
     for name in args.rows.split(","):

@@ -219,7 +219,8 @@ class Attention(nn.Module):
             G, S = self.n_heads // self.n_kv, k.shape[2]
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.hd)
+            # (reshape, not view: on CUDA the kernels may return the folded output in a layout view can't split)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
 
 
