@@ -52,13 +52,32 @@ class Llama:
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
         self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
         self._installed_adapter: Any = None  # what the model's projections carry right now
-        # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
-        self.compiled = device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
-        self.compiled_shapes: dict[tuple[int, int], float] = {}  # (batch, positions attended) -> compile seconds
-        self._compiled_step: Any = None
         from .engine import GenerationLoop
         # The one generation loop that serves every request on this handle (its thread starts on first use).
         self.loop = GenerationLoop(self, max_batch=max_batch, kv_cache_bytes=kv_cache_bytes)
+
+    # The compile state lives in the loop's runner (engine/runner.py); these read and write it.
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run through torch.compile (on CUDA by default, unless LLAMA32_COMPILE=0)."""
+        return self.loop.runner.compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        self.loop.runner.compiled = bool(value)
+
+    @property
+    def compiled_shapes(self) -> dict[tuple[int, int], float]:
+        """(rows, positions attended) -> seconds its first call took (compiling), for each compiled shape."""
+        return self.loop.runner.compiled_shapes
+
+    @property
+    def _compiled_step(self) -> Any:
+        return self.loop.runner.step_fn
+
+    @_compiled_step.setter
+    def _compiled_step(self, fn: Any) -> None:
+        self.loop.runner.step_fn = fn
 
     @property
     def context_length(self) -> int:
@@ -104,6 +123,9 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         config = LlamaConfig.from_file(path / "config.json")
         checkpoint, entries, config_name = None, None, "the config"
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
+    if kv_cache_bytes is not None:  # refused before the weights are read (engine/loop.py checks it again)
+        from .engine.loop import check_budget, position_bytes
+        check_budget(kv_cache_bytes, position_bytes(config, dtype))
     tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",

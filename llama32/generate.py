@@ -96,6 +96,10 @@ def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list
         if len(ids) > llm.context_length:
             raise InvalidRequest(f"{where}text: context and text are {len(ids)} tokens, beyond the model's "
                                  f"context of {llm.context_length}")
+        if len(ids) > llm.loop.max_positions:
+            raise InvalidRequest(f"{where}text: context and text are {len(ids)} tokens, more than the "
+                                 f"{llm.loop.max_positions} positions kv_cache_bytes ({llm.loop.kv_cache_bytes}) "
+                                 "can hold for one request")
         outside = sorted({t for t in ids if t >= llm.config.vocab_size})
         if outside:
             raise InvalidRequest(f"{where}text: token(s) {outside} are outside the model's vocabulary")

@@ -132,6 +132,13 @@ def validate(llm: Any, request: dict) -> Request:
             f"max_tokens: the prompt is {len(ids)} tokens and max_tokens is {max_tokens}, together beyond the "
             f"model's context of {context} tokens; allowed max_tokens here: at most {max(context - len(ids), 0)}"
         )
+    room = llm.loop.max_positions  # what one request may hold of the KV budget, alone
+    if len(ids) + max_tokens > room:
+        raise InvalidRequest(
+            f"max_tokens: the prompt is {len(ids)} tokens and max_tokens is {max_tokens}, together more than the "
+            f"{room} positions this handle's kv_cache_bytes ({llm.loop.kv_cache_bytes}) can hold for one request; "
+            f"allowed max_tokens here: at most {max(room - len(ids), 0)}"
+        )
     grammar = None
     if "response_format" in r:  # compiled (or found in the handle's cache) here: an unenforceable schema
         grammar = constrain.grammars(llm).compile(constrain.schema_of(r["response_format"]))  # fails now

@@ -247,6 +247,22 @@ class StepKnobs:
             ids = [i for i in prompt_ids if 0 <= i < V]
             self.seen[row, torch.tensor(ids, dtype=torch.long, device=self.seen.device)] = True
 
+    def restore_row(self, row: int, p: SamplingParams, seed: int, prompt_ids: Sequence[int],
+                    generated: Sequence[int]) -> None:
+        """Row `row` for a request resumed after a pause: as `set_row`, then its `generated` tokens recorded
+        (history, counts, penalty bias, counter) as the steps that drew them recorded them."""
+        self.set_row(row, p, seed, prompt_ids)
+        if not generated:
+            return
+        ids = torch.tensor(list(generated), dtype=torch.long, device=self.seen.device)
+        counts = torch.bincount(ids, minlength=self.vocab_size).to(self.counts.dtype)
+        self.seen[row, ids] = True
+        self.counts[row] = counts
+        # the same elementwise arithmetic as _record, for every id drawn at least once
+        self.bias[row] = torch.where(counts > 0, counts * self.frequency[row, 0] + self.presence[row, 0],
+                                     torch.zeros_like(counts))
+        self.counters[row] = len(generated)
+
     def view(self, start: int, stop: int) -> "StepKnobs":
         """Rows [start, stop), sharing this one's memory."""
         out = StepKnobs.__new__(StepKnobs)

@@ -151,16 +151,56 @@ def test_max_batch_bounds_the_rows_and_the_rest_wait(smollm2_dir, monkeypatch):
     assert max(sizes) == 2 and max(waiting_seen) > 0
 
 
-def test_a_request_longer_than_a_slot_is_served_alone(smollm2_dir):
+def test_a_request_that_outgrows_memory_is_paused_and_resumed_unchanged(smollm2_dir, monkeypatch):
     roomy = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    # 256 positions in all: two rows of 128 each, or one of 256
     tight = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=2,
-                         kv_cache_bytes=2 * 40 * roomy.loop.position_bytes)  # 40 positions a slot
-    assert tight.loop.slot_length == 40
-    long = dict(prompt=chatml("Write a poem about the mountains and the sea."), max_tokens=40, **GREEDY)
-    short = dict(prompt="Hi", max_tokens=4, **GREEDY)
-    assert len(roomy.tokenizer.encode(long["prompt"])) + 40 > tight.loop.slot_length
-    want = [run(roomy, r) for r in (short, long, short)]
-    assert in_threads(run, [(tight, r) for r in (short, long, short)]) == want
+                         kv_cache_bytes=256 * roomy.loop.position_bytes)
+    assert tight.loop.max_positions == 256
+    reqs = [dict(prompt=chatml("Write a long story about a dragon."), max_tokens=150, **GREEDY),
+            dict(prompt=chatml("Write a long poem about the sea."), max_tokens=150, raw=True, temperature=0.9,
+                 seed=3, repetition_penalty=1.2, frequency_penalty=0.3, logprobs=True, top_logprobs=2)]
+    assert all(len(roomy.tokenizer.encode(r["prompt"])) + 150 > 128 for r in reqs)  # both outgrow a half
+    want = [run(roomy, r) for r in reqs]
+    assert all(w["usage"]["completion_tokens"] == 150 for w in want)
+    paused, real = [], tight.loop._pause
+    monkeypatch.setattr(tight.loop, "_pause", lambda job: paused.append(job.produced) or real(job))
+    got = in_threads(run, [(tight, r) for r in reqs])
+    assert paused and all(0 < p < 150 for p in paused)  # paused mid-generation, then resumed
+    assert same(got, want)
+    assert _settle(tight) == {"running": 0, "waiting": 0}
+
+
+def test_no_request_is_served_alone_for_its_max_tokens(smollm2_dir, monkeypatch):
+    # each request's prompt + max_tokens is more than half the budget: they still decode side by side
+    probe = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=2,
+                       kv_cache_bytes=2048 * probe.loop.position_bytes)
+    streams = [llama32.generate(llm, prompt=chatml(f"Count to {n}."), max_tokens=1500, stream=True, **GREEDY)
+               for n in (50, 60)]
+    sizes, forward = [], llm.model.forward
+    monkeypatch.setattr(llm.model, "forward", lambda ids, **kw: sizes.append(ids.shape) or forward(ids, **kw))
+    for s in streams:
+        next(s)
+    for _ in range(4):
+        for s in streams:
+            next(s)
+    for s in streams:
+        s.close()
+    assert (2, 1) in sizes  # one decode forward carried both rows
+
+
+def test_an_impossible_kv_budget_is_an_error_not_a_hang(smollm2_dir):
+    probe = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        llama32.load(smollm2_dir, dtype="float32", device="cpu", kv_cache_bytes=1000)
+    small = llama32.load(smollm2_dir, dtype="float32", device="cpu", kv_cache_bytes=64 * probe.loop.position_bytes)
+    with pytest.raises(InvalidRequest, match="max_tokens.*kv_cache_bytes"):
+        llama32.generate(small, prompt=chatml("Hello there, how are you today?"), max_tokens=60, **GREEDY)
+    with pytest.raises(InvalidRequest, match="text.*kv_cache_bytes"):
+        llama32.score(small, "word " * 80, context="Say:")
+    ok = llama32.generate(small, prompt="Hi", max_tokens=8, **GREEDY)  # what fits runs
+    assert ok["usage"]["completion_tokens"] == 8
 
 
 def test_an_error_in_a_step_fails_only_its_requests(smollm2_dir, monkeypatch):
@@ -408,7 +448,7 @@ def test_a_prefix_is_never_reused_across_adapters(make_checkpoint, llama3_tokeni
 
 def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
     roomy = llama32.load(smollm2_dir, dtype="float32", device="cpu")
-    rows = 8 * 256 * roomy.loop.position_bytes  # the rows' first allocation
+    rows = 256 * roomy.loop.position_bytes  # the rows' allocation for one such request (memory on demand)
     llm = llama32.load(smollm2_dir, dtype="float32", device="cpu",
                        kv_cache_bytes=rows + 8 * 32 * roomy.loop.position_bytes)  # and 8 blocks beside
     llm.loop.reuse_prefixes = True

@@ -1,35 +1,27 @@
 """The generation loop: one per handle, serving every `generate`, stream, `generate_batch` and `score` in flight.
 
 Callers validate their request on their own thread (so a bad request raises there, before any compute),
-then submit it as a `Job`. One loop thread owns the model's generation state and runs, over and over:
-1. admit: waiting jobs, in arrival order, take free rows ("slots") of one KV cache, up to `max_batch` at
-   once; a prompt whose first blocks were computed before (by an earlier request with the same adapter)
-   gets those keys and values copied from the prefix index (memory.py) instead of computing them;
-2. prefill: the rest of each new prompt is computed at its own slot, in chunks of at most `prefill_chunk`
-   tokens per iteration while other rows are decoding (so a long prompt never stops their streams for
-   long), all at once when none is; its last chunk draws the first token, and its whole blocks go into
-   the prefix index;
-3. step: one decode forward for every decoding row, each at its own position (no left padding), then the
-   sampler with each row's own parameters, seed and LoRA adapter;
-4. retire: a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
-   cancelled (a stream closed or dropped), freeing its slot for the next waiting job.
-Tokens reach each caller through its `Output` (output.py) and a queue. A row's arithmetic does not depend on
-the other rows (its own positions, its own noise, its own adapter's product), so a request gets the same
-tokens alone or in any batch (float32 greedy token for token; seeded sampling the same draws).
+then submit it as a `Job`. One loop thread owns the generation state and runs, over and over:
+1. plan (scheduler.py): which waiting jobs take rows, in arrival order, as far as KV memory allows (memory
+   is taken on demand: a row holds what it has filled, and the cache grows as tokens come); which running
+   jobs to pause when the growing rows no longer fit (they resume later with an unchanged result);
+2. memory (memory.py): the rows' cache resized to the plan; a new prompt whose first blocks were computed
+   before (by an earlier request with the same adapter) gets those keys and values copied from the prefix
+   index instead of computing them;
+3. prefill (runner.py): prompts, resumed contexts and texts being scored, in chunks of at most
+   `prefill_chunk` tokens per iteration while other rows decode, all at once when none does; a prompt's
+   last chunk draws its first token, and its whole blocks go into the prefix index;
+4. step (runner.py): one decode forward for every decoding row, each at its own position (no left
+   padding), then the sampler with each row's own parameters, seed and LoRA adapter;
+5. deliver and retire: each new token goes to its caller through the job's `Output` (output.py) and a
+   queue; a row leaves when its output is complete (stop id, max_tokens, stop string) or its caller
+   cancelled (a stream closed or dropped).
+A row's arithmetic does not depend on the other rows (its own positions, its own noise, its own adapter's
+product), so a request gets the same tokens alone or in any batch (float32 greedy token for token; seeded
+sampling the same draws).
 
-Memory: the KV cache holds `capacity` slots of up to `slot_length` positions, each position costing
-2 (k and v) x layers x kv_heads x head_dim x dtype bytes (32 KiB for Llama 3.2 1B in bfloat16). The slot
-length is what the budget `kv_cache_bytes` allows (default 1 GiB on CPU, 4 GiB on CUDA), at most the model's
-context; slots start at what the first requests need (a power of two, at least 256) and grow up to it. A
-request longer than a slot (prompt + max_tokens) is served alone, in a cache of its own sized to it (rounded
-up to a power of two, at most the context), once the rows ahead of it have finished. Each decode step
-attends only over the positions in use (rounded up to a power of two), not the whole slot.
-
-Two forms of the step, one sampler: `decode_step`, the readable eager reference (the sampler skips, from
-Python, the steps no row uses), and `static_decode_step`, the one `llm.compiled` runs through torch.compile:
-rows [0, n) for n a power of two, every sampler step always run, LoRA through `GatheredAdapters`, so it
-compiles one graph per (n, positions attended). Both read each row's settings from `StepKnobs` and draw with
-`counter_noise`, so a seed gives the same tokens eager or compiled, alone or batched.
+Failures: an error in a forward fails the requests that forward was for; an error delivering one row's
+token fails that row; a failed allocation fails the requests it was for. The loop itself lives on.
 
 JSON mode's hook: a job whose `constraint` is set (an object with `fill(row)`, writing the (V,) bool
 allowed-token row for the next token, and `advance(token)`, called with each token delivered) has its
@@ -39,11 +31,10 @@ row of the allowed-token mask filled before every draw; rows without one allow e
 from __future__ import annotations
 
 import atexit
+import itertools
 import queue
 import secrets
 import threading
-import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,12 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lora import GatheredAdapters, RowAdapters
-from ..model import KVCache, keep_address
 from ..output import Output
 from ..requests import Request
-from ..sampling import StepKnobs, sample_static, steps_used
-from .memory import PrefixIndex
+from ..sampling import sample_static, steps_used
+from .memory import PrefixIndex, Rows
+from .runner import (MAX_TOP_LOGPROBS, Runner, attended_for, decode_step, static_decode_step,  # noqa: F401
+                     token_logprobs)
+from .scheduler import MIN_POSITIONS, Scheduler, need
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
@@ -65,17 +57,9 @@ DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 # ~0.1 s and 64 prompt tokens about 0.3 s, so a running stream's longest gap stays a few steps long.
 DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
 _END = object()  # a job's last event
-_MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
-MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
+_ARRIVAL = itertools.count()  # submission order: pausing takes the latest arrivals first
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _positions(req: Request) -> int:
-    """The cache positions a request needs: its prompt and every token it may generate."""
-    return len(req.prompt_ids) + req.max_tokens
+_Rows = Rows  # the name the tests patch to make an allocation fail
 
 
 class Job:
@@ -96,13 +80,20 @@ class Job:
         # woken with call_soon_threadsafe instead of parking a thread on the queue. Must be quick, never raise.
         self.notify: Callable[[], None] | None = None
         # generation state, kept by the loop
+        self.arrival = next(_ARRIVAL)
+        self.slot: int | None = None  # its row, while it has one
         self.adapter = None
         self.seed = 0  # the request's seed, or a random one: the sampler's noise (counter_noise)
         self.token = 0  # the last drawn token, fed to the next step
         self.pos = 0  # where that token goes
         self.produced = 0
-        self.prefilled = 0  # prompt positions whose keys and values are in the cache (copied or computed)
+        self.generated: list[int] = []  # the tokens drawn so far (a resumed row recomputes them)
+        self.context: list[int] = req.prompt_ids if req is not None else ids  # what its prefill computes
+        self.resuming = False  # the prefill is a paused row's context: no token is drawn at its end
+        self.prefilled = 0  # context positions whose keys and values are in the cache (copied or computed)
         self.decoding = False  # the prompt is done and the first token drawn: the row takes decode steps
+        self.lookahead = 0  # positions beyond the next one a step may write (speculation's proposals)
+        self.scored: list[Tensor] = []  # scoring: the log-softmax rows computed so far
 
     def put(self, item: Any) -> None:
         """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it."""
@@ -124,26 +115,6 @@ class Job:
             yield item
 
 
-class _Rows:
-    """A KV cache and the jobs in its rows, with each row's sampler settings and penalty history (`knobs`)."""
-
-    def __init__(self, llm: Any, capacity: int, length: int):
-        self.cache = KVCache(llm.config, capacity, length, device=llm.device, dtype=llm.dtype)
-        self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
-        self.jobs: list[Job | None] = [None] * capacity
-        keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
-
-    def live(self) -> list[int]:
-        return [i for i, j in enumerate(self.jobs) if j is not None]
-
-    def grow(self, length: int) -> None:
-        """Longer slots, the running rows' keys and values copied over (between steps, by the loop)."""
-        old = self.cache
-        self.cache = KVCache.over(*([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2])) for t in ts]
-                                    for ts in (old.k, old.v)))
-        keep_address(self.cache.k + self.cache.v)
-
-
 class GenerationLoop:
     """The handle's one generation loop (see the module docstring). Thread-safe: `submit` from anywhere."""
 
@@ -152,22 +123,38 @@ class GenerationLoop:
         device = llm.device.type
         self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(device, 8)
         self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES.get(device, 1 << 30)
-        c = llm.config
-        self.position_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * llm.dtype.itemsize
-        self.prefill_chunk = DEFAULT_PREFILL_CHUNK.get(device, 64)
+        self.position_bytes = position_bytes(llm.config, llm.dtype)
+        check_budget(self.kv_cache_bytes, self.position_bytes)
+        self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
+        self.scheduler = Scheduler(max_batch=self.max_batch, capacity=self.capacity, budget=self.kv_cache_bytes,
+                                   position_bytes=self.position_bytes, context=llm.context_length,
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64))
+        self.runner = Runner(llm)
         self.prefixes = PrefixIndex(self.position_bytes)  # reusable prompt prefixes (memory.py)
         # Off by default for now: a reused prefix changes only usage.cached_tokens, but much of the test
         # suite compares whole results of repeated requests. `llm.loop.reuse_prefixes = True` turns it on.
         self.reuse_prefixes = False
-        self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
-        self.slot_length = max(1, min(llm.context_length, self.kv_cache_bytes // (self.capacity * self.position_bytes)))
+        # On CPU an idle loop gives its rows' cache back (the next request allocates what it needs); on CUDA
+        # it keeps it, since the compiled step's CUDA graphs are recorded against the cache's addresses.
+        self.release_when_idle = device != "cuda"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._rows: _Rows | None = None  # the shared cache, allocated on first use
-        self._solo: _Rows | None = None  # a request longer than a slot, in a cache of its own
+        self._rows: Rows | None = None  # the running rows' cache, allocated on demand
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._warned = False
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.scheduler.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int) -> None:
+        self.scheduler.prefill_chunk = value
+
+    @property
+    def max_positions(self) -> int:
+        """The most positions (prompt + max_tokens) one request may hold in the budget."""
+        return self.scheduler.max_positions
 
     # -- the callers' side ------------------------------------------------------------------------------
 
@@ -198,26 +185,29 @@ class GenerationLoop:
             self._cond.notify()
 
     def stats(self) -> dict:
-        """{"running": rows prefilling or decoding now, "waiting": requests queued behind them, "kv_bytes":
-        KV memory in use (the rows' caches and the prefix index), "kv_bytes_total": the budget}."""
+        """{"running": rows prefilling or decoding now, "waiting": requests queued behind them (paused ones
+        included), "paused": how many of those were paused, "kv_bytes": KV memory in use (the rows' cache and
+        the prefix index), "kv_bytes_total": the budget}."""
         with self._cond:
-            running = sum(len(r.live()) for r in (self._rows, self._solo) if r is not None)
+            running = len(self._rows.live()) if self._rows is not None else 0
+            paused = sum(1 for j in self._waiting if j.resuming)
             used = self._rows_bytes() + self.prefixes.bytes
-            return {"running": running, "waiting": len(self._waiting), "kv_bytes": used,
+            return {"running": running, "waiting": len(self._waiting), "paused": paused, "kv_bytes": used,
                     "kv_bytes_total": self.kv_cache_bytes}
 
     def _rows_bytes(self) -> int:
-        return sum(r.cache.batch * r.cache.length * self.position_bytes for r in (self._rows, self._solo)
-                   if r is not None)
+        return self._rows.bytes(self.position_bytes) if self._rows is not None else 0
 
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _run_once(self, idle: float) -> bool:
-        """Admit and step once (or wait up to `idle` seconds for work); False when the thread must end: the
-        loop is closing and idle. That is decided under the lock, where `_thread` is cleared, so a job
-        submitted a moment later starts a new thread instead of being left to one that is ending."""
+        """Plan, prefill and step once (or wait up to `idle` seconds for work); False when the thread must
+        end: the loop is closing and idle. That is decided under the lock, where `_thread` is cleared, so a
+        job submitted a moment later starts a new thread instead of being left to one that is ending."""
         with self._cond:
             if not self._waiting and not (self._rows and self._rows.live()):
+                if self.release_when_idle:
+                    self._rows = None
                 if self._closing:
                     if self._thread is threading.current_thread():
                         self._thread = None
@@ -225,65 +215,95 @@ class GenerationLoop:
                 self._cond.wait(idle)
                 if not self._waiting:
                     return True
-            admitted = self._admit()
+            admitted = self._plan()
         with torch.inference_mode():
             for job in admitted:
-                self._guarded([job], lambda: self._start(job))
+                self._guarded([job], lambda: self._begin(job))
             rows = self._rows
             if rows is not None and rows.live():
                 self._prefill_chunks(rows)
-                self._guarded([rows.jobs[i] for i in rows.live()], lambda: self._step(rows))
+                self._guarded([j for j in rows.jobs if j is not None], lambda: self._step(rows))
         return True
 
-    def _admit(self) -> list[Job]:
-        """Move waiting jobs into free slots, in arrival order (under the lock). A scoring job needs no slot:
-        it runs between two steps. A request too long for a slot is taken only from the head of the queue,
-        once the rows ahead of it are done, so nothing overtakes it."""
-        admitted = []
+    def _plan(self) -> list[Job]:
+        """The scheduler's plan, applied (under the lock): pause, refuse, size the cache, admit. Returns the
+        jobs admitted, each with its slot."""
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.finished = True
+            job.put(_END)
         rows = self._rows
-        while self._waiting:
-            job = self._waiting[0]
-            if job.cancelled:
-                self._waiting.popleft()
-                job.put(_END)
-                continue
-            if job.req is None:
-                admitted.append(self._waiting.popleft())
-                continue
-            need = _positions(job.req)
-            if need > self.slot_length:
-                if admitted or (rows is not None and rows.live()):
-                    break  # served alone: once the rows ahead of it are done
-                admitted.append(self._waiting.popleft())
-                break
-            try:  # KV memory is allocated here: if that fails, this request fails, and the loop goes on
-                if rows is None:
-                    rows = self._rows = _Rows(self.llm, self.capacity, self._length_for(need))
-                free = [i for i, j in enumerate(rows.jobs) if j is None]
-                if not free or len(rows.live()) >= self.max_batch:
-                    break
-                if need > rows.cache.length:
-                    length = self._length_for(need)
-                    self.prefixes.fit(self.kv_cache_bytes - rows.cache.batch * length * self.position_bytes)
-                    rows.grow(length)
-            except Exception as e:  # noqa: BLE001 - out of memory, most likely
-                self._waiting.popleft()
+        running = [j for j in rows.jobs if j is not None] if rows is not None else []
+        admit, pause, refuse, shape = self.scheduler.plan(running, self._waiting)
+        for job in refuse:  # cannot fit even alone (requests.py refuses these first; kept as a backstop)
+            self._waiting.remove(job)
+            job.finished = True
+            job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
+                                f"{need(job)} positions ({self.position_bytes} bytes each)"))
+        for job in pause:
+            self._pause(job)
+        self._waiting.extendleft(reversed(pause))  # the paused go first, in arrival order
+        remaining = [j for j in running if j not in pause]
+        if remaining and shape is None:  # one running row outgrew the whole budget (the scheduler's backstop)
+            [job] = remaining
+            self._retire(job)
+            job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
+                                f"{need(job)} positions"))
+            return []
+        if shape is None:
+            return []
+        try:  # KV memory is allocated here: if that fails, the requests admitted now fail, and the loop goes on
+            self._fit(shape, len(admit))
+        except Exception as e:  # noqa: BLE001 - out of memory, most likely
+            for job in admit:
+                self._waiting.remove(job)
                 job.finished = True
                 job.put(e)
-                continue
-            rows.jobs[free[0]] = job
-            admitted.append(self._waiting.popleft())
-        return admitted
+            if not admit:  # growing the running rows failed: they fail (their state is intact, but no room)
+                self._fail_running(e)
+            return []
+        for job in admit:
+            self._waiting.remove(job)
+            slot = self._rows.free_slot()
+            self._rows.jobs[slot] = job
+            job.slot = slot
+        return admit
 
-    def _length_for(self, need: int) -> int:
-        """Slots grow in powers of two (from 256) as requests need them, up to the budget's slot length, so a
-        small model or short requests never hold the whole budget."""
-        return min(self.slot_length, max(256, _pow2(need)))
+    def _fit(self, shape: tuple[int, int], admitting: int) -> None:
+        """The rows' cache made at least `shape` = (batch, length) with `admitting` free slots below batch,
+        within the budget; the prefix index gives up what the rows take."""
+        batch, length = shape
+        rows = self._rows
+        if rows is None:
+            self.prefixes.fit(self.kv_cache_bytes - batch * length * self.position_bytes)
+            self._rows = _Rows(self.llm, self.capacity, length, batch)
+            return
+        live = rows.live()
+        free_below = sum(1 for s in range(rows.batch) if rows.jobs[s] is None)
+        if not (rows.batch >= batch and rows.length >= length and free_below >= admitting
+                and rows.batch * rows.length * self.position_bytes <= self.kv_cache_bytes):
+            target = (max(batch, _pow2(len(live) + admitting)), length)
+            self.prefixes.fit(self.kv_cache_bytes - target[0] * target[1] * self.position_bytes)
+            rows.resize(*target)
+        self.prefixes.fit(self.kv_cache_bytes - self._rows_bytes())
+
+    def _pause(self, job: Job) -> None:
+        """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
+        With prefix reuse on, its context's whole blocks are kept in the index first, if they fit."""
+        rows, slot = self._rows, job.slot
+        if job.req is not None and job.decoding:
+            context = job.req.prompt_ids + job.generated[:-1]  # the positions its cache holds: [0, job.pos)
+            if self.reuse_prefixes:
+                self.prefixes.store(job.adapter, context, [t[slot] for t in rows.cache.k],
+                                    [t[slot] for t in rows.cache.v], self.kv_cache_bytes - self._rows_bytes())
+            job.context, job.resuming = context, True
+        rows.jobs[slot] = None
+        job.slot, job.prefilled, job.decoding, job.scored = None, 0, False, []
 
     def _fail_running(self, error: BaseException) -> None:
         """The loop's last resort: every running job fails with `error` (the waiting ones stay queued)."""
         with self._cond:
-            running = [j for r in (self._rows, self._solo) if r is not None for j in r.jobs if j is not None]
+            running = [j for j in self._rows.jobs if j is not None] if self._rows is not None else []
         for job in running:
             self._retire(job)
             job.put(error)
@@ -297,100 +317,90 @@ class GenerationLoop:
                 self._retire(job)
                 job.put(e)
 
-    def _start(self, job: Job) -> None:
-        if job.req is None:
-            self._score(job)
+    def _begin(self, job: Job) -> None:
+        """A job new to its row: its adapter and seed (kept when resuming), and the keys and values of its
+        context's longest stored prefix copied in (`_prefill_chunks` computes the rest)."""
+        rows, slot = self._rows, job.slot
+        job.prefilled, job.scored = 0, []
+        if job.req is None:  # scoring: always computed in full
             return
-        if job in (self._rows.jobs if self._rows else ()):
-            rows, slot = self._rows, self._rows.jobs.index(job)
-        else:  # longer than a slot: a cache of its own, for as long as it runs
-            # (a power of two, so the compiled step meets few cache shapes)
-            rows, slot = _Rows(self.llm, 1, min(self.llm.context_length, _pow2(_positions(job.req)))), 0
-            rows.jobs[0] = job
-            with self._cond:
-                self._solo = rows
-        if rows is not self._solo:
-            self._begin(rows, slot, job)
-            return
-        try:
-            self._prefill(rows, slot, job)
-            while rows.live():
-                self._step(rows)
-        finally:
-            with self._cond:
-                self._solo = None  # its cache goes with it
-
-    def _begin(self, rows: _Rows, slot: int, job: Job) -> None:
-        """A new request at `slot` of the shared rows: its adapter and seed, and the keys and values of its
-        prompt's longest stored prefix copied in (`_prefill_chunks` computes the rest)."""
         llm, req = self.llm, job.req
-        job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
-        job.seed = req.seed if req.seed is not None else secrets.randbits(63)
-        blocks = self.prefixes.lookup(job.adapter, req.prompt_ids) if self.reuse_prefixes else []
+        if not job.resuming:
+            job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
+            job.seed = req.seed if req.seed is not None else secrets.randbits(63)
+        blocks = self.prefixes.lookup(job.adapter, job.context) if self.reuse_prefixes else []
         job.prefilled = self.prefixes.copy_into(blocks, [t[slot] for t in rows.cache.k],
                                                 [t[slot] for t in rows.cache.v])
-        job.output.cached_tokens = job.prefilled
+        if not job.resuming:
+            job.output.cached_tokens = job.prefilled
 
-    def _prefill_chunks(self, rows: _Rows) -> None:
-        """Prefill the prompts not yet done, in slot order: at most `prefill_chunk` tokens this iteration
-        while some row is decoding, everything when none is. A prompt's last chunk draws its first token."""
-        budget = self.prefill_chunk if any(j is not None and j.decoding for j in rows.jobs) else None
+    def _prefill_chunks(self, rows: Rows) -> None:
+        """Prefill the contexts not yet done, in slot order, within the scheduler's budget for this
+        iteration. A prompt's last chunk draws its first token."""
+        budget = self.scheduler.prefill_budget(rows.jobs)
         for slot, job in enumerate(rows.jobs):
             if job is None or job.decoding or job.cancelled:
                 continue
             if budget is not None and budget <= 0:
                 break
-            n = len(job.req.prompt_ids)
-            take = n - job.prefilled if budget is None else min(budget, n - job.prefilled)
+            left = len(job.context) - job.prefilled
+            take = left if budget is None else min(budget, left)
             if budget is not None:
                 budget -= take
             self._guarded([job], lambda: self._prefill_chunk(rows, slot, job, take))
 
-    def _prefill_chunk(self, rows: _Rows, slot: int, job: Job, take: int) -> None:
-        """Compute prompt positions [prefilled, prefilled + take) of `job` at `slot`; after the last, sample
-        the first token and keep the prompt's whole blocks in the prefix index."""
-        llm, req = self.llm, job.req
-        ids, start, n = req.prompt_ids, job.prefilled, len(req.prompt_ids)
+    def _prefill_chunk(self, rows: Rows, slot: int, job: Job, take: int) -> None:
+        """Compute context positions [prefilled, prefilled + take) of `job` at `slot`. After the last: a
+        prompt samples its first token (and keeps its whole blocks in the prefix index), a resumed row
+        takes decode steps again, a scored text gets its result."""
+        start, n = job.prefilled, len(job.context)
         end = start + take
-        chunk = torch.tensor([ids[start:end]], device=llm.device)
-        lora = RowAdapters.of(llm, [job.adapter])
-        last = torch.tensor([take - 1], device=llm.device)
-        if start == 0:  # the whole prompt from position 0 (the plain causal prefill)
-            cache = rows.cache.view(slice(slot, slot + 1))
-            logits = llm.model(chunk, cache=cache, logits_at=last, lora=lora)[:, -1]
-        else:  # continuing at its own positions, attending over those before (copied or computed)
-            cache = rows.cache.view(slice(slot, slot + 1), min(rows.cache.length, max(_MIN_ATTENDED, _pow2(end))))
-            pos = torch.arange(start, end, device=llm.device)[None]
-            logits = llm.model(chunk, cache=cache, input_pos=pos, logits_at=last, lora=lora)[:, -1]
+        span = job.context[start:end]
+        if job.req is None:  # scoring: the head only at the positions predicting a text token
+            lo, hi = max(start, job.n_context - 1, 0), min(end, n - 1)
+            logits = self.runner.prefill(rows, slot, span, start, None, list(range(lo - start, hi - start)))
+            if hi > lo:
+                job.scored.append(logits.float())
+            job.prefilled = end
+            if end == n:
+                self._scored(job)
+            return
+        draw = end == n and not job.resuming
+        logits = self.runner.prefill(rows, slot, span, start, job.adapter, [take - 1] if draw else [])
         job.prefilled = end
         if end < n:
             return
+        req = job.req
+        if job.resuming:  # its cache is back to [0, job.pos); the same token, counter and history go on
+            rows.knobs.restore_row(slot, req.params, job.seed, req.prompt_ids, job.generated)
+            job.resuming, job.decoding = False, True
+            return
         if self.reuse_prefixes:
-            self.prefixes.store(job.adapter, ids, [t[slot] for t in rows.cache.k],
+            self.prefixes.store(job.adapter, job.context, [t[slot] for t in rows.cache.k],
                                 [t[slot] for t in rows.cache.v], self.kv_cache_bytes - self._rows_bytes())
-        rows.knobs.set_row(slot, req.params, job.seed, ids)  # now: the decode steps before wrote this row
+        rows.knobs.set_row(slot, req.params, job.seed, req.prompt_ids)  # now: the decode steps before wrote it
         job.pos = n
         job.decoding = True
-        self._emit(rows, [slot], logits)
+        self._emit(rows, slot, logits)
 
-    def _prefill(self, rows: _Rows, slot: int, job: Job) -> None:
-        """A request served alone: its whole prompt at once, then its first token."""
-        llm, req = self.llm, job.req
-        job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
-        job.seed = req.seed if req.seed is not None else secrets.randbits(63)
-        rows.knobs.set_row(slot, req.params, job.seed, req.prompt_ids)
-        ids = torch.tensor([req.prompt_ids], device=llm.device)
-        n = ids.shape[1]
-        logits = llm.model(ids, cache=rows.cache.view(slice(slot, slot + 1)),
-                           logits_at=torch.tensor([n - 1], device=llm.device),
-                           lora=RowAdapters.of(llm, [job.adapter]))[:, -1]
-        job.pos = n
-        job.decoding = True
-        self._emit(rows, [slot], logits)
+    def _scored(self, job: Job) -> None:
+        """A scored text's result: (log-probabilities, is-greedy[, top ids, top log-probabilities])."""
+        device = self.llm.device
+        V = self.llm.config.vocab_size
+        logits = torch.cat(job.scored) if job.scored else torch.empty(0, V, device=device)
+        targets = torch.tensor(job.ids[job.n_context:], dtype=torch.long, device=device)
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(-1, targets[:, None])[:, 0]
+        result = (chosen.tolist(), (logits.argmax(-1) == targets).tolist())
+        if job.top:
+            values, ids = logp.topk(job.top, dim=-1)
+            result += (ids.tolist(), values.tolist())
+        self._retire(job)
+        job.put(result)
+        job.put(_END)
 
-    def _step(self, rows: _Rows) -> None:
-        """One decode step for every running row of `rows`."""
-        llm = self.llm
+    def _step(self, rows: Rows) -> None:
+        """One decode step for every decoding row of `rows`."""
         for i in rows.live():
             job = rows.jobs[i]
             if job.cancelled:  # a closed stream leaves before the step, not after it
@@ -399,25 +409,17 @@ class GenerationLoop:
         live = [i for i in rows.live() if rows.jobs[i].decoding]
         if not live:
             return
-        n = live[-1] + 1
-        compiled = llm.compiled
-        if compiled:
-            n = min(_pow2(n), len(rows.jobs))
-        # A row still prefilling takes part as a free row does, writing at its next prompt position (which
-        # its next chunk overwrites); the sampler's row for it is set when its first token is drawn.
+        n = self.runner.rows_for(live[-1], rows.batch)
+        # A row still prefilling (or scoring) takes part as a free row does, writing at its next context
+        # position (which its next chunk overwrites); the sampler's row for it is set when it starts decoding.
         pos = torch.tensor([0 if j is None else j.pos if j.decoding else j.prefilled for j in rows.jobs[:n]],
-                           device=llm.device)
+                           device=self.llm.device)
         jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
-        tokens = torch.tensor([j.token if j else 0 for j in jobs], device=llm.device)
-        attended = min(rows.cache.length, max(_MIN_ATTENDED, _pow2(max(j.pos for j in jobs if j) + 1)))
+        tokens = torch.tensor([j.token if j else 0 for j in jobs], device=self.llm.device)
+        attended = attended_for(rows.length, max(j.pos for j in jobs if j) + 1)
         adapters = [j.adapter if j else None for j in jobs]
-        allowed = self._allowed(rows, jobs)
-        if compiled:
-            out = self._compiled(rows, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
-        else:
-            cache = rows.cache.view(slice(0, n), attended)
-            out = decode_step(llm.model, tokens, pos, cache, rows.knobs.view(0, n), self._steps(jobs), allowed,
-                              RowAdapters.of(llm, adapters), self._logprobs_wanted(jobs))
+        out = self.runner.decode(rows, n, tokens, pos, attended, self._allowed(rows, jobs), adapters,
+                                 self._steps(jobs), self._logprobs_wanted(jobs))
         for j in jobs:
             if j is not None:
                 j.pos += 1
@@ -429,7 +431,7 @@ class GenerationLoop:
         return steps_used([j.req.params for j in jobs if j is not None])
 
     @staticmethod
-    def _allowed(rows: _Rows, jobs: list[Job | None], first: int = 0) -> Tensor | None:
+    def _allowed(rows: Rows, jobs: list[Job | None], first: int = 0) -> Tensor | None:
         """The allowed-token mask for rows [first, first + len(jobs)): each constrained row's filled by its
         matcher, the others all True; None when no row is constrained."""
         if not any(j is not None and j.constraint is not None for j in jobs):
@@ -445,18 +447,16 @@ class GenerationLoop:
         asks = [j.req.top_logprobs for j in jobs if j is not None and j.req.logprobs]
         return max(asks) if asks else None
 
-    def _emit(self, rows: _Rows, slots: list[int], logits: Tensor) -> None:
-        """Sample from a prefill's logits (rows `slots`, in order) and deliver."""
-        assert len(slots) == 1
-        s = slots[0]
-        job = rows.jobs[s]
-        knobs = rows.knobs.view(s, s + 1)
-        tokens = sample_static(logits, knobs, self._allowed(rows, [job], s), self._steps([job]))
+    def _emit(self, rows: Rows, slot: int, logits: Tensor) -> None:
+        """Sample row `slot`'s first token from its prompt's last logits (1, V) and deliver it."""
+        job = rows.jobs[slot]
+        knobs = rows.knobs.view(slot, slot + 1)
+        tokens = sample_static(logits, knobs, self._allowed(rows, [job], slot), self._steps([job]))
         knobs.update(tokens)
-        want = self._logprobs_wanted([rows.jobs[s]])
-        self._deliver(rows, slots, tokens, *token_logprobs(logits, tokens, want), first=s)
+        want = self._logprobs_wanted([job])
+        self._deliver(rows, [slot], tokens, *token_logprobs(logits, tokens, want), first=slot)
 
-    def _deliver(self, rows: _Rows, slots: list[int], tokens: Tensor, logprob: Tensor | None,
+    def _deliver(self, rows: Rows, slots: list[int], tokens: Tensor, logprob: Tensor | None,
                  top: tuple[Tensor, Tensor] | None, *, first: int = 0) -> None:
         """Push each row's new token into its output; retire the rows that are complete or cancelled.
 
@@ -481,6 +481,7 @@ class GenerationLoop:
             job.put(_END)
             return
         job.token = token
+        job.generated.append(token)
         job.produced += 1
         if job.constraint is not None:
             job.constraint.advance(job.token)
@@ -500,73 +501,27 @@ class GenerationLoop:
     def _retire(self, job: Job) -> None:
         job.finished = True
         with self._cond:
-            for rows in (self._rows, self._solo):
-                if rows is not None and job in rows.jobs:
-                    rows.jobs[rows.jobs.index(job)] = None
+            rows = self._rows
+            if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
+                rows.jobs[job.slot] = None
+            job.slot = None
 
-    def _score(self, job: Job) -> None:
-        llm = self.llm
-        ids = torch.tensor([job.ids], device=llm.device)
-        # the head only at each text token's predicting position, not over the context
-        at = torch.arange(job.n_context - 1, ids.shape[1] - 1, device=llm.device)[None]
-        logits = llm.model(ids, logits_at=at)[0].float()
-        targets = ids[0, job.n_context:]
-        logp = torch.log_softmax(logits, dim=-1)
-        chosen = logp.gather(-1, targets[:, None])[:, 0]
-        result = (chosen.tolist(), (logits.argmax(-1) == targets).tolist())
-        if job.top:
-            values, ids = logp.topk(job.top, dim=-1)
-            result += (ids.tolist(), values.tolist())
-        job.put(result)
-        job.finished = True
-        job.put(_END)
 
-    # -- compiling ---------------------------------------------------------------------------------------
+def position_bytes(config: Any, dtype: torch.dtype) -> int:
+    """KV memory per cached position: k and v, every layer, every key/value head."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
-    def _compiled(self, rows: _Rows, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
-                  lora: GatheredAdapters | None):
-        """`static_decode_step` through torch.compile: one graph per (rows, positions attended) and set of
-        loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
-        llm = self.llm
-        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, allowed, lora)
-        shape = (tokens.shape[0], attended)
-        started = time.perf_counter()
-        try:
-            out = self._compiled_step()(*args)
-        except Exception as e:  # noqa: BLE001
-            # Compiling a shape happens before its graph runs, so a failure on a new shape left the cache and
-            # the sampler's history untouched: answer eagerly (once more, safely), say so once. An error at a
-            # shape that compiled before, or out of memory, is a runtime error: it fails this step's requests.
-            if shape in llm.compiled_shapes or isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-                raise
-            self._compile_failed(e)
-            return static_decode_step(*args)
-        if shape not in llm.compiled_shapes:
-            llm.compiled_shapes[shape] = time.perf_counter() - started
-        return out
 
-    def _compiled_step(self):
-        llm = self.llm
-        if llm._compiled_step is None:
-            if any(p.is_mkldnn for p in llm.model.parameters()):
-                raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
-            # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
-            mode = "reduce-overhead" if llm.device.type == "cuda" else None
-            # One graph per (rows, positions attended): raise dynamo's limit (8) above the number of such
-            # shapes, or the step would silently run eagerly past it.
-            shapes = self.capacity.bit_length() * (self.slot_length.bit_length() + 1)
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, 2 * shapes)
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * shapes)
-            llm._compiled_step = torch.compile(static_decode_step, mode=mode, dynamic=False)
-        return llm._compiled_step
+def check_budget(kv_cache_bytes: int, per_position: int) -> None:
+    """A budget too small to hold any request is refused where it is given (load), not found out later."""
+    if kv_cache_bytes < MIN_POSITIONS * per_position:
+        raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold {kv_cache_bytes // per_position} positions "
+                         f"of this model's keys and values ({per_position} bytes each); give at least "
+                         f"{MIN_POSITIONS * per_position} ({MIN_POSITIONS} positions)")
 
-    def _compile_failed(self, error: Exception) -> None:
-        if not self._warned:
-            warnings.warn(f"llama32: compiling the decode step failed ({type(error).__name__}: {error}); "
-                          "running eagerly from now on", RuntimeWarning, stacklevel=2)
-            self._warned = True
-        self.llm.compiled = False
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 _LOOPS: weakref.WeakSet = weakref.WeakSet()
@@ -592,41 +547,3 @@ def _close_all() -> None:
     # Threads still inside torch when the interpreter finalises can abort the process: end them first.
     for loop in list(_LOOPS):
         loop.close()
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, k: int | None) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-    """The model's own log-probabilities (float32 log_softmax of the raw logits, before any penalty or
-    temperature) of the drawn `tokens`, and the `k` most likely (ids, values); (None, None) when k is None."""
-    if k is None:
-        return None, None
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, tokens[:, None])[:, 0]
-    values, ids = logp.topk(max(k, 1), dim=-1)
-    return chosen, (ids, values)
-
-
-def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, knobs: StepKnobs,
-                steps: frozenset[str], allowed: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
-    """One decode step for rows [0, B): forward at each row's position, then the sampler over rows [0, B) of
-    `knobs`, running only `steps` (the eager reference; `static_decode_step` is the compiled form). Returns
-    (tokens, logprob, top) as `token_logprobs`."""
-    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
-    drawn = sample_static(logits, knobs, allowed, steps)
-    knobs.update(drawn)
-    return (drawn, *token_logprobs(logits, drawn, logprobs))
-
-
-def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: list[Tensor], v: list[Tensor],
-                       attended: int, knobs: StepKnobs, allowed: Tensor | None, lora: GatheredAdapters | None):
-    """`decode_step` in the form that is compiled: rows [0, n) of the cache tensors `k`, `v` (each layer's,
-    whole) over their first `attended` positions, every sampler step run (neutral where a row leaves it off),
-    `allowed` the allowed-token mask or None, and always the top `MAX_TOP_LOGPROBS` log-probabilities.
-    Shapes depend only on (n, attended), whether a mask is given and the loaded adapters; nothing reads a
-    tensor back to the host, and the cache and the knobs are written in place. Returns (tokens, logprob,
-    (top ids, top values))."""
-    n = tokens.shape[0]
-    cache = KVCache.over(k, v).view(slice(0, n), attended)
-    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
-    drawn = sample_static(logits, knobs, allowed)
-    knobs.update(drawn)
-    return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))

@@ -1,4 +1,4 @@
-"""The KV memory beside the running rows: the prompt-prefix index.
+"""The KV memory: the running rows' cache (`Rows`) and, beside it, the prompt-prefix index (`PrefixIndex`).
 
 A prompt's keys and values, in whole blocks of `BLOCK` tokens, stay after its request ends, so that a later
 request whose prompt starts with the same tokens (the same system prompt, tool list or chat history) copies
@@ -97,3 +97,65 @@ class PrefixIndex:
                 kt[:, :n] = torch.cat([b[0][layer] for b in blocks], dim=1)
                 vt[:, :n] = torch.cat([b[1][layer] for b in blocks], dim=1)
         return n
+
+
+class Rows:
+    """The running rows' KV memory: one cache of `batch` rows of `length` positions, the sampler's per-row
+    settings and history (`knobs`, `capacity` rows) and the job in each row ("slot").
+
+    The cache is sized to what the rows hold now, not to what they may come to hold: it grows (longer
+    rows, more rows) as prompts arrive and tokens are produced, and shrinks when rows leave, always a power
+    of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from 256;
+    at the budget's edge, as many as fit). `resize` moves the live rows into a new cache (between steps, by
+    the loop), packing them into the lowest slots so a smaller batch can hold them.
+    """
+
+    def __init__(self, llm: Any, capacity: int, length: int, batch: int | None = None):
+        from ..model import KVCache, keep_address
+        from ..sampling import StepKnobs
+
+        self.llm = llm
+        self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
+        self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
+        self.jobs: list[Any] = [None] * capacity
+        keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
+
+    def live(self) -> list[int]:
+        return [i for i, j in enumerate(self.jobs) if j is not None]
+
+    def free_slot(self) -> int | None:
+        return next((i for i, j in enumerate(self.jobs) if j is None), None)
+
+    @property
+    def batch(self) -> int:
+        return self.cache.batch
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def resize(self, batch: int, length: int) -> None:
+        """A cache of `batch` x `length`, the live rows' keys and values (and sampler rows) moved into its
+        lowest slots in slot order. The old cache is released before the new one is filled only when the
+        rows don't move, so peak memory is the two caches at most."""
+        from ..model import KVCache, keep_address
+
+        live = self.live()
+        assert len(live) <= batch, (live, batch)
+        keep = min(self.cache.length, length)
+        new = KVCache(self.llm.config, batch, length, device=self.llm.device, dtype=self.llm.dtype)
+        for dst, src in enumerate(live):
+            for new_t, old_t in zip(new.k + new.v, self.cache.k + self.cache.v):
+                new_t[dst, :, :keep] = old_t[src, :, :keep]
+            if dst != src:
+                for t in self.knobs.tensors().values():
+                    t[dst] = t[src]
+        jobs = [self.jobs[s] for s in live]
+        self.jobs = jobs + [None] * (len(self.jobs) - len(jobs))
+        for slot, job in enumerate(jobs):
+            job.slot = slot
+        self.cache = new
+        keep_address(self.cache.k + self.cache.v)
+
+    def bytes(self, position_bytes: int) -> int:
+        return self.cache.batch * self.cache.length * position_bytes

@@ -1,0 +1,173 @@
+"""The runner: every forward the loop makes, and the compiled decode step.
+
+Three forwards, all over the rows' cache (memory.py's `Rows`), each row at its own positions:
+* `prefill`: a span of one row's prompt (or a resumed row's context, or a text being scored) written at
+  its positions, attending over the positions before it; the output head only where asked (a prompt's last
+  position, or the positions whose log-probabilities `score` returns);
+* `decode`: one token for each of rows [0, n), then the sampler with each row's settings (`StepKnobs`),
+  seed (counter noise) and LoRA adapter.
+Two forms of the decode step, one sampler: `decode_step`, the readable eager reference (the sampler skips,
+from Python, the steps no row uses), and `static_decode_step`, the one run through torch.compile when
+`compiled` is on (on CUDA by default): rows [0, n) for n a power of two, every sampler step always run,
+LoRA through `GatheredAdapters`, so it compiles one graph per (n, positions attended, cache shape). Both draw
+with `counter_noise`, so a seed gives the same tokens eager or compiled, alone or batched.
+
+The runner owns the compile state (the compiled function, which shapes have compiled and how long each
+took); the handle's `compiled`, `compiled_shapes` and `_compiled_step` read and write it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..lora import GatheredAdapters, RowAdapters
+from ..model import KVCache
+from ..sampling import StepKnobs, sample_static
+from .memory import Rows
+
+MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
+_MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def attended_for(length: int, end: int) -> int:
+    """Positions a forward attends over when its furthest position is `end - 1`: a power of two (so the
+    compiled step meets few shapes), at most the cache's length."""
+    return min(length, max(_MIN_ATTENDED, _pow2(end)))
+
+
+class Runner:
+    """The forwards of one handle's loop, and its compiled decode step (see the module docstring)."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
+        self.compiled = llm.device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
+        self.compiled_shapes: dict[tuple[int, int], float] = {}  # (rows, positions attended) -> compile seconds
+        self.step_fn: Any = None  # the compiled static_decode_step, made on first use
+        self._warned = False
+
+    # -- prompt spans ------------------------------------------------------------------------------------
+
+    def prefill(self, rows: Rows, slot: int, ids: list[int], start: int, adapter: Any,
+                logits_at: list[int]) -> Tensor:
+        """Write `ids` at positions [start, start + len(ids)) of row `slot` (attending over everything
+        before), and return the logits (P, V) at the span's indices `logits_at` (P may be 0)."""
+        llm = self.llm
+        end = start + len(ids)
+        chunk = torch.tensor([ids], device=llm.device)
+        at = torch.tensor([logits_at], dtype=torch.long, device=llm.device)
+        lora = RowAdapters.of(llm, [adapter])
+        if start == 0:  # from position 0: the plain causal prefill
+            cache = rows.cache.view(slice(slot, slot + 1))
+            return llm.model(chunk, cache=cache, logits_at=at, lora=lora)[0]
+        cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end))
+        pos = torch.arange(start, end, device=llm.device)[None]
+        return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora)[0]
+
+    # -- decode steps ------------------------------------------------------------------------------------
+
+    def decode(self, rows: Rows, n: int, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
+               adapters: list[Any], steps: frozenset[str], logprobs: int | None):
+        """One decode step for rows [0, n) of `rows`: (tokens, logprob, top) as `token_logprobs`."""
+        llm = self.llm
+        if self.compiled:
+            return self._compiled(rows, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
+        cache = rows.cache.view(slice(0, n), attended)
+        return decode_step(llm.model, tokens, pos, cache, rows.knobs.view(0, n), steps, allowed,
+                           RowAdapters.of(llm, adapters), logprobs)
+
+    def rows_for(self, last: int, batch: int) -> int:
+        """How many rows a step over slots [0, last] runs: all of them eagerly, a power of two compiled."""
+        return min(_pow2(last + 1), batch) if self.compiled else last + 1
+
+    def _compiled(self, rows: Rows, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
+                  lora: GatheredAdapters | None):
+        """`static_decode_step` through torch.compile: one graph per (rows, positions attended) and set of
+        loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
+        args = (self.llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, allowed, lora)
+        shape = (tokens.shape[0], attended)
+        started = time.perf_counter()
+        try:
+            out = self._step()(*args)
+        except Exception as e:  # noqa: BLE001
+            # Compiling a shape happens before its graph runs, so a failure on a new shape left the cache and
+            # the sampler's history untouched: answer eagerly (once more, safely), say so once. An error at a
+            # shape that compiled before, or out of memory, is a runtime error: it fails this step's requests.
+            if shape in self.compiled_shapes or isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+                raise
+            self._compile_failed(e)
+            return static_decode_step(*args)
+        if shape not in self.compiled_shapes:
+            self.compiled_shapes[shape] = time.perf_counter() - started
+        return out
+
+    def _step(self):
+        llm = self.llm
+        if self.step_fn is None:
+            if any(p.is_mkldnn for p in llm.model.parameters()):
+                raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
+            # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
+            mode = "reduce-overhead" if llm.device.type == "cuda" else None
+            # One graph per (rows, positions attended): raise dynamo's limit (8) above the number of such
+            # shapes, or the step would silently run eagerly past it.
+            shapes = llm.loop.capacity.bit_length() * (llm.context_length.bit_length() + 1)
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 2 * shapes)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * shapes)
+            self.step_fn = torch.compile(static_decode_step, mode=mode, dynamic=False)
+        return self.step_fn
+
+    def _compile_failed(self, error: Exception) -> None:
+        if not self._warned:
+            warnings.warn(f"llama32: compiling the decode step failed ({type(error).__name__}: {error}); "
+                          "running eagerly from now on", RuntimeWarning, stacklevel=2)
+            self._warned = True
+        self.compiled = False
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int | None) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+    """The model's own log-probabilities (float32 log_softmax of the raw logits, before any penalty or
+    temperature) of the drawn `tokens`, and the `k` most likely (ids, values); (None, None) when k is None."""
+    if k is None:
+        return None, None
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    values, ids = logp.topk(max(k, 1), dim=-1)
+    return chosen, (ids, values)
+
+
+def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCache, knobs: StepKnobs,
+                steps: frozenset[str], allowed: Tensor | None, lora: RowAdapters | None, logprobs: int | None):
+    """One decode step for rows [0, B): forward at each row's position, then the sampler over rows [0, B) of
+    `knobs`, running only `steps` (the eager reference; `static_decode_step` is the compiled form). Returns
+    (tokens, logprob, top) as `token_logprobs`."""
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    drawn = sample_static(logits, knobs, allowed, steps)
+    knobs.update(drawn)
+    return (drawn, *token_logprobs(logits, drawn, logprobs))
+
+
+def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: list[Tensor], v: list[Tensor],
+                       attended: int, knobs: StepKnobs, allowed: Tensor | None, lora: GatheredAdapters | None):
+    """`decode_step` in the form that is compiled: rows [0, n) of the cache tensors `k`, `v` (each layer's,
+    whole) over their first `attended` positions, every sampler step run (neutral where a row leaves it off),
+    `allowed` the allowed-token mask or None, and always the top `MAX_TOP_LOGPROBS` log-probabilities.
+    Shapes depend only on (n, attended), whether a mask is given and the loaded adapters; nothing reads a
+    tensor back to the host, and the cache and the knobs are written in place. Returns (tokens, logprob,
+    (top ids, top values))."""
+    n = tokens.shape[0]
+    cache = KVCache.over(k, v).view(slice(0, n), attended)
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    drawn = sample_static(logits, knobs, allowed)
+    knobs.update(drawn)
+    return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))
