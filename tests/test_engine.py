@@ -190,6 +190,17 @@ def test_no_request_is_served_alone_for_its_max_tokens(smollm2_dir, monkeypatch)
     assert (2, 1) in sizes  # one decode forward carried both rows
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_forward(smollm2_dir, monkeypatch):
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    reqs = [r for r in MIXED if not r.get("stream")][:4]
+    solo = [run(llm, r) for r in reqs]
+    sizes, forward = [], llm.model.forward
+    monkeypatch.setattr(llm.model, "forward", lambda ids, **kw: sizes.append(tuple(ids.shape)) or forward(ids, **kw))
+    got = llama32.generate_batch(llm, reqs)  # submitted at once: admitted together, nothing decoding yet
+    assert same(got, solo)
+    assert any(b > 1 and t > 1 for b, t in sizes)  # several prompts, each many tokens, in one forward
+
+
 def test_an_impossible_kv_budget_is_an_error_not_a_hang(smollm2_dir):
     probe = llama32.load(smollm2_dir, dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="kv_cache_bytes"):

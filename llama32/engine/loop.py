@@ -57,6 +57,7 @@ DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 # ~0.1 s and 64 prompt tokens about 0.3 s, so a running stream's longest gap stays a few steps long.
 DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
 _END = object()  # a job's last event
+_IDLE = "idle"  # what `_run_once` returns when it found nothing to do
 _ARRIVAL = itertools.count()  # submission order: pausing takes the latest arrivals first
 
 _Rows = Rows  # the name the tests patch to make an allocation fail
@@ -119,7 +120,8 @@ class GenerationLoop:
     """The handle's one generation loop (see the module docstring). Thread-safe: `submit` from anywhere."""
 
     def __init__(self, llm: Any, max_batch: int | None = None, kv_cache_bytes: int | None = None):
-        self.llm = llm
+        # The handle owns its loop; the loop only refers to it, so dropping the handle frees both at once.
+        self._llm = weakref.ref(llm)
         device = llm.device.type
         self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(device, 8)
         self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES.get(device, 1 << 30)
@@ -142,6 +144,10 @@ class GenerationLoop:
         self._rows: Rows | None = None  # the running rows' cache, allocated on demand
         self._thread: threading.Thread | None = None
         self._closing = False
+
+    @property
+    def llm(self) -> Any:
+        return self._llm()
 
     @property
     def prefill_chunk(self) -> int:
@@ -200,10 +206,11 @@ class GenerationLoop:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def _run_once(self, idle: float) -> bool:
-        """Plan, prefill and step once (or wait up to `idle` seconds for work); False when the thread must
-        end: the loop is closing and idle. That is decided under the lock, where `_thread` is cleared, so a
-        job submitted a moment later starts a new thread instead of being left to one that is ending."""
+    def _run_once(self, idle: float) -> bool | str:
+        """Plan, prefill and step once: True. With nothing to do, `_IDLE` (the thread then waits up to `idle`
+        seconds for a submit, holding the condition, not the loop), or False when the thread must end: the loop
+        is closing and idle. That is decided under the lock, where `_thread` is cleared, so a job submitted a
+        moment later starts a new thread instead of being left to one that is ending."""
         with self._cond:
             if not self._waiting and not (self._rows and self._rows.live()):
                 if self.release_when_idle:
@@ -212,9 +219,7 @@ class GenerationLoop:
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return False
-                self._cond.wait(idle)
-                if not self._waiting:
-                    return True
+                return _IDLE
             admitted = self._plan()
         with torch.inference_mode():
             for job in admitted:
@@ -338,6 +343,10 @@ class GenerationLoop:
         """Prefill the contexts not yet done, in slot order, within the scheduler's budget for this
         iteration. A prompt's last chunk draws its first token."""
         budget = self.scheduler.prefill_budget(rows.jobs)
+        if budget is None:  # nothing decodes: the waiting prompts go whole, several in one forward
+            spans = [j for j in rows.jobs if j is not None and not j.decoding and not j.cancelled and j.req]
+            if len(spans) > 1:
+                self._guarded(spans, lambda: self._prefill_together(rows, spans))
         for slot, job in enumerate(rows.jobs):
             if job is None or job.decoding or job.cancelled:
                 continue
@@ -348,6 +357,15 @@ class GenerationLoop:
             if budget is not None:
                 budget -= take
             self._guarded([job], lambda: self._prefill_chunk(rows, slot, job, take))
+
+    def _prefill_together(self, rows: Rows, jobs: list[Job]) -> None:
+        """The rest of several contexts in one forward (none decoding; see `Runner.prefill_rows`), then
+        each as its last chunk would end: first tokens drawn, resumed rows decoding again."""
+        spans = {j.slot: (j.context[j.prefilled:], j.prefilled, j.adapter) for j in jobs}
+        logits = self.runner.prefill_rows(rows, spans)
+        for job in jobs:
+            job.prefilled = len(job.context)
+            self._prefilled(rows, job.slot, job, logits[job.slot])
 
     def _prefill_chunk(self, rows: Rows, slot: int, job: Job, take: int) -> None:
         """Compute context positions [prefilled, prefilled + take) of `job` at `slot`. After the last: a
@@ -368,9 +386,13 @@ class GenerationLoop:
         draw = end == n and not job.resuming
         logits = self.runner.prefill(rows, slot, span, start, job.adapter, [take - 1] if draw else [])
         job.prefilled = end
-        if end < n:
-            return
-        req = job.req
+        if end == n:
+            self._prefilled(rows, slot, job, logits)
+
+    def _prefilled(self, rows: Rows, slot: int, job: Job, logits: Tensor) -> None:
+        """`job`'s context is in the cache: a prompt draws its first token from `logits` (1, V) and keeps
+        its whole blocks in the prefix index; a resumed row takes decode steps again."""
+        req, n = job.req, len(job.context)
         if job.resuming:  # its cache is back to [0, job.pos); the same token, counter and history go on
             rows.knobs.restore_row(slot, req.params, job.seed, req.prompt_ids, job.generated)
             job.resuming, job.decoding = False, True
@@ -528,18 +550,26 @@ _LOOPS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _serve(ref: weakref.ref) -> None:
-    """The loop thread. It holds its loop only while working or briefly waiting, so a handle nobody uses
-    any more is collected, and its thread ends soon after."""
+    """The loop thread. It holds its loop only while working, never while waiting for work, so a handle
+    nobody uses any more is freed, and its thread ends within `idle` seconds."""
+    idle = 0.5
     while True:
         loop = ref()
         if loop is None:
             return
+        state = True
         try:
-            if not loop._run_once(idle=0.5):
-                return
+            state = loop._run_once(idle)
         except BaseException as e:  # noqa: BLE001 - nothing may end the loop: fail what was running, go on
             loop._fail_running(e)
+        if state is False:
+            return
+        cond, waiting = loop._cond, loop._waiting
         del loop
+        if state is _IDLE:
+            with cond:  # a submit appends and notifies under this lock: none is missed
+                if not waiting:
+                    cond.wait(idle)
 
 
 @atexit.register

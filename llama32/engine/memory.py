@@ -114,7 +114,7 @@ class Rows:
         from ..model import KVCache, keep_address
         from ..sampling import StepKnobs
 
-        self.llm = llm
+        self.shape = (llm.config, llm.device, llm.dtype)  # what a new cache is made of (no reference to llm)
         self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
         self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Any] = [None] * capacity
@@ -143,7 +143,8 @@ class Rows:
         live = self.live()
         assert len(live) <= batch, (live, batch)
         keep = min(self.cache.length, length)
-        new = KVCache(self.llm.config, batch, length, device=self.llm.device, dtype=self.llm.dtype)
+        config, device, dtype = self.shape
+        new = KVCache(config, batch, length, device=device, dtype=dtype)
         for dst, src in enumerate(live):
             for new_t, old_t in zip(new.k + new.v, self.cache.k + self.cache.v):
                 new_t[dst, :, :keep] = old_t[src, :, :keep]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -49,12 +50,16 @@ class Runner:
     """The forwards of one handle's loop, and its compiled decode step (see the module docstring)."""
 
     def __init__(self, llm: Any):
-        self.llm = llm
+        self._llm = weakref.ref(llm)  # the handle owns the loop, which owns the runner
         # The decode step runs through torch.compile (CUDA graphs) on CUDA unless LLAMA32_COMPILE=0.
         self.compiled = llm.device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
         self.compiled_shapes: dict[tuple[int, int], float] = {}  # (rows, positions attended) -> compile seconds
         self.step_fn: Any = None  # the compiled static_decode_step, made on first use
         self._warned = False
+
+    @property
+    def llm(self) -> Any:
+        return self._llm()
 
     # -- prompt spans ------------------------------------------------------------------------------------
 
@@ -73,6 +78,33 @@ class Runner:
         cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end))
         pos = torch.arange(start, end, device=llm.device)[None]
         return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora)[0]
+
+    def prefill_rows(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
+        """Several rows' spans in one forward: `spans` maps a slot to (ids, start, adapter); each row's ids
+        go at its own positions [start, start + len(ids)), attending over its positions before. Returns each
+        slot's logits (1, V) at its span's last token.
+
+        The rows from the lowest slot to the highest take part; a shorter span is padded with its next
+        position (where its first decode step writes anyway), and a row in between without a span (a free
+        one) writes at position 0 (nothing there is read)."""
+        llm = self.llm
+        lo, hi = min(spans), max(spans) + 1
+        T = max(len(ids) for ids, _, _ in spans.values())
+        ids = torch.zeros(hi - lo, T, dtype=torch.long)
+        pos = torch.zeros(hi - lo, T, dtype=torch.long)
+        last = torch.zeros(hi - lo, dtype=torch.long)
+        adapters: list[Any] = [None] * (hi - lo)
+        for slot, (span, start, adapter) in spans.items():
+            r, n = slot - lo, len(span)
+            ids[r, :n] = torch.tensor(span)
+            pos[r, :n] = torch.arange(start, start + n)
+            pos[r, n:] = start + n
+            last[r], adapters[r] = n - 1, adapter
+        end = max(start + len(span) for span, start, _ in spans.values()) + 1
+        cache = rows.cache.view(slice(lo, hi), attended_for(rows.length, end))
+        logits = llm.model(ids.to(llm.device), cache=cache, input_pos=pos.to(llm.device),
+                           logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters))
+        return {slot: logits[slot - lo] for slot in spans}
 
     # -- decode steps ------------------------------------------------------------------------------------
 
