@@ -136,8 +136,8 @@ class Rows:
 
     def resize(self, batch: int, length: int) -> None:
         """A cache of `batch` x `length`, the live rows' keys and values (and sampler rows) moved into its
-        lowest slots in slot order. The old cache is released before the new one is filled only when the
-        rows don't move, so peak memory is the two caches at most."""
+        lowest slots in slot order. Both caches exist during the copy (the scheduler grows in powers of two,
+        so this is rare), then the old one is freed."""
         from ..model import KVCache, keep_address
 
         live = self.live()
