@@ -179,15 +179,17 @@ class GatheredAdapters:
 
     @classmethod
     def of(cls, llm: Any, adapters: Sequence[Adapter | None]) -> "GatheredAdapters | None":
-        """The handle's stacks with `adapters[b]` as row b's; None when the handle has loaded no adapter."""
+        """The handle's stacks with `adapters[b]` as row b's; None when the handle has loaded no adapter.
+        The stacks are kept by the loop's runner (engine/runner.py), remade when the loaded set changes."""
         # the cached adapters, and any a running row holds after the cache dropped it
         loaded = list(dict.fromkeys([*llm._adapters.values(), *(a for a in adapters if a is not None)]))
         if not loaded:
             return None
         key = tuple(id(a) for a in loaded)
-        cached = getattr(llm, "_gathered_adapters", None)
+        runner = llm.loop.runner
+        cached = runner.adapter_stacks
         if cached is None or cached[0] != key:
-            cached = llm._gathered_adapters = (key, cls._stack(llm, loaded))
+            cached = runner.adapter_stacks = (key, cls._stack(llm, loaded))
         base = cached[1]
         step = cls(base.stacks, base.index)
         step.rows = torch.tensor([0 if a is None else base.index[id(a)] for a in adapters], device=llm.device)

@@ -13,7 +13,9 @@ LoRA through `GatheredAdapters`, so it compiles one graph per (n, positions atte
 with `counter_noise`, so a seed gives the same tokens eager or compiled, alone or batched.
 
 The runner owns the compile state (the compiled function, which shapes have compiled and how long each
-took); the handle's `compiled`, `compiled_shapes` and `_compiled_step` read and write it.
+took; the handle's `compiled`, `compiled_shapes` and `_compiled_step` read and write it) and the stacked
+LoRA adapters the compiled step gathers from. The adapters themselves (loaded by name, least recently used
+out) stay with the handle: requests resolve them on their callers' threads.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Runner:
         self.compiled = llm.device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
         self.compiled_shapes: dict[tuple[int, int], float] = {}  # (rows, positions attended) -> compile seconds
         self.step_fn: Any = None  # the compiled static_decode_step, made on first use
+        # (ids of the loaded adapters, their GatheredAdapters stacks): the compiled step's LoRA input (lora.py)
+        self.adapter_stacks: tuple | None = None
         self._warned = False
 
     @property
