@@ -60,6 +60,10 @@ REQUEST_FLAGS = [
 ]
 
 
+SPECULATIVE_HELP = ("speculative decoding: 'ngram' (propose tokens from the request's own text) or a draft "
+                    "checkpoint sharing the model's tokenizer; changes speed only (exact in float32)")
+
+
 class UsageError(Exception):
     """A mistake in the command line found after argparse (reported like argparse's own: exit 2)."""
 
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32, bfloat16 or float16 (default: the checkpoint's torch_dtype)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="weight-only int8 for the projections and the head (half the bytes of bf16 a step)")
+    p.add_argument("--speculative", metavar="ngram|CHECKPOINT", default=None, help=SPECULATIVE_HELP)
 
     req = p.add_argument_group("request fields (sent only when given)")
     for flag, _, typ, text in REQUEST_FLAGS:
@@ -147,6 +152,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="weight-only int8 for the projections and the head")
     p.add_argument("--kv-cache-bytes", type=int, default=None,
                    help="the generation loop's KV memory budget (default 1 GiB on CPU, 4 GiB on CUDA)")
+    p.add_argument("--speculative", metavar="ngram|CHECKPOINT", default=None, help=SPECULATIVE_HELP)
     p.add_argument("--served-model-name", default=None,
                    help="the model id in /v1/models and in responses (default: the checkpoint folder's name)")
     p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
@@ -163,7 +169,8 @@ def serve(argv: list[str]) -> int:
     run_server(args.model, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
                device=args.device, dtype=args.dtype, lora=args.lora, max_queue=args.max_queue,
                lora_dir=args.lora_dir, quantize=args.quantize, kv_cache_bytes=args.kv_cache_bytes,
-               served_model_name=args.served_model_name, allowed_origins=args.allowed_origins)
+               served_model_name=args.served_model_name, allowed_origins=args.allowed_origins,
+               speculative=args.speculative)
     return 0
 
 
@@ -383,7 +390,8 @@ def generate_main(argv: list[str]) -> int:
             parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
 
     start = time.perf_counter()
-    llm = llama32.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    llm = llama32.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       speculative=args.speculative)
     if args.verbose:
         print(f"{PROG}: loaded {llm.path} on {llm.device} as {str(llm.dtype).removeprefix('torch.')} "
               f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

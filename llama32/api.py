@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
+from .errors import CheckpointError
 from .hub import resolve
 from .meta import MetaCheckpoint, is_meta_dir
 from .tokenizer import Tokenizer
@@ -49,6 +50,7 @@ class Llama:
         self.device = device
         self.dtype = dtype
         self.lora: str | None = None  # the adapter applied to this handle by load(..., lora=...)
+        self.speculative: str | None = None  # load(..., speculative=...): "ngram", the draft's path, or None
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
         self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
         self._installed_adapter: Any = None  # what the model's projections carry right now
@@ -98,7 +100,8 @@ class Llama:
 
 def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, lora: str | None = None, quantize: str | None = None,
-         max_batch: int | None = None, kv_cache_bytes: int | None = None) -> Llama:
+         max_batch: int | None = None, kv_cache_bytes: int | None = None,
+         speculative: str | os.PathLike | None = None) -> Llama:
     """Load a Llama-family checkpoint from a local directory (Hugging Face layout, or Meta's original layout:
     params.json + consolidated.NN.pth + tokenizer.model, see meta.py) or a hub repo id.
 
@@ -106,6 +109,11 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     CUDA); `kv_cache_bytes`: the loop's KV-cache budget (default 1 GiB on CPU, 4 GiB on CUDA; see engine/loop.py).
     A checkpoint without tokenizer.json (or Meta's tokenizer.model) loads model-only: `llm.tokenizer` is None.
     `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
+    `speculative`: None, "ngram" (prompt lookup) or a draft checkpoint (path or hub repo id of a smaller model
+    with the same tokenizer, loaded on the same device and dtype): the generation loop then verifies proposed
+    tokens several at a time (engine/speculate.py). It changes speed, not the tokens: in float32, greedy and
+    seeded results are token for token those without it; in bfloat16 a forward over several positions rounds
+    differently from a one-position step, so an answer may part from the plain one at a near tie.
     """
     for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -115,6 +123,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    draft_path = _speculative_source(speculative)  # before the (slow) load: a bad value fails at once
     path = resolve(source)
     if is_meta_dir(path):  # Meta's own layout: params.json, consolidated.NN.pth, tokenizer.model (meta.py)
         checkpoint = MetaCheckpoint(path)
@@ -136,4 +145,55 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     if lora is not None:
         from .lora import apply_to_handle
         apply_to_handle(llm, lora)
+    if speculative is not None:
+        _attach_speculator(llm, draft_path, quantize)
     return llm
+
+
+def _speculative_source(speculative: Any) -> Path | str | None:
+    """`load`'s `speculative`, checked: None, "ngram", or the local directory of a draft checkpoint (a hub repo
+    id is downloaded first). Anything else raises an error naming `speculative`."""
+    if speculative is None:
+        return None
+    if not isinstance(speculative, (str, os.PathLike)):
+        raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint (a directory or a hub repo id), "
+                         f"got {speculative!r}")
+    if isinstance(speculative, str) and speculative == "ngram":
+        return "ngram"
+    try:
+        draft = resolve(speculative)
+    except CheckpointError as e:
+        raise CheckpointError(f"speculative: {e} (speculative takes 'ngram' or a draft checkpoint)") from None
+    if not (is_meta_dir(draft) or (draft / "config.json").is_file()):
+        raise CheckpointError(f"speculative: {draft} is not a checkpoint: it has no config.json (nor Meta's "
+                              "params.json); give 'ngram' or a draft model's checkpoint directory")
+    return draft
+
+
+def _attach_speculator(llm: Llama, draft_path: Path | str, quantize: str | None) -> None:
+    """Give the handle's generation loop its `Speculator`, loading and checking the draft model if any."""
+    from .engine.speculate import Speculator
+
+    if draft_path == "ngram":
+        llm.loop.speculator = Speculator(llm, "ngram")
+        llm.speculative = "ngram"
+        return
+    if Path(draft_path).resolve() == Path(llm.path).resolve():
+        draft = llm  # the model drafting for itself: one copy of the weights
+    else:
+        try:
+            draft = load(draft_path, device=llm.device, dtype=llm.dtype, quantize=quantize)
+        except CheckpointError as e:
+            raise CheckpointError(f"speculative: the draft checkpoint cannot be loaded: {e}") from None
+    if draft.tokenizer is None or llm.tokenizer is None:
+        which = "draft" if draft.tokenizer is None else "model"
+        raise CheckpointError(f"speculative: the {which} checkpoint has no tokenizer, so the draft's vocabulary "
+                              "cannot be checked against the model's; a draft must share the model's tokenizer")
+    ours, theirs = (t.backend.get_vocab(with_added_tokens=True) for t in (llm.tokenizer, draft.tokenizer))
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise CheckpointError(f"speculative: the draft {draft_path} has another tokenizer than the model "
+                              f"({len(theirs)} tokens against {len(ours)}, {differ} (text, id) pairs not shared); "
+                              "a draft must use the model's own tokenizer")
+    llm.loop.speculator = Speculator(llm, str(draft_path), draft)
+    llm.speculative = str(draft_path)

@@ -122,6 +122,12 @@ class Matcher:
 
     advance = accept  # the generation loop's name for it (engine/loop.py, "JSON mode's hook")
 
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` accepted tokens (speculative decoding walks proposals through the matcher for
+        their masks, then rolls back: engine/speculate.py). A stop token does not count: never roll one back."""
+        if n > 0 and not self._m.rollback(n):
+            raise RuntimeError(f"the JSON matcher could not roll back {n} tokens: {self._m.get_error()}")
+
     @property
     def complete(self) -> bool:
         """Whether the text so far is a whole answer (the JSON may end here)."""

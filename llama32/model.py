@@ -187,9 +187,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.hd, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None,
-                input_pos: Tensor | None, mask: Tensor | None, lora=None, probs: list[Tensor] | None = None) -> Tensor:
+                input_pos: Tensor | None, mask: Tensor | None, lora=None, probs: list[Tensor] | None = None,
+                per_position: bool = False) -> Tensor:
         """`probs`: a list to append this layer's attention probabilities [B, H, T, S] to (see `explicit_attention`);
-        None (every generation step) keeps `scaled_dot_product_attention`."""
+        None (every generation step) keeps `scaled_dot_product_attention`. `per_position`: with a mask, attend
+        one query position at a time (see `Transformer.forward`)."""
         B, T, _ = x.shape
         q = self.q_proj(x, lora).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
@@ -220,7 +222,13 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             # (reshape, not view: on CUDA the kernels may return the folded output in a layout view can't split)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, self.n_heads, T, self.hd)
+            if per_position and T > 1:  # each position's G query rows alone, laid out as a one-position step's
+                y = torch.stack([F.scaled_dot_product_attention(q[:, :, t::T].contiguous(), k, v,
+                                                                attn_mask=mask[:, :, t::T].contiguous())
+                                 for t in range(T)], dim=3)  # (B, K, G, T, hd)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
 
 
@@ -262,8 +270,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
-                mask: Tensor | None, lora=None, probs: list[Tensor] | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs)
+                mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -319,7 +327,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                 logits_at: Tensor | None = None, lora=None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> Tensor | ModelOutput:
+                output_attentions: bool = False, per_position: bool = False) -> Tensor | ModelOutput:
         """Logits for `input_ids` [B, T].
 
         - no cache: a plain causal forward over positions 0..T-1.
@@ -331,6 +339,9 @@ class Transformer(nn.Module):
         `lora`: per-row LoRA adapters (`lora.RowAdapters`) in place of the handle's own.
         `output_hidden_states` / `output_attentions`: return a `ModelOutput` with them (attention then runs
         written out, `explicit_attention`, for its probabilities); without either, the logits tensor alone.
+        `per_position` (with input_pos): attention runs one query position at a time, so that each position's
+        attention rounds exactly as a one-position decode step's does (speculative decoding's verify forward,
+        engine/speculate.py: on a CPU in bfloat16 one fused call over several positions rounds differently).
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -349,7 +360,7 @@ class Transformer(nn.Module):
         probs = [] if output_attentions else None
         for i, layer in enumerate(self.model.layers):
             kv = cache.layer(i) if cache is not None else None
-            x = layer(x, cos, sin, kv, input_pos, mask, lora, probs)
+            x = layer(x, cos, sin, kv, input_pos, mask, lora, probs, per_position)
             if hidden is not None:
                 hidden.append(x)
         if hidden is not None or probs is not None:

@@ -1,7 +1,8 @@
 """Speculative decoding's building blocks: proposers, the exact verification rule, adaptive proposal counts.
 
-Not used by the generation loop yet: `llama32.load` takes no `speculative` argument, and nothing here runs
-during `generate`. These are the pieces the loop will call once it verifies proposals in its step.
+The generation loop calls these from engine/speculate.py when a handle is loaded with `speculative=`
+("ngram" or a draft checkpoint); that module turns them into loop steps (per-row proposals, one verify forward,
+delivery token by token).
 
 Shapes: V the logits width (the target's vocabulary), k a row's number of proposals, so a verify forward
 gives (k + 1, V) logits for the row: position i scores the token that follows the request's tokens plus the
@@ -126,8 +127,10 @@ class DraftProposer:
         return self.model(ids, cache=self.cache, input_pos=pos, logits_at=last)[0, -1]
 
     @torch.inference_mode()
-    def propose(self, ids: Sequence[int], k: int) -> list[int]:
-        """Up to `k` greedy tokens to follow `ids` (the request's prompt and output so far)."""
+    def propose(self, ids: Sequence[int], k: int, draw=None) -> list[int]:
+        """Up to `k` tokens to follow `ids` (the request's prompt and output so far): greedy, or chosen by
+        `draw(logits, i)` -> token id for the i-th proposal from the draft's (V_draft,) logits (the loop passes
+        the request's own sampler: its settings, history and counter noise, `RowSampler`)."""
         ids = list(ids)
         if k <= 0 or not ids:
             return []
@@ -140,8 +143,8 @@ class DraftProposer:
         logits = self._feed(ids[keep:], keep)
         self.held = ids
         out: list[int] = []
-        for _ in range(k):
-            t = int(logits.argmax())
+        for i in range(k):
+            t = int(logits.argmax()) if draw is None else int(draw(logits, i))
             if t >= self.vocab_size:
                 break
             out.append(t)
@@ -198,26 +201,26 @@ def _row_reads_history(knobs: StepKnobs, row: int) -> bool:
 
 
 def target_tokens(logits: Tensor, knobs: StepKnobs, row: int, proposals: Sequence[int] | Tensor,
-                  allowed: Tensor | None = None) -> Tensor:
+                  allowed: Tensor | None = None, steps: frozenset[str] | None = None) -> Tensor:
     """(k+1,) long: the token sequential decoding would draw at each verify position of `row`.
 
     `logits` (k+1, V): the target's logits at the row's last token and after each of its k `proposals`.
     Position i uses the row's knobs with the history it would have after drawing proposals[:i] and the
     noise of token index counters[row] + i. `allowed` (k+1, V) bool: the allowed-token mask at each
-    position (the JSON matcher advanced through the proposals), or None.
+    position (the JSON matcher advanced through the proposals), or None. `steps`: the sampler steps to run
+    (`sampling.steps_used` of the row's settings: the eager loop's choice, bit for bit the same tokens); None
+    runs them all, as the compiled step does.
     """
     device = logits.device
     props = torch.as_tensor(list(proposals) if not isinstance(proposals, Tensor) else proposals,
                             dtype=torch.long, device=device).reshape(-1)
     assert logits.shape == (props.shape[0] + 1, knobs.vocab_size), (logits.shape, props.shape)
     view = _expanded(knobs, row, props, _row_reads_history(knobs, row))
-    if allowed is None:
-        return sample_static(logits, view)
-    return sample_static(logits, view, allowed)
+    return sample_static(logits, view, allowed, steps)
 
 
 def verify(logits: Tensor, knobs: StepKnobs, row: int, proposals: Sequence[int],
-           allowed: Tensor | None = None) -> Verdict:
+           allowed: Tensor | None = None, steps: frozenset[str] | None = None) -> Verdict:
     """Accept `proposals` while each equals the target's own token at its position (`target_tokens`), and
     deliver the accepted ones plus the target's token at the first mismatch (or after the last proposal).
 
@@ -226,7 +229,7 @@ def verify(logits: Tensor, knobs: StepKnobs, row: int, proposals: Sequence[int],
     token or max_tokens may end the request inside them).
     """
     proposals = [int(p) for p in proposals]
-    drawn = target_tokens(logits, knobs, row, proposals, allowed).tolist()
+    drawn = target_tokens(logits, knobs, row, proposals, allowed, steps).tolist()
     n = 0
     while n < len(proposals) and proposals[n] == drawn[n]:
         n += 1
@@ -251,6 +254,41 @@ def record(knobs: StepKnobs, row: int, tokens: Sequence[int]) -> None:
     one = knobs.view(row, row + 1)
     for t in tokens:
         one.update(torch.tensor([int(t)], dtype=torch.long, device=knobs.counters.device))
+
+
+class RowSampler:
+    """A draft's draw for one row: the row's own sampler (settings, history, counter noise) applied to the
+    draft's logits, proposal i at token index counters[row] + i with proposals[:i] in its history.
+
+    A greedy row proposes the argmax of its penalised draft logits; a seeded row proposes what the target
+    would draw if its logits were the draft's. With the same noise, a draft close to the target proposes
+    the target's own draws far more often than its argmax would (speculative decoding's "coupling").
+    `draw(logits, i)` must be called for i = 0, 1, ... in order. Draft logits are cut or padded (with -inf)
+    to the target's width V.
+    """
+
+    def __init__(self, knobs: StepKnobs, row: int, steps: frozenset[str] | None = None):
+        self.knobs = _row_copy(knobs, row)
+        self.steps, self.vocab_size = steps, knobs.vocab_size
+
+    def __call__(self, logits: Tensor, i: int) -> int:
+        V = self.vocab_size
+        x = logits.float()[:V]
+        if x.shape[0] < V:
+            x = torch.nn.functional.pad(x, (0, V - x.shape[0]), value=float("-inf"))
+        t = sample_static(x[None], self.knobs, None, self.steps)
+        self.knobs.update(t)
+        return int(t[0])
+
+
+def _row_copy(knobs: StepKnobs, row: int) -> StepKnobs:
+    """A one-row StepKnobs of `row`: settings as views, history and counter copied (`update` writes those)."""
+    out = StepKnobs.__new__(StepKnobs)
+    out.vocab_size = knobs.vocab_size
+    for name, t in knobs.tensors().items():
+        one = t[row:row + 1]
+        setattr(out, name, one.clone() if name in ("counters", "seen", "counts", "bias") else one)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class Job:
         self.prefilled = 0  # context positions whose keys and values are in the cache (copied or computed)
         self.decoding = False  # the prompt is done and the first token drawn: the row takes decode steps
         self.lookahead = 0  # positions beyond the next one a step may write (speculation's proposals)
+        self.spec: Any = None  # speculative decoding: this request's proposer state (engine/speculate.py)
         self.scored: list[Tensor] = []  # scoring: the log-softmax rows computed so far
 
     def put(self, item: Any) -> None:
@@ -139,6 +140,8 @@ class GenerationLoop:
         # On CPU an idle loop gives its rows' cache back (the next request allocates what it needs); on CUDA
         # it keeps it, since the compiled step's CUDA graphs are recorded against the cache's addresses.
         self.release_when_idle = device != "cuda"
+        # speculative decoding: set by llama32.load(..., speculative=...) (engine/speculate.py, `Speculator`)
+        self.speculator: Any = None
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._rows: Rows | None = None  # the running rows' cache, allocated on demand
@@ -431,6 +434,10 @@ class GenerationLoop:
         live = [i for i in rows.live() if rows.jobs[i].decoding]
         if not live:
             return
+        # -- speculative decoding (engine/speculate.py): a step verifying proposals, run there in full ------
+        if self.speculator is not None and self.speculator.step(self, rows):
+            return
+        # ----------------------------------------------------------------------------------------------------
         n = self.runner.rows_for(live[-1], rows.batch)
         # A row still prefilling (or scoring) takes part as a free row does, writing at its next context
         # position (which its next chunk overwrites); the sampler's row for it is set when it starts decoding.

@@ -161,7 +161,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
           api_key: str | None = None, device: str | None = None, dtype: str | None = None,
           lora: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, lora_dir: str | Path | None = None,
           quantize: str | None = None, kv_cache_bytes: int | None = None, served_model_name: str | None = None,
-          allowed_origins: list[str] | None = None) -> None:
+          allowed_origins: list[str] | None = None, speculative: str | None = None) -> None:
     """Load `model` and serve it until SIGINT or SIGTERM, then finish the requests in flight and return."""
     import uvicorn
 
@@ -179,7 +179,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: i
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     llm = llama32.load(model, device=device, dtype=dtype, lora=lora, max_batch=max_batch, quantize=quantize,
-                       kv_cache_bytes=kv_cache_bytes)
+                       kv_cache_bytes=kv_cache_bytes, speculative=speculative)
     app = create_app(llm, api_key=api_key or os.environ.get("LLAMA32_API_KEY") or None, max_queue=max_queue,
                      model_name=served_model_name or model.rstrip("/").split("/")[-1], lora_dir=lora_dir,
                      allowed_origins=allowed_origins)

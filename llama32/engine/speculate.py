@@ -1,0 +1,303 @@
+"""Speculative decoding inside the generation loop: `llama32.load(..., speculative="ngram" | <draft checkpoint>)`.
+
+A handle loaded with `speculative` gets a `Speculator` (`llm.loop.speculator`). The loop (engine/loop.py)
+calls it in one place, marked "speculative decoding" in `_step`: `step(loop, rows)` at the start of a decode
+step (after cancelled rows left) either runs the whole step itself, verifying proposals, and returns True, or
+returns False and the loop takes its ordinary step (the compiled one where the handle compiles). It reads a
+job's `req`, `generated`, `token`, `pos`, `produced`, `adapter`, `constraint` and `decoding`, keeps its own
+state in `job.spec`, sets `job.lookahead` (the positions past the next one its proposals may write, which the
+scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `_deliver_one` and `_retire`.
+
+What `step` does, for the rows [0, n) of the step (a row prefilling or free takes part as in the ordinary
+step, at its next prompt position; its writes there are overwritten before anything reads them):
+1. propose: each decoding row whose request can still take more than one token asks its `AdaptiveK` for a
+   number of proposals k (0: its acceptance does not pay for the verify forward's cost) and its proposer for
+   up to k tokens (`NgramProposer` over the request's tokens, or `DraftProposer` on the draft model with the
+   request's own sampler, `RowSampler`). Proposals are cut to fit max_tokens (k <= max_tokens - produced - 1)
+   and the row's cache (pos + k < length; `job.lookahead` asks the scheduler for MAX_PROPOSALS more), at any
+   id the target cannot draw, and, for a JSON-constrained row, at the first token its grammar does not allow
+   there.
+2. decide: with proposals in hand, the step compares a plain step of the n rows (cost 1 + c (n - 1), one token
+   per decoding row) with one forward over n rows x T positions (cost 1 + c (n T - 1), the tokens each row
+   is expected to deliver from its recent acceptance), c being `cost_per_token` (measured: the extra cost of
+   one more position per forward, relative to a one-position step; benchmarks/RESULTS.md). No proposal, or
+   a plain step that pays better: return False.
+3. verify: one eager forward over [n, T] (row r's token and its k_r proposals at its own positions
+   pos..pos+k_r, the rest of the T positions padding written past the row's present, T - 1 never more than
+   any decoding row has room for), each row with its LoRA adapter; then for each row `speculative.verify`:
+   the token the sampler would draw at each position, with the history and counter noise it would have
+   after the earlier proposals and, for a JSON row, the matcher's mask after them (walked through the
+   proposals and rolled back). Accepted proposals and the
+   target's own token at the first mismatch are delivered one by one through the loop's `_deliver_one` (stop
+   ids, max_tokens, stop strings, logprobs, the JSON matcher's advance, tool-call hold-back); a row that
+   finishes inside the run drops the rest. The sampler's history and counter record the delivered tokens as
+   that many plain steps would (`speculative.record`). Rejected positions' keys and values stay in the cache
+   past the row's position, to be overwritten by its next step.
+
+Exactness: the delivered tokens are those the plain loop delivers provided the verify forward's logits at each
+position equal a one-position step's.
+- float32: they agree to rounding (~6e-5 on SmolLM2's logits: oneDNN's float32 products sum in another order
+  for another row count, exactly as a bigger batch does in the plain loop), so float32 results, greedy or
+  seeded, are the plain loop's token for token, as batched results are (tests/test_speculate.py), and
+  log-probabilities agree within 1e-4.
+- bfloat16 on the CPU: one fused attention call over k + 1 query positions rounds differently from k + 1
+  one-position calls (a tie in the last bit, once in SmolLM2's 30 layers, flips a token now and then:
+  benchmarks/RESULTS.md). The products do not: this CPU's bfloat16 kernels give a row the same bits whatever
+  the row count (1 to 9 positions, batches of 1, 2 and 8 measured on SmolLM2). So the verify forward attends one
+  position at a time (`per_position`), and its logits are then bit for bit those of one-position steps:
+  bfloat16 results are token for token the plain loop's too, on CPUs whose kernels are row-invariant (the
+  AVX-512 BF16 EPYC measured here; a CPU or a library version whose kernels are not would part at near ties).
+- CUDA: not measured (the attention is not split there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..lora import RowAdapters
+from ..sampling import steps_used
+from ..speculative import AdaptiveK, DraftProposer, NgramProposer, RowSampler, record, verify
+from .runner import attended_for, token_logprobs
+
+# The extra cost of one more position in a forward, relative to a one-position step (`AdaptiveK`'s model).
+# CPU: measured on the Llama 3.2 1B shape in bfloat16 (~0.06 per proposal up to 5, ~0.11 from 6;
+# benchmarks/RESULTS.md). CUDA: a guess (a forward of a few dozen positions reads the weights once,
+# about as a one-position step does), not measured here.
+DEFAULT_COST_PER_TOKEN = {"cpu": 0.1, "cuda": 0.02}
+MAX_PROPOSALS = 8
+
+
+@dataclass
+class RowSpec:
+    """One request's speculation: its proposer, its number of proposals, its counts."""
+
+    proposer: Any
+    adaptive: AdaptiveK
+    verify_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class SpecStats:
+    """Totals over the handle's life: verify steps taken, proposals made and accepted, plain steps declined."""
+
+    verify_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    declined: int = 0  # steps that had proposals but where a plain step was expected to pay better
+    rows: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"verify_steps": self.verify_steps, "proposed": self.proposed, "accepted": self.accepted,
+                "declined": self.declined}
+
+
+class Speculator:
+    """The loop's speculative decoding (module docstring). `draft` is the draft model's handle for a draft
+    checkpoint, None for "ngram"."""
+
+    def __init__(self, llm: Any, source: str, draft: Any = None):
+        self.llm = llm
+        self.source = source
+        self.draft = draft
+        self.cost_per_token = DEFAULT_COST_PER_TOKEN.get(llm.device.type, 0.1)
+        # The verify forward's attention one position at a time where that makes its logits those of one-position
+        # steps: in bfloat16 (and float16) on the CPU, whose product kernels give each row the same bits
+        # whatever the row count (measured: module docstring). In float32 the products already differ in the last
+        # bits with the row count (as in a bigger batch), so splitting would cost without making anything exact;
+        # on CUDA it is not measured.
+        self.per_position = llm.device.type == "cpu" and llm.dtype != torch.float32
+        self.max_k = MAX_PROPOSALS
+        self.stats = SpecStats()
+
+    # -- the loop's hook -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, loop: Any, rows: Any) -> bool:
+        """Run this decode step speculatively when some row has proposals and it is expected to pay; True
+        when it ran (every decoding row got its tokens), False to let the loop take its ordinary step."""
+        jobs = rows.jobs
+        live = [i for i, j in enumerate(jobs) if j is not None and j.decoding and not j.cancelled]
+        if not live:
+            return False
+        length = rows.length
+        # the most positions past its next one any decoding row can take (its cache's room)
+        room = min(length - 1 - jobs[i].pos for i in live)
+        plan: dict[int, list[int]] = {}
+        masks: dict[int, torch.Tensor] = {}
+        for i in live:
+            job = jobs[i]
+            if job.spec is None:
+                job.spec = self._new_state(job)
+            props, mask = self._propose(job, room, rows.knobs, i)
+            if props:
+                plan[i] = props
+                if mask is not None:
+                    masks[i] = mask
+        if not plan:
+            return False
+        n = live[-1] + 1
+        T = self._positions(n, live, jobs, plan)
+        if T == 1:
+            self.stats.declined += 1
+            return False
+        for i in list(plan):  # a shorter forward than some row asked for: its proposals are cut to fit
+            if len(plan[i]) > T - 1:
+                plan[i] = plan[i][:T - 1]
+                if i in masks:
+                    masks[i] = masks[i][:T]
+        self._verify(loop, rows, n, T, live, plan, masks)
+        return True
+
+    # -- proposing ------------------------------------------------------------------------------------------
+
+    def _new_state(self, job: Any) -> RowSpec:
+        if self.draft is None:
+            proposer = NgramProposer()
+        else:
+            proposer = DraftProposer(self.draft.model, self.llm.config.vocab_size)
+        return RowSpec(proposer, AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token))
+
+    def _propose(self, job: Any, room: int, knobs: Any, row: int) -> tuple[list[int], torch.Tensor | None]:
+        """The row's proposals for this step ([] for none) and, for a JSON row, its allowed-token mask at each
+        of the len + 1 positions. `room`: the most proposals the step's cache can take."""
+        state = job.spec
+        left = job.req.max_tokens - job.produced - 1  # tokens it may take after this step's first
+        job.lookahead = max(0, min(self.max_k, left - 1))  # room for the next step's proposals
+        k = min(left, room)
+        if k <= 0:
+            return [], None
+        k = min(state.adaptive.next_k(), k)
+        if k <= 0:
+            return [], None
+        ids = job.req.prompt_ids + job.generated
+        if isinstance(state.proposer, DraftProposer):
+            props = state.proposer.propose(ids, k, RowSampler(knobs, row, steps_used([job.req.params])))
+        else:
+            props = state.proposer.propose(ids, k)
+        V = self.llm.config.vocab_size
+        for i, t in enumerate(props):  # the target can never draw an id outside its logits
+            if not 0 <= t < V:
+                props = props[:i]
+                break
+        if not props or job.constraint is None:
+            return props, None
+        return self._constrained(job, props)
+
+    def _constrained(self, job: Any, props: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Walk the JSON matcher through the proposals for the mask at each position, then roll it back.
+        Proposals end at the first token the grammar does not allow there, and after a stop token."""
+        matcher = job.constraint
+        masks = torch.ones(len(props) + 1, self.llm.config.vocab_size, dtype=torch.bool)
+        stop_ids = self.llm.stop_ids
+        consumed = 0
+        try:
+            matcher.fill(masks[0])
+            for i, t in enumerate(props):
+                if not masks[i, t]:
+                    props = props[:i]
+                    break
+                if t in stop_ids:  # the answer would end here; a stop is not rolled back (constrain.py)
+                    props = props[:i + 1]
+                    break
+                if not matcher.accept(t):
+                    raise RuntimeError(f"the JSON matcher refused token {t} that its mask allowed")
+                consumed += 1
+                matcher.fill(masks[i + 1])
+        finally:
+            matcher.rollback(consumed)
+        masks = masks[:len(props) + 1].to(self.llm.device)
+        return props, masks
+
+    def _positions(self, n: int, live: list[int], jobs: list, plan: dict[int, list[int]]) -> int:
+        """How many positions the step's forward takes (1: a plain step), by expected tokens per cost.
+
+        Row r with k_r proposals and recent acceptance a_r is expected to deliver (1 - a^(m+1)) / (1 - a)
+        tokens when m = min(k_r, T - 1) of them are verified (`AdaptiveK.gain`'s model); the forward over
+        n rows x T positions costs 1 + c (n T - 1) one-position steps. A single row keeps its own choice
+        (its `AdaptiveK` weighed the same cost, and probes)."""
+        if n == 1:
+            return 1 + len(plan[live[0]])
+        c = self.cost_per_token
+
+        def expected(T: int) -> float:
+            total = 0.0
+            for i in live:
+                m = min(len(plan.get(i, ())), T - 1)
+                a = min(jobs[i].spec.adaptive.rate, 1 - 1e-9) if m else 0.0
+                total += (1 - a ** (m + 1)) / (1 - a)
+            return total / (1 + c * (n * T - 1))
+
+        candidates = sorted({1} | {len(p) + 1 for p in plan.values()})
+        return max(candidates, key=lambda T: (expected(T), -T))
+
+    # -- verifying ------------------------------------------------------------------------------------------
+
+    def _verify(self, loop: Any, rows: Any, n: int, T: int, live: list[int], plan: dict[int, list[int]],
+                masks: dict[int, torch.Tensor]) -> None:
+        llm = self.llm
+        device = llm.device
+        jobs = rows.jobs
+        length = rows.length
+        tokens = torch.zeros(n, T, dtype=torch.long)
+        starts, fed = [], []
+        for r in range(n):
+            job = jobs[r]
+            if r in live:
+                seq = [job.token] + plan.get(r, [])
+                start = job.pos
+            else:  # free, prefilling or cancelled: written where its next write overwrites it, as in a plain step
+                seq = [0]
+                start = 0 if job is None else job.pos if job.decoding else job.prefilled
+            tokens[r, :len(seq)] = torch.tensor(seq)
+            starts.append(start)
+            fed.append(len(seq))
+        # Positions past a decoding row's own run are padding, written past its present (T - 1 is within
+        # every decoding row's room) and overwritten before anything reads them. A row not decoding writes
+        # only such garbage; its positions are kept inside the cache (clamped: which write wins there is moot).
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
+        pos.clamp_(max=length - 1)
+        attended = attended_for(length, max(starts[r] + fed[r] for r in live))
+        adapters = [jobs[r].adapter if r in live else None for r in range(n)]
+        cache = rows.cache.view(slice(0, n), attended)
+        logits = llm.model(tokens.to(device), cache=cache, input_pos=pos.to(device),
+                           lora=RowAdapters.of(llm, adapters), per_position=self.per_position)
+        stop_ids = llm.stop_ids
+        for r in live:
+            job = jobs[r]
+            props = plan.get(r, [])
+            try:
+                self._finish_row(loop, rows, r, job, logits[r, :len(props) + 1], props, masks.get(r), stop_ids)
+            except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails (as loop._deliver)
+                loop._retire(job)
+                job.put(e)
+
+    def _finish_row(self, loop: Any, rows: Any, r: int, job: Any, logits: torch.Tensor, props: list[int],
+                    mask: torch.Tensor | None, stop_ids: frozenset[int]) -> None:
+        verdict = verify(logits, rows.knobs, r, props, mask, steps_used([job.req.params]))
+        tokens = verdict.tokens
+        record(rows.knobs, r, tokens)
+        state = job.spec
+        if props:
+            state.adaptive.observe(len(props), verdict.accepted)
+            state.verify_steps += 1
+            state.proposed += len(props)
+            state.accepted += verdict.accepted
+            self.stats.verify_steps += 1
+            self.stats.proposed += len(props)
+            self.stats.accepted += verdict.accepted
+        lps = tops = None
+        if job.req.logprobs:
+            chosen, (ids, values) = token_logprobs(logits[:len(tokens)], torch.tensor(tokens, device=logits.device),
+                                                   job.req.top_logprobs)
+            lps, tops = chosen.tolist(), (ids.tolist(), values.tolist())
+        for i, t in enumerate(tokens):
+            job.pos += 1
+            loop._deliver_one(job, t, lps, tops, i, stop_ids)
+            if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
+                break
+
