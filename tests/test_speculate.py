@@ -91,20 +91,48 @@ def smol_self(smollm2_dir):
 
 
 def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, monkeypatch):
+    from llama32.engine.speculate import Speculator
+
     assert smol_ngram.speculative == "ngram"
     requests = smol_requests()
     requests.append(with_stop(smol, requests[0]))
-    shapes = []
-    forward = smol_ngram.model.forward
-    monkeypatch.setattr(smol_ngram.model, "forward",
-                        lambda ids, **kw: shapes.append(tuple(ids.shape)) or forward(ids, **kw))
+    steps = []  # (rows proposing, positions) of each verify forward
+    verify = Speculator._verify
+    monkeypatch.setattr(Speculator, "_verify", lambda self, loop, rows, n, T, live, plan, masks: (
+        steps.append((len(plan), T)), verify(self, loop, rows, n, T, live, plan, masks))[-1])
     before = smol_ngram.loop.speculator.stats.as_dict()
     check_equal(smol, smol_ngram, requests)
     accepted, rejected = accepted_and_rejected(smol_ngram, before)
     assert accepted >= 40 and rejected > 0
-    assert any(b > 1 and t > 1 for b, t in shapes), "some verify forward held several rows"
+    assert any(rows > 1 for rows, _ in steps), "some verify forward checked several rows' proposals"
     # the stop string ended the answer inside a verified run, as it does without speculation
     assert run(smol_ngram, requests[-1])["finish_reason"] == "stop"
+    # the JSON row's proposals were checked against its grammar's masks, and some were taken
+    before = smol_ngram.loop.speculator.stats.as_dict()
+    assert run(smol_ngram, requests[6]) == run(smol, requests[6])
+    assert accepted_and_rejected(smol_ngram, before)[0] > 5
+
+
+def test_a_dropped_handle_is_freed_at_once(smollm2_dir):
+    """The speculator refers to its handle (and to the handle as its own draft) weakly, as the loop does: a
+    dropped handle goes as soon as the loop thread has let go of it, without waiting for the cycle collector."""
+    import gc
+    import time
+    import weakref
+
+    for source in ("ngram", str(smollm2_dir)):
+        llm = llama32.load(smollm2_dir, dtype="float32", device="cpu", speculative=source)
+        llama32.generate(llm, prompt="Say hi.", max_tokens=4, temperature=0)
+        ref = weakref.ref(llm)
+        gc.disable()
+        try:
+            del llm
+            deadline = time.time() + 5  # the loop thread may still be finishing the step that answered
+            while ref() is not None and time.time() < deadline:
+                time.sleep(0.01)
+            assert ref() is None, source
+        finally:
+            gc.enable()
 
 
 def test_smollm2_drafting_for_itself_changes_nothing(smol, smol_self):

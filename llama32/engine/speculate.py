@@ -10,29 +10,29 @@ scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's
 
 What `step` does, for the rows [0, n) of the step (a row prefilling or free takes part as in the ordinary
 step, at its next prompt position; its writes there are overwritten before anything reads them):
-1. propose: each decoding row whose request can still take more than one token asks its `AdaptiveK` for a
-   number of proposals k (0: its acceptance does not pay for the verify forward's cost) and its proposer for
-   up to k tokens (`NgramProposer` over the request's tokens, or `DraftProposer` on the draft model with the
-   request's own sampler, `RowSampler`). Proposals are cut to fit max_tokens (k <= max_tokens - produced - 1)
-   and the row's cache (pos + k < length; `job.lookahead` asks the scheduler for MAX_PROPOSALS more), at any
-   id the target cannot draw, and, for a JSON-constrained row, at the first token its grammar does not allow
-   there.
-2. decide: with proposals in hand, the step compares a plain step of the n rows (cost 1 + c (n - 1), one token
-   per decoding row) with one forward over n rows x T positions (cost 1 + c (n T - 1), the tokens each row
-   is expected to deliver from its recent acceptance), c being `cost_per_token` (measured: the extra cost of
-   one more position per forward, relative to a one-position step; benchmarks/RESULTS.md). No proposal, or
-   a plain step that pays better: return False.
+1. ask: each decoding row whose request can still take more than one token asks its `AdaptiveK` for a number
+   of proposals k (0: its acceptance does not pay for the verify forward's cost), cut to fit max_tokens
+   (k <= max_tokens - produced - 1) and the cache (pos + k < length for every decoding row; `job.lookahead`
+   asks the scheduler for MAX_PROPOSALS more positions for the next step).
+2. decide, propose, decide: the step compares a plain step of the n rows (cost 1 + c (n - 1), one token per
+   decoding row) with one forward over n rows x T positions (cost 1 + c (n T - 1), the tokens each row is
+   expected to deliver from its recent acceptance), c being `cost_per_token` (the extra cost of one more
+   position per forward, relative to a one-position step; benchmarks/RESULTS.md). If a longer forward pays,
+   each asking row gets up to T - 1 proposals (`NgramProposer` over the request's tokens, or `DraftProposer`
+   on the draft model with the request's own sampler, `RowSampler`), cut at any id the target cannot draw
+   and, for a JSON-constrained row, at the first token its grammar does not allow there; then the comparison
+   is made again with what the rows got. No proposal, or a plain step that pays better: return False.
 3. verify: one eager forward over [n, T] (row r's token and its k_r proposals at its own positions
    pos..pos+k_r, the rest of the T positions padding written past the row's present, T - 1 never more than
    any decoding row has room for), each row with its LoRA adapter; then for each row `speculative.verify`:
    the token the sampler would draw at each position, with the history and counter noise it would have
    after the earlier proposals and, for a JSON row, the matcher's mask after them (walked through the
-   proposals and rolled back). Accepted proposals and the
-   target's own token at the first mismatch are delivered one by one through the loop's `_deliver_one` (stop
-   ids, max_tokens, stop strings, logprobs, the JSON matcher's advance, tool-call hold-back); a row that
-   finishes inside the run drops the rest. The sampler's history and counter record the delivered tokens as
-   that many plain steps would (`speculative.record`). Rejected positions' keys and values stay in the cache
-   past the row's position, to be overwritten by its next step.
+   proposals and rolled back). Accepted proposals and the target's own token at the first mismatch are
+   delivered one by one through the loop's `_deliver_one` (stop ids, max_tokens, stop strings, logprobs, the
+   JSON matcher's advance, tool-call hold-back); a row that finishes inside the run drops the rest. The
+   sampler's history and counter record the delivered tokens as that many plain steps would
+   (`speculative.record`). Rejected positions' keys and values stay in the cache past the row's position, to
+   be overwritten by its next step.
 
 Exactness: the delivered tokens are those the plain loop delivers provided the verify forward's logits at each
 position equal a one-position step's.
@@ -52,6 +52,7 @@ position equal a one-position step's.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ class SpecStats:
     verify_steps: int = 0
     proposed: int = 0
     accepted: int = 0
-    declined: int = 0  # steps that had proposals but where a plain step was expected to pay better
+    declined: int = 0  # steps where rows asked for proposals but a plain step was expected to pay better
     rows: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -101,9 +102,12 @@ class Speculator:
     checkpoint, None for "ngram"."""
 
     def __init__(self, llm: Any, source: str, draft: Any = None):
-        self.llm = llm
+        # The handle owns its loop and the loop this: refer to the handle (and to it as its own draft) weakly,
+        # so that dropping the handle frees it at once (engine/loop.py does the same).
+        self._llm = weakref.ref(llm)
+        self._own_draft = draft is llm
+        self._draft = None if draft is llm else draft
         self.source = source
-        self.draft = draft
         self.cost_per_token = DEFAULT_COST_PER_TOKEN.get(llm.device.type, 0.1)
         # The verify forward's attention one position at a time where that makes its logits those of one-position
         # steps: in bfloat16 (and float16) on the CPU, whose product kernels give each row the same bits
@@ -113,6 +117,15 @@ class Speculator:
         self.per_position = llm.device.type == "cpu" and llm.dtype != torch.float32
         self.max_k = MAX_PROPOSALS
         self.stats = SpecStats()
+
+    @property
+    def llm(self) -> Any:
+        return self._llm()
+
+    @property
+    def draft(self) -> Any:
+        """The draft model's handle (the handle itself when it drafts for itself), None for "ngram"."""
+        return self._llm() if self._own_draft else self._draft
 
     # -- the loop's hook -----------------------------------------------------------------------------------
 
@@ -124,28 +137,42 @@ class Speculator:
         live = [i for i, j in enumerate(jobs) if j is not None and j.decoding and not j.cancelled]
         if not live:
             return False
-        length = rows.length
-        # the most positions past its next one any decoding row can take (its cache's room)
-        room = min(length - 1 - jobs[i].pos for i in live)
-        plan: dict[int, list[int]] = {}
-        masks: dict[int, torch.Tensor] = {}
+        # the most positions past its next one that every decoding row has room for in the cache
+        room = min(rows.length - 1 - jobs[i].pos for i in live)
+        wanted: dict[int, int] = {}  # row -> the most proposals it asks for
         for i in live:
             job = jobs[i]
             if job.spec is None:
                 job.spec = self._new_state(job)
-            props, mask = self._propose(job, room, rows.knobs, i)
-            if props:
-                plan[i] = props
-                if mask is not None:
-                    masks[i] = mask
-        if not plan:
+            left = job.req.max_tokens - job.produced - 1  # tokens it may take after this step's first
+            job.lookahead = max(0, min(self.max_k, left - 1))  # room for the next step's proposals
+            k = min(left, room)
+            if k > 0:
+                k = min(job.spec.adaptive.next_k(), k)
+            if k > 0:
+                wanted[i] = k
+        if not wanted:
             return False
         n = live[-1] + 1
-        T = self._positions(n, live, jobs, plan)
+        # Decide on what the rows ask for before proposing (a draft's proposals cost forwards), then again on
+        # what they got (an n-gram row may find no match).
+        T = self._positions(n, live, jobs, wanted)
+        plan: dict[int, list[int]] = {}
+        masks: dict[int, torch.Tensor] = {}
+        if T > 1:
+            for i, k in wanted.items():
+                props, mask = self._propose(jobs[i], min(k, T - 1), rows.knobs, i)
+                if props:
+                    plan[i] = props
+                    if mask is not None:
+                        masks[i] = mask
+            if not plan:
+                return False
+            T = self._positions(n, live, jobs, {i: len(p) for i, p in plan.items()})
         if T == 1:
             self.stats.declined += 1
             return False
-        for i in list(plan):  # a shorter forward than some row asked for: its proposals are cut to fit
+        for i in list(plan):  # a shorter forward than some row got proposals for: cut to fit
             if len(plan[i]) > T - 1:
                 plan[i] = plan[i][:T - 1]
                 if i in masks:
@@ -162,23 +189,15 @@ class Speculator:
             proposer = DraftProposer(self.draft.model, self.llm.config.vocab_size)
         return RowSpec(proposer, AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token))
 
-    def _propose(self, job: Any, room: int, knobs: Any, row: int) -> tuple[list[int], torch.Tensor | None]:
-        """The row's proposals for this step ([] for none) and, for a JSON row, its allowed-token mask at each
-        of the len + 1 positions. `room`: the most proposals the step's cache can take."""
-        state = job.spec
-        left = job.req.max_tokens - job.produced - 1  # tokens it may take after this step's first
-        job.lookahead = max(0, min(self.max_k, left - 1))  # room for the next step's proposals
-        k = min(left, room)
-        if k <= 0:
-            return [], None
-        k = min(state.adaptive.next_k(), k)
-        if k <= 0:
-            return [], None
+    def _propose(self, job: Any, k: int, knobs: Any, row: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `k` proposals for the row ([] for none) and, for a JSON row, its allowed-token mask at each of
+        the len + 1 positions."""
         ids = job.req.prompt_ids + job.generated
-        if isinstance(state.proposer, DraftProposer):
-            props = state.proposer.propose(ids, k, RowSampler(knobs, row, steps_used([job.req.params])))
+        proposer = job.spec.proposer
+        if isinstance(proposer, DraftProposer):
+            props = proposer.propose(ids, k, RowSampler(knobs, row, steps_used([job.req.params])))
         else:
-            props = state.proposer.propose(ids, k)
+            props = proposer.propose(ids, k)
         V = self.llm.config.vocab_size
         for i, t in enumerate(props):  # the target can never draw an id outside its logits
             if not 0 <= t < V:
@@ -213,26 +232,27 @@ class Speculator:
         masks = masks[:len(props) + 1].to(self.llm.device)
         return props, masks
 
-    def _positions(self, n: int, live: list[int], jobs: list, plan: dict[int, list[int]]) -> int:
-        """How many positions the step's forward takes (1: a plain step), by expected tokens per cost.
+    def _positions(self, n: int, live: list[int], jobs: list, plan: dict[int, int]) -> int:
+        """How many positions the step's forward takes (1: a plain step), by expected tokens per cost, given
+        each proposing row's number of proposals (`plan`: row -> k).
 
         Row r with k_r proposals and recent acceptance a_r is expected to deliver (1 - a^(m+1)) / (1 - a)
         tokens when m = min(k_r, T - 1) of them are verified (`AdaptiveK.gain`'s model); the forward over
         n rows x T positions costs 1 + c (n T - 1) one-position steps. A single row keeps its own choice
         (its `AdaptiveK` weighed the same cost, and probes)."""
         if n == 1:
-            return 1 + len(plan[live[0]])
+            return 1 + plan[live[0]]
         c = self.cost_per_token
 
         def expected(T: int) -> float:
             total = 0.0
             for i in live:
-                m = min(len(plan.get(i, ())), T - 1)
+                m = min(plan.get(i, 0), T - 1)
                 a = min(jobs[i].spec.adaptive.rate, 1 - 1e-9) if m else 0.0
                 total += (1 - a ** (m + 1)) / (1 - a)
             return total / (1 + c * (n * T - 1))
 
-        candidates = sorted({1} | {len(p) + 1 for p in plan.values()})
+        candidates = sorted({1} | {k + 1 for k in plan.values()})
         return max(candidates, key=lambda T: (expected(T), -T))
 
     # -- verifying ------------------------------------------------------------------------------------------
