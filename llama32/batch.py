@@ -5,7 +5,8 @@ number (1-based). Output lines are `{"id", "result"}` or `{"id", "error"}` (the 
 was wrong with the line): a bad request never stops the job. Records are written whole, one line each, in
 input order, as they finish; a job that was killed is started again with the same OUT and carries on: the ids
 already in OUT are skipped (a torn last line, from a kill mid-write, is dropped first), so the final file
-equals an uninterrupted run's.
+equals an uninterrupted run's (but for `usage.cached_tokens`, which counts what earlier requests in the same
+process left to reuse).
 
 Without Ray, one handle serves the job: requests go through its generation loop from a pool of threads, so
 the loop batches them (continuous batching). With Ray, Ray Data spreads the records over `workers` actors,

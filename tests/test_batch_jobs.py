@@ -12,6 +12,7 @@ import time
 import pytest
 
 import llama32
+from fixtures import text_without_cached, without_cached
 from llama32.batch import done_ids, run, run_file
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
@@ -71,7 +72,7 @@ def test_local_job_equals_generate(smol, smollm2_dir, job, tmp_path):
     summary = run_file(job, out, model=str(smollm2_dir), device="cpu", dtype="float32", progress=False)
     assert summary == {"skipped": 0, "written": len(requests()), "errors": 2}  # the bad record and the tools one
     want = expected(smol)
-    assert read(out) == json.loads(json.dumps(want))
+    assert without_cached(read(out)) == without_cached(json.loads(json.dumps(want)))
     assert [r["id"] for r in read(out)][-3:] == ["bad", 17, 42]
     assert "temperature" in read(out)[-3]["error"]
 
@@ -83,12 +84,13 @@ def test_ray_job_with_two_actors_writes_the_same_file(smollm2_dir, job, tmp_path
     summary = run_file(job, on_ray, model=str(smollm2_dir), device="cpu", dtype="float32", use_ray=True, workers=2,
                        progress=False)
     assert summary["written"] == len(requests())
-    assert on_ray.read_bytes() == local.read_bytes()
+    assert text_without_cached(on_ray.read_text()) == text_without_cached(local.read_text())
 
 
 def test_python_api(smol):
     results = run(smol, [r["request"] for r in requests()[:3]] + [{"prompt": "x", "top_k": 99}])
-    assert results[:3] == [{"result": llama32.generate(smol, **r["request"])} for r in requests()[:3]]
+    assert without_cached(results[:3]) == without_cached([{"result": llama32.generate(smol, **r["request"])}
+                                                          for r in requests()[:3]])
     assert "top_k" in results[3]["error"]
 
 
@@ -123,6 +125,7 @@ def test_killed_job_resumes_to_the_same_file(smollm2_dir, tmp_path):
     rerun = subprocess.run([c if c else str(resumed) for c in cmd], check=True, capture_output=True, text=True,
                            timeout=600)
     assert f"{partial} already in" in rerun.stderr
-    assert resumed.read_bytes() == whole.read_bytes()
+    # byte for byte but for the counts of reused prompt tokens, which depend on what ran before in each process
+    assert text_without_cached(resumed.read_text()) == text_without_cached(whole.read_text())
     ids = [r["id"] for r in read(resumed)]
     assert ids == list(range(40))  # every id exactly once, in input order

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llama32
+from fixtures import without_cached
 from llama32 import InvalidRequest
 from test_lora import write_adapter
 
@@ -43,11 +44,12 @@ def run(llm, request):
 
 
 def same(got: list[dict], want: list[dict]) -> bool:
-    """Equal results: text, calls, usage and tokens exactly; log-probabilities to float32 rounding (a batched
-    matrix product may sum in another order than a single row's)."""
+    """Equal results: text, calls, usage but for cached_tokens (what an earlier request left to reuse) and
+    tokens exactly; log-probabilities to float32 rounding (a batched matrix product may sum in another order
+    than a single row's)."""
     def split(r):
         entries = r.get("logprobs", [])
-        rest = {k: v for k, v in r.items() if k != "logprobs"}
+        rest = without_cached({k: v for k, v in r.items() if k != "logprobs"})
         return rest, [(e["id"], [t["id"] for t in e["top_logprobs"]]) for e in entries], \
             [e["logprob"] for e in entries] + [t["logprob"] for e in entries for t in e["top_logprobs"]]
     for g, w in zip(got, want, strict=True):
@@ -94,7 +96,8 @@ def test_threads_with_different_adapters_share_steps(make_checkpoint, llama3_tok
             for p in ("Hello there", "One two three") for l in (None, a, b)]
     solo = [llama32.generate(llm, **r) for r in reqs]
     assert len({s["response"] for s in solo[:3]}) == 3  # each adapter changes the answer
-    assert in_threads(lambda r: llama32.generate(llm, **r), [(r,) for r in reqs * 2]) == solo * 2
+    assert without_cached(in_threads(lambda r: llama32.generate(llm, **r), [(r,) for r in reqs * 2])) == \
+        without_cached(solo * 2)
     # and nothing was left installed on the shared modules
     assert all(getattr(m, "adapter", None) is None for m in llm.model.modules())
 
@@ -228,7 +231,7 @@ def test_an_error_in_a_step_fails_only_its_requests(smollm2_dir, monkeypatch):
     monkeypatch.setattr(llm.model, "forward", failing_once)
     with pytest.raises(RuntimeError, match="boom"):
         run(llm, MIXED[0])
-    assert run(llm, MIXED[0]) == want  # the loop lives on, and the model is unharmed
+    assert without_cached(run(llm, MIXED[0])) == without_cached(want)  # the loop lives on, and the model is unharmed
     assert llm.loop.stats().items() >= {"running": 0, "waiting": 0}.items()
 
 
@@ -414,28 +417,36 @@ def ask(question, **extra):
     return dict(prompt=SYSTEM + chatml(question), max_tokens=12, logprobs=True, top_logprobs=2, **GREEDY, **extra)
 
 
-def without_cached(result):
-    return {**result, "usage": {k: v for k, v in result["usage"].items() if k != "cached_tokens"}}
+def no_reuse(llm):
+    """`llm` with prompt-prefix reuse turned off: every prompt computed in full, nothing stored."""
+    llm.loop.reuse_prefixes = False
+    return llm
 
 
 def test_a_shared_prefix_is_reused_exactly(smollm2_dir):
+    """With the default settings, a second prompt sharing a system prompt copies its whole blocks, and its
+    result equals a handle that computes everything (float32 greedy token for token, log-probabilities within
+    1e-4); streamed too."""
     from llama32.engine import BLOCK
 
     llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
-    llm.loop.reuse_prefixes = True
+    assert llm.loop.reuse_prefixes  # the default
+    fresh = no_reuse(llama32.load(smollm2_dir, dtype="float32", device="cpu"))
     first = run(llm, ask("What is the capital of France?"))
     assert first["usage"]["cached_tokens"] == 0
     second = run(llm, ask("Name a large ocean."))
     shared = len(llm.tokenizer.encode(SYSTEM))
     cached = second["usage"]["cached_tokens"]
     assert cached % BLOCK == 0 and shared - BLOCK < cached <= shared + BLOCK  # whole blocks of the system prompt
-    llm.loop.prefixes.blocks.clear()  # the same request computed in full
-    fresh = run(llm, ask("Name a large ocean."))
-    assert fresh["usage"]["cached_tokens"] == 0
-    assert same([without_cached(second)], [without_cached(fresh)])  # tokens exact, logprobs within 1e-4
-    again = run(llm, ask("Name a large ocean."))  # the whole prompt but its last position
-    assert again["usage"]["cached_tokens"] == (again["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK
-    assert same([without_cached(again)], [without_cached(fresh)])
+    want = run(fresh, ask("Name a large ocean."))
+    assert want["usage"]["cached_tokens"] == 0
+    assert second["response"] == want["response"] and len(second["logprobs"]) == 12
+    assert same([second], [want])  # tokens exact, logprobs within 1e-4
+    again = run(llm, ask("Name a large ocean.", stream=True))  # the whole prompt but its last position
+    assert again["usage"]["cached_tokens"] == (again["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK >= cached
+    assert again["text"] == want["response"]
+    assert run(fresh, ask("Name a large ocean."))["usage"]["cached_tokens"] == 0  # off: nothing reused
+    assert not fresh.loop.prefixes.blocks  # nor stored
     stats = llm.loop.stats()
     assert 0 < stats["kv_bytes"] <= stats["kv_bytes_total"] == llm.loop.kv_cache_bytes
 
@@ -443,18 +454,20 @@ def test_a_shared_prefix_is_reused_exactly(smollm2_dir):
 def test_a_prefix_is_never_reused_across_adapters(make_checkpoint, llama3_tokenizer_dir, tmp_path):
     base = make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir)
     a = str(write_adapter(base, tmp_path / "a", seed=1))
-    llm = llama32.load(base, device="cpu", dtype="float32")
-    llm.loop.reuse_prefixes = True
+    llm = llama32.load(base, device="cpu", dtype="float32")  # reuse on: the default
+    fresh = no_reuse(llama32.load(base, device="cpu", dtype="float32"))
     prompt = "word " * 100
-    req = dict(prompt=prompt, raw=True, temperature=0, max_tokens=6)
+    req = dict(prompt=prompt, raw=True, temperature=0, max_tokens=6, logprobs=True)
     plain = llama32.generate(llm, **req)
     adapted = llama32.generate(llm, **req, lora=a)
     assert adapted["usage"]["cached_tokens"] == 0  # the base model's blocks were not used
     assert adapted["response"] != plain["response"]
+    assert same([adapted], [llama32.generate(fresh, **req, lora=a)])  # what computing everything gives
     again = llama32.generate(llm, **req, lora=a)
-    assert again["usage"]["cached_tokens"] > 0 and without_cached(again) == without_cached(adapted)
+    assert again["usage"]["cached_tokens"] > 0 and same([again], [adapted])
     base_again = llama32.generate(llm, **req)
-    assert base_again["usage"]["cached_tokens"] > 0 and without_cached(base_again) == without_cached(plain)
+    assert base_again["usage"]["cached_tokens"] > 0 and same([base_again], [plain])
+    assert same([plain], [llama32.generate(fresh, **req)])
 
 
 def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
@@ -462,7 +475,6 @@ def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
     rows = 256 * roomy.loop.position_bytes  # the rows' allocation for one such request (memory on demand)
     llm = llama32.load(smollm2_dir, dtype="float32", device="cpu",
                        kv_cache_bytes=rows + 8 * 32 * roomy.loop.position_bytes)  # and 8 blocks beside
-    llm.loop.reuse_prefixes = True
     prompts = [dict(prompt=f"{i} " + "alpha beta gamma delta " * 40, raw=True, temperature=0, max_tokens=2)
                for i in range(4)]  # 5 blocks each
     for p in prompts:

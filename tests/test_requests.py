@@ -5,7 +5,9 @@ import math
 import pytest
 
 import llama32
+from fixtures import without_cached
 from llama32 import InvalidRequest
+from llama32.engine import BLOCK
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,9 @@ def test_edge_values_accepted(llm, extra):
     out = llama32.generate(llm, prompt="Hi", max_tokens=2, **extra)
     assert set(out) == {"response", "tool_calls", "finish_reason", "usage"}
     assert 1 <= out["usage"]["completion_tokens"] <= 2
-    assert out["finish_reason"] in ("stop", "length") and out["usage"]["cached_tokens"] == 0
+    assert out["finish_reason"] in ("stop", "length")
+    cached = out["usage"]["cached_tokens"]  # "Hi" again: its prompt's first blocks may be reused
+    assert isinstance(cached, int) and cached % BLOCK == 0 and 0 <= cached < out["usage"]["prompt_tokens"]
 
 
 def test_rejected_request_leaves_model_usable(llm):
@@ -134,7 +138,8 @@ def test_rejected_request_leaves_model_usable(llm):
         with pytest.raises(InvalidRequest):
             llm.generate(**bad)
     assert all(dense(v).equal(params[k]) for k, v in llm.model.state_dict().items())
-    assert llama32.generate(llm, prompt="Tell me a story", temperature=0, max_tokens=12) == before
+    after = llama32.generate(llm, prompt="Tell me a story", temperature=0, max_tokens=12)
+    assert without_cached(after) == without_cached(before)
 
 
 def test_a_stream_abandoned_midway_leaves_model_usable(llm):
@@ -142,7 +147,7 @@ def test_a_stream_abandoned_midway_leaves_model_usable(llm):
     it = llama32.generate(llm, prompt="Other", temperature=0, max_tokens=10, stream=True)
     next(it)
     del it
-    assert llama32.generate(llm, prompt="Count", temperature=0, max_tokens=10) == before
+    assert without_cached(llama32.generate(llm, prompt="Count", temperature=0, max_tokens=10)) == without_cached(before)
 
 
 def test_chat_request_uses_the_template(llm):
@@ -151,4 +156,5 @@ def test_chat_request_uses_the_template(llm):
     rendered = llama32.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert out["usage"]["prompt_tokens"] == len(llm.tokenizer.encode(rendered))
     raw = llama32.generate(llm, prompt=rendered, raw=True, max_tokens=3, temperature=0)
-    assert raw == out  # a raw prompt that already starts with <|begin_of_text|> gets no second one
+    # a raw prompt that already starts with <|begin_of_text|> gets no second one
+    assert without_cached(raw) == without_cached(out)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import llama32
+from fixtures import text_without_cached, without_cached
 
 pytest.importorskip("starlette")
 import uvicorn  # noqa: E402
@@ -77,14 +78,16 @@ def test_workers_ai_answer_equals_library(llm, client, path):
     body = dict(prompt="What is the capital of France?", **GREEDY)
     r = client.post(path, json=body)
     assert r.status_code == 200
-    assert r.json() == {"result": llama32.generate(llm, **body), "success": True, "errors": [], "messages": []}
+    assert without_cached(r.json()) == without_cached(
+        {"result": llama32.generate(llm, **body), "success": True, "errors": [], "messages": []})
 
 
 def test_workers_ai_stream_is_to_sse_of_the_library_stream(llm, client):
     body = dict(messages=[{"role": "user", "content": "Name three colours."}], **GREEDY)
     r = client.post(WAI, json=dict(body, stream=True))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    assert r.text == "".join(llama32.to_sse(llama32.generate(llm, stream=True, **body)))
+    assert text_without_cached(r.text) == text_without_cached(
+        "".join(llama32.to_sse(llama32.generate(llm, stream=True, **body))))
     assert json.loads(sse_events(r.text)[-2])["usage"]["completion_tokens"] > 0
 
 
@@ -139,7 +142,7 @@ def test_curl(llm, url):
     body = dict(prompt="Hello!", **GREEDY)
     proc = subprocess.run(["curl", "-sS", f"{url}{WAI}", "-H", "Content-Type: application/json", "-d", json.dumps(body)],
                           capture_output=True, text=True, timeout=120, check=True)
-    assert json.loads(proc.stdout)["result"] == llama32.generate(llm, **body)
+    assert without_cached(json.loads(proc.stdout)["result"]) == without_cached(llama32.generate(llm, **body))
     proc = subprocess.run(["curl", "-sSN", f"{url}/v1/chat/completions", "-H", "Content-Type: application/json",
                            "-d", json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "stream": True,
                                              **GREEDY})], capture_output=True, text=True, timeout=120, check=True)
@@ -181,12 +184,18 @@ def test_openai_chat_equals_library(llm, oai):
 
 def test_openai_chat_stop_and_logprobs(llm, oai):
     messages = [{"role": "user", "content": "Count from one to ten in words."}]
-    want = llama32.generate(llm, messages=messages, stop=[","], logprobs=True, top_logprobs=2, **GREEDY)
+    first = llama32.generate(llm, messages=messages, stop=[","], logprobs=True, top_logprobs=2, **GREEDY)
     got = oai.chat.completions.create(model="smollm2", messages=messages, stop=[","], logprobs=True, top_logprobs=2,
                                       max_tokens=24, temperature=0)
-    assert got.choices[0].message.content == want["response"]
+    # The served request reused the first's prompt blocks; the library's next run reuses the same ones, so it
+    # computes exactly what the server did (the first, computed in full, agrees to float32 rounding).
+    want = llama32.generate(llm, messages=messages, stop=[","], logprobs=True, top_logprobs=2, **GREEDY)
+    assert got.usage.prompt_tokens_details.cached_tokens == want["usage"]["cached_tokens"] > 0
+    assert got.choices[0].message.content == want["response"] == first["response"]
     entries = got.choices[0].logprobs.content
     assert [e.logprob for e in entries] == [e["logprob"] for e in want["logprobs"]]
+    assert [e["logprob"] for e in want["logprobs"]] == pytest.approx([e["logprob"] for e in first["logprobs"]],
+                                                                     abs=1e-4)
     assert [[t.token for t in e.top_logprobs] for e in entries] == [
         [t["token"] for t in e["top_logprobs"]] for e in want["logprobs"]]
 
@@ -329,11 +338,42 @@ def test_n_seeded_choices_are_seed_plus_index(llm, client):
         for i in range(3))
 
 
+def test_usage_counts_the_reused_prompt_tokens(llm, client):
+    """Prompt-prefix reuse (on by default) shows in usage: Workers AI's `usage.cached_tokens` and OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`, streamed or not. A prompt's first request reuses nothing; a
+    repeat reuses its whole 32-token blocks but the one holding its last position, and answers the same."""
+    from llama32.engine import BLOCK
+
+    system = "You answer questions about the lighthouses of the Baltic coast, briefly and plainly. " * 6
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name one."}]
+    body = dict(messages=messages, **SHORT)
+    first = client.post(WAI, json=body).json()["result"]
+    n = first["usage"]["prompt_tokens"]
+    whole = (n - 1) // BLOCK * BLOCK
+    assert first["usage"]["cached_tokens"] == 0 and whole >= 2 * BLOCK
+    second = client.post(WAI, json=body).json()["result"]
+    assert second["usage"]["cached_tokens"] == whole
+    assert without_cached(second) == without_cached(first)
+    last = json.loads(sse_events(client.post(WAI, json=dict(body, stream=True)).text)[-2])
+    assert last["usage"] == dict(second["usage"])
+    chat = client.post("/v1/chat/completions", json=body).json()
+    assert chat["choices"][0]["message"]["content"] == first["response"]
+    assert chat["usage"]["prompt_tokens"] == n and chat["usage"]["prompt_tokens_details"] == {"cached_tokens": whole}
+    events = [json.loads(e) for e in sse_events(client.post("/v1/chat/completions", json=dict(
+        body, stream=True, stream_options={"include_usage": True})).text)[:-1]]
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": whole}
+    # another question after the same system prompt: the blocks they share
+    other = client.post("/v1/chat/completions", json=dict(body, messages=[
+        messages[0], {"role": "user", "content": "Which is the tallest?"}])).json()["usage"]
+    assert 0 < other["prompt_tokens_details"]["cached_tokens"] <= whole
+    assert other["prompt_tokens_details"]["cached_tokens"] % BLOCK == 0
+
+
 @pytest.mark.parametrize("prefix", ["/ai/v1", "/client/v4/accounts/abc123/ai/v1"])
 def test_workers_ai_openai_compatible_paths(client, prefix):
     body = {"messages": [{"role": "user", "content": "Hi"}], **GREEDY}
     a, b = client.post("/v1/chat/completions", json=body).json(), client.post(f"{prefix}/chat/completions", json=body).json()
-    assert a["choices"] == b["choices"] and a["usage"] == b["usage"]
+    assert a["choices"] == b["choices"] and without_cached(a)["usage"] == without_cached(b)["usage"]
     c = client.post(f"{prefix}/completions", json={"prompt": "Hello", **GREEDY})
     assert c.status_code == 200 and c.json()["object"] == "text_completion"
     assert client.get(f"{prefix}/models").json()["data"][0]["id"] == "smollm2"
@@ -544,8 +584,9 @@ def test_lora_is_only_an_adapter_name_in_lora_dir(llm, tmp_path):
     with running(create_app(llm, lora_dir=tmp_path / "loras")) as base:
         named = httpx.post(base + WAI, json=dict(body, lora="tuned"), timeout=120)
         assert named.status_code == 200, named.text
-        assert named.json()["result"] == llama32.generate(llm, lora=str(tmp_path / "loras" / "tuned"), **body)
-        assert named.json()["result"] != llama32.generate(llm, **body)
+        served = without_cached(named.json()["result"])
+        assert served == without_cached(llama32.generate(llm, lora=str(tmp_path / "loras" / "tuned"), **body))
+        assert served != without_cached(llama32.generate(llm, **body))
         answers = []
         for name in ("/etc", "/nonexistent/dir", "..", "../loras/tuned", "tuned/..", "./tuned", "unknown", "half",
                      str(tmp_path / "loras" / "tuned"), str(tmp_path / "outside" / "adapter"), "../outside/adapter",

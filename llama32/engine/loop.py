@@ -134,9 +134,9 @@ class GenerationLoop:
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64))
         self.runner = Runner(llm)
         self.prefixes = PrefixIndex(self.position_bytes)  # reusable prompt prefixes (memory.py)
-        # Off by default for now: a reused prefix changes only usage.cached_tokens, but much of the test
-        # suite compares whole results of repeated requests. `llm.loop.reuse_prefixes = True` turns it on.
-        self.reuse_prefixes = False
+        # On by default: a reused prefix changes only usage.cached_tokens (tokens exact, log-probabilities to
+        # float32 rounding). False computes every prompt in full and stores nothing (a no-reuse reference).
+        self.reuse_prefixes = True
         # On CPU an idle loop gives its rows' cache back (the next request allocates what it needs); on CUDA
         # it keeps it, since the compiled step's CUDA graphs are recorded against the cache's addresses.
         self.release_when_idle = device != "cuda"
