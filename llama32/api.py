@@ -9,8 +9,13 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
+from .engine import GenerationLoop
+from .engine.loop import check_budget, position_bytes
+from .engine.speculate import Speculator
 from .errors import CheckpointError
+from .generate import generate
 from .hub import resolve
+from .lora import apply_to_handle
 from .meta import MetaCheckpoint, is_meta_dir
 from .tokenizer import Tokenizer
 from .weights import load_model
@@ -54,7 +59,6 @@ class Llama:
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
         self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
         self._installed_adapter: Any = None  # what the model's projections carry right now
-        from .engine import GenerationLoop
         # The one generation loop that serves every request on this handle (its thread starts on first use).
         self.loop = GenerationLoop(self, max_batch=max_batch, kv_cache_bytes=kv_cache_bytes)
 
@@ -91,7 +95,6 @@ class Llama:
         return own | frozenset(self.config.eos_token_id)
 
     def generate(self, **request: Any):
-        from .generate import generate
         return generate(self, **request)
 
     def __repr__(self) -> str:
@@ -133,7 +136,6 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         checkpoint, entries, config_name = None, None, "the config"
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     if kv_cache_bytes is not None:  # refused before the weights are read (engine/loop.py checks it again)
-        from .engine.loop import check_budget, position_bytes
         check_budget(kv_cache_bytes, position_bytes(config, dtype))
     tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
@@ -143,7 +145,6 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes)
     if lora is not None:
-        from .lora import apply_to_handle
         apply_to_handle(llm, lora)
     if speculative is not None:
         _attach_speculator(llm, draft_path, quantize)
@@ -172,8 +173,6 @@ def _speculative_source(speculative: Any) -> Path | str | None:
 
 def _attach_speculator(llm: Llama, draft_path: Path | str, quantize: str | None) -> None:
     """Give the handle's generation loop its `Speculator`, loading and checking the draft model if any."""
-    from .engine.speculate import Speculator
-
     if draft_path == "ngram":
         llm.loop.speculator = Speculator(llm, "ngram")
         llm.speculative = "ngram"

@@ -148,3 +148,20 @@ def test_to_sse(smol):
     import json
     pieces = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert "usage" in pieces[-1]
+
+
+def test_api_and_generate_import_at_module_level_only():
+    """api.py uses generate.py (Llama.generate) and the engine; generate.py names api.py's Llama for type
+    checking only. Neither hides an import inside a function (as a dodge around a circle between them)."""
+    import ast
+    from pathlib import Path
+
+    for name in ("api.py", "generate.py"):
+        tree = ast.parse((Path(llama32.__file__).parent / name).read_text())
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        nested = [f"{name}:{i.lineno}" for f in functions for i in ast.walk(f)
+                  if isinstance(i, (ast.Import, ast.ImportFrom))]
+        assert nested == [], nested
+    from llama32 import api
+    from llama32.generate import generate
+    assert api.generate is generate  # imported at the top of api.py
