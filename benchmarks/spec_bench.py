@@ -1,22 +1,26 @@
-"""Speculative decoding's pieces on the CPU: what a verify step costs, and what n-gram proposals gain.
+"""Speculative decoding on the CPU: what a verify step costs, and what speculation gains through the public API.
 
     python benchmarks/spec_bench.py verify --ckpt-out /tmp/bench        # the 1B shape (random bf16 weights)
-    python benchmarks/spec_bench.py ngram --smollm2 DIR --dtype float32  # SmolLM2-135M-Instruct, real weights
-
-The generation loop does not speculate yet (llama32/speculative.py says so), so both scenarios drive the
-model directly with a KV cache, batch 1, greedy, the way a loop would: `llm.model(ids, cache=..., input_pos=...)`
-then the sampler (`sample_static` for a plain step, `speculative.verify` for a verify step).
+    python benchmarks/spec_bench.py api --dtype float32 bfloat16        # SmolLM2-135M-Instruct, real weights
+    python benchmarks/spec_bench.py concurrent --dtype float32 bfloat16 # 8 callers at once, same weights
+    python benchmarks/spec_bench.py ngram --smollm2 DIR --dtype float32  # the technique outside the loop
 
 - verify: after a `--context`-token prefill, the median time (wall and the process's CPU time) of a plain
-  decode step (1 position) and of a verify step scoring k + 1 positions (forward + `target_tokens`),
-  k = 2..8, each round running every k once.
-  The ratio is what `AdaptiveK.cost_per_token` models: verify(k) / plain = 1 + c * k.
-- ngram: tokens/s of plain decoding and of n-gram speculation (`NgramProposer` + `AdaptiveK`) on
-  input-grounded prompts (repeat a text, rewrite it with a rename, extract fields from it) and open-ended
-  ones, `--new-tokens` each, alternating `--repeats` times; the speedup is the median of the back-to-back
-  pairs' ratios, in wall time and in the process's CPU time (with `--threads 1` the CPU time is the work
-  itself, which on a machine shared with other jobs is steadier than the wall clock). Also whether every
-  run delivered the same tokens.
+  decode step (1 position per row) and of a verify step scoring k + 1 positions per row (forward +
+  `target_tokens`), k = 2..8, each round running every k once, for each `--batch` (rows at once). In
+  bfloat16 the verify forward attends one position at a time, as the loop runs it (`per_position`, which makes
+  its logits those of one-position steps, engine/speculate.py); the fused form is timed beside it.
+  The ratio is what the loop's cost model assumes: verify(k) / plain = 1 + c * k at batch 1, and a forward of
+  n rows x T positions costs 1 + c (n T - 1) one-position steps.
+- api: `llama32.generate` on a handle loaded with `speculative="ngram"` against one loaded without, batch 1,
+  greedy, on input-grounded prompts (repeat a text, rewrite it with a rename, extract fields from it) and
+  open-ended ones, `--new-tokens` each, alternating `--repeats` times (which goes first alternates too): tokens/s
+  over the whole request (prefill included), the speedup as the median of the back-to-back pairs' ratios in wall
+  time and in the process's CPU time (the loop thread's work; with `--threads 1` steadier than the wall clock
+  on a shared machine), and whether both gave the same answer.
+- concurrent: `--rows` callers on threads at once (the prompts above, cycled, greedy), total completion tokens
+  per second of the whole batch, with and without speculation, alternating `--repeats` times.
+- ngram: the technique without the loop (`NgramProposer` + `AdaptiveK` driving the model directly, batch 1).
 Figures go to stdout as JSON lines plus a summary table.
 """
 
@@ -27,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,10 +56,14 @@ PROMPTS = {
               f"'Oakfield Grocers':\n\n{TEXT}",
     "extract": f"From the text below, list these fields one per line as 'field: value': invoice number, date, "
                f"seller, buyer, products with quantities and prices, payment terms, warehouse, contact.\n\n{TEXT}",
+    # the same task worded as the one of five wordings SmolLM2-135M follows best: it copies the text (it does
+    # not rename: a 135M model does not do the substitution), as a rewrite of a given text does
+    "rename-copy": f"Copy the following text exactly, but write 'Oakfield Grocers' wherever it says 'Meridian "
+                   f"Foods Ltd':\n\n{TEXT}",
     "open-story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "open-explain": "Explain why the sky is blue to a ten-year-old, in a few paragraphs.",
 }
-GROUNDED = ("repeat", "rename", "extract")
+GROUNDED = ("repeat", "rename", "rename-copy", "extract")
 
 
 def machine() -> dict:
@@ -74,24 +83,30 @@ def prompt_ids(llm, text: str) -> list[int]:
 
 
 class Row:
-    """One greedy request decoded with a KV cache of its own, as a loop's batch-1 step would."""
+    """One greedy request decoded with a KV cache of its own, as a loop's batch-1 step would (`batch` > 1:
+    that many copies of it in one cache, for the verify scenario's batched steps)."""
 
-    def __init__(self, llm, ids: list[int], room: int):
-        self.llm, self.ids = llm, list(ids)
+    def __init__(self, llm, ids: list[int], room: int, batch: int = 1):
+        self.llm, self.ids, self.batch = llm, list(ids), batch
         cfg = llm.config
-        self.cache = KVCache(cfg, 1, len(ids) + room, device="cpu", dtype=llm.model.model.norm.weight.dtype)
-        self.knobs = StepKnobs(1, cfg.vocab_size, "cpu")
-        self.knobs.set_row(0, SamplingParams(temperature=0), 0, ids)
+        self.cache = KVCache(cfg, batch, len(ids) + room, device="cpu", dtype=llm.model.model.norm.weight.dtype)
+        self.knobs = StepKnobs(batch, cfg.vocab_size, "cpu")
+        for b in range(batch):
+            self.knobs.set_row(b, SamplingParams(temperature=0), 0, ids)
         self.eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id])
 
-    def forward(self, tokens: list[int]) -> torch.Tensor:
-        """Logits (len(tokens), V) for `tokens` at the positions after the cached ones."""
+    def forward(self, tokens: list[int], per_position: bool = False) -> torch.Tensor:
+        """Logits (len(tokens), V) for `tokens` at the positions after the cached ones (every row of the batch
+        the same; row 0's are returned)."""
         start = len(self.ids) - 1
-        pos = torch.arange(start, start + len(tokens))[None]
-        return self.llm.model(torch.tensor([tokens]), cache=self.cache, input_pos=pos)[0].float()
+        pos = torch.arange(start, start + len(tokens))[None].expand(self.batch, -1)
+        ids = torch.tensor([tokens]).expand(self.batch, -1)
+        return self.llm.model(ids, cache=self.cache, input_pos=pos, per_position=per_position)[0].float()
 
     def prefill(self) -> int:
-        logits = self.llm.model(torch.tensor([self.ids]), cache=self.cache)[0, -1:].float()
+        for b in range(1, self.batch):
+            self.llm.model(torch.tensor([self.ids]), cache=self.cache.view(slice(b, b + 1)))
+        logits = self.llm.model(torch.tensor([self.ids]), cache=self.cache.view(slice(0, 1)))[0, -1:].float()
         t = sample_static(logits, self.knobs)
         self.knobs.update(t)
         self.ids.append(int(t))
@@ -156,55 +171,173 @@ def bench_ngram(args) -> list[dict]:
 
 @torch.inference_mode()
 def bench_verify(args) -> list[dict]:
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench import build_checkpoint
 
     ckpt = args.ckpt or build_checkpoint(args.ckpt_out, "1b", 0)
     rows = []
     for dtype in args.dtype:
         llm = llama32.load(ckpt, dtype=dtype, device="cpu")
+        split = dtype != "float32"  # the loop's choice (engine/speculate.py, Speculator.per_position)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 120000, (args.context,), generator=g).tolist()
-        row = Row(llm, ids, 16)
-        row.prefill()
-        ks = list(range(2, 9))
-        times = {k: [] for k in [0] + ks}
-        cpu = {k: [] for k in [0] + ks}
-        for k in [0] + ks:  # warm-up: one call of each shape
-            _step(row, k)
-        for _ in range(args.repeats):
-            for k in [0] + ks:
-                t, c = time.perf_counter(), time.process_time()
-                _step(row, k)
-                times[k].append(time.perf_counter() - t)
-                cpu[k].append(time.process_time() - c)
-        plain, plain_cpu = statistics.median(times[0]), statistics.median(cpu[0])
-        for k in ks:
-            v, v_cpu = statistics.median(times[k]), statistics.median(cpu[k])
-            r = {"scenario": "verify", "dtype": dtype, "context": args.context, "k": k,
-                 "plain_ms": round(plain * 1e3, 1), "verify_ms": round(v * 1e3, 1), "ratio": round(v / plain, 3),
-                 "plain_cpu_ms": round(plain_cpu * 1e3, 1), "verify_cpu_ms": round(v_cpu * 1e3, 1),
-                 "ratio_cpu": round(v_cpu / plain_cpu, 3), "cost_per_token_cpu": round((v_cpu / plain_cpu - 1) / k, 4)}
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-        del llm, row
+        for batch in args.batch:
+            row = Row(llm, ids, 16, batch)
+            row.prefill()
+            ks = list(range(2, 9))
+            kinds = [(0, False)] + [(k, split) for k in ks] + ([(k, False) for k in ks] if split else [])
+            times = {kind: [] for kind in kinds}
+            cpu = {kind: [] for kind in kinds}
+            for kind in kinds:  # warm-up: one call of each shape
+                _step(row, *kind)
+            for _ in range(args.repeats):
+                for kind in kinds:
+                    t, c = time.perf_counter(), time.process_time()
+                    _step(row, *kind)
+                    times[kind].append(time.perf_counter() - t)
+                    cpu[kind].append(time.process_time() - c)
+            plain, plain_cpu = statistics.median(times[(0, False)]), statistics.median(cpu[(0, False)])
+            for k in ks:
+                v, v_cpu = statistics.median(times[(k, split)]), statistics.median(cpu[(k, split)])
+                r = {"scenario": "verify", "dtype": dtype, "context": args.context, "batch": batch, "k": k,
+                     "per_position": split, "plain_ms": round(plain * 1e3, 1), "verify_ms": round(v * 1e3, 1),
+                     "ratio": round(v / plain, 3), "plain_cpu_ms": round(plain_cpu * 1e3, 1),
+                     "verify_cpu_ms": round(v_cpu * 1e3, 1), "ratio_cpu": round(v_cpu / plain_cpu, 3),
+                     # the loop's model: a forward of batch x (k + 1) positions = 1 + c (batch (k + 1) - 1) steps
+                     # of one position, and the plain step of `batch` rows 1 + c (batch - 1)
+                     "cost_per_position_cpu": round((v_cpu / plain_cpu - 1) / (batch * k), 4)}
+                if split:
+                    f_cpu = statistics.median(cpu[(k, False)])
+                    r["fused_cpu_ms"] = round(f_cpu * 1e3, 1)
+                    r["ratio_fused_cpu"] = round(f_cpu / plain_cpu, 3)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+            del row
+        del llm
     return rows
 
 
-def _step(row: Row, k: int) -> None:
+def _step(row: Row, k: int, per_position: bool = False) -> None:
     """A plain step (k = 0: one position, `sample_static`) or a verify step of k proposals (k + 1 positions,
     `target_tokens`), at the same positions each time (nothing is kept)."""
     tokens = [row.ids[-1]] + [row.ids[-2 - i] for i in range(k)]
-    logits = row.forward(tokens)
+    logits = row.forward(tokens, per_position)
     if k == 0:
-        sample_static(logits, row.knobs)
+        sample_static(logits, row.knobs.view(0, 1))
     else:
         target_tokens(logits, row.knobs, 0, tokens[1:])
+    if row.batch > 1:  # the other rows' sampling (the same work again)
+        for b in range(1, row.batch):
+            if k == 0:
+                sample_static(logits, row.knobs.view(b, b + 1))
+            else:
+                target_tokens(logits, row.knobs, b, tokens[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the public API
+
+
+def _timed(llm, body: dict) -> dict:
+    t, c = time.perf_counter(), time.process_time()
+    out = llama32.generate(llm, **body)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    n = out["usage"]["completion_tokens"]
+    return {"response": out["response"], "tokens": n, "wall_s": wall, "cpu_s": cpu, "tok_s": n / wall,
+            "cpu_tok_s": n / cpu}
+
+
+def _spec_delta(llm, before: dict) -> dict:
+    now = llm.loop.speculator.stats.as_dict()
+    return {k: now[k] - before[k] for k in now}
+
+
+def bench_api(args) -> list[dict]:
+    rows = []
+    for dtype in args.dtype:
+        plain = llama32.load(args.smollm2, dtype=dtype, device="cpu")
+        spec = llama32.load(args.smollm2, dtype=dtype, device="cpu", speculative="ngram")
+        for name in args.prompts:
+            body = dict(prompt=PROMPTS[name], max_tokens=args.new_tokens, temperature=0)
+            _timed(plain, dict(body, max_tokens=8)), _timed(spec, dict(body, max_tokens=8))  # warm-up
+            p_runs, s_runs, counts = [], [], []
+            for i in range(args.repeats):  # alternating, each first in turn, so drift slows both alike
+                for which in ((plain, spec) if i % 2 == 0 else (spec, plain)):
+                    if which is spec:
+                        before = spec.loop.speculator.stats.as_dict()
+                        s_runs.append(_timed(spec, body))
+                        counts.append(_spec_delta(spec, before))
+                    else:
+                        p_runs.append(_timed(plain, body))
+            wall = [s_["tok_s"] / p_["tok_s"] for p_, s_ in zip(p_runs, s_runs)]
+            cpu = [s_["cpu_tok_s"] / p_["cpu_tok_s"] for p_, s_ in zip(p_runs, s_runs)]
+            r = {"scenario": "api", "dtype": dtype, "prompt": name, "grounded": name in GROUNDED,
+                 "new_tokens": p_runs[0]["tokens"],
+                 "plain_tok_s": round(statistics.median(x["tok_s"] for x in p_runs), 2),
+                 "ngram_tok_s": round(statistics.median(x["tok_s"] for x in s_runs), 2),
+                 "speedup_wall": round(statistics.median(wall), 3), "speedup_cpu": round(statistics.median(cpu), 3),
+                 "speedup_wall_runs": [round(x, 2) for x in wall], "speedup_cpu_runs": [round(x, 2) for x in cpu],
+                 **counts[0],
+                 "same_answer": all(x["response"] == p_runs[0]["response"] and x["tokens"] == p_runs[0]["tokens"]
+                                    for x in p_runs + s_runs)}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        del plain, spec
+    return rows
+
+
+def bench_concurrent(args) -> list[dict]:
+    rows = []
+    names = [args.prompts[i % len(args.prompts)] for i in range(args.rows)]
+    for dtype in args.dtype:
+        plain = llama32.load(args.smollm2, dtype=dtype, device="cpu", max_batch=args.rows)
+        spec = llama32.load(args.smollm2, dtype=dtype, device="cpu", max_batch=args.rows, speculative="ngram")
+        bodies = [dict(prompt=PROMPTS[n], max_tokens=args.new_tokens, temperature=0) for n in names]
+
+        def together(llm) -> dict:
+            outs = [None] * len(bodies)
+
+            def work(i):
+                outs[i] = llama32.generate(llm, **bodies[i])
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
+            t, c = time.perf_counter(), time.process_time()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            n = sum(o["usage"]["completion_tokens"] for o in outs)
+            return {"responses": [o["response"] for o in outs], "tokens": n, "tok_s": n / wall, "cpu_tok_s": n / cpu}
+
+        together(plain), together(spec)  # warm-up
+        p_runs, s_runs, counts = [], [], []
+        for i in range(args.repeats):
+            for which in ((plain, spec) if i % 2 == 0 else (spec, plain)):
+                if which is spec:
+                    before = spec.loop.speculator.stats.as_dict()
+                    s_runs.append(together(spec))
+                    counts.append(_spec_delta(spec, before))
+                else:
+                    p_runs.append(together(plain))
+        wall = [s_["tok_s"] / p_["tok_s"] for p_, s_ in zip(p_runs, s_runs)]
+        cpu = [s_["cpu_tok_s"] / p_["cpu_tok_s"] for p_, s_ in zip(p_runs, s_runs)]
+        r = {"scenario": "concurrent", "dtype": dtype, "rows": args.rows, "prompts": names,
+             "tokens": p_runs[0]["tokens"],
+             "plain_tok_s": round(statistics.median(x["tok_s"] for x in p_runs), 2),
+             "ngram_tok_s": round(statistics.median(x["tok_s"] for x in s_runs), 2),
+             "speedup_wall": round(statistics.median(wall), 3), "speedup_cpu": round(statistics.median(cpu), 3),
+             "speedup_wall_runs": [round(x, 2) for x in wall], "speedup_cpu_runs": [round(x, 2) for x in cpu],
+             **counts[0],
+             "same_answers": all(x["responses"] == p_runs[0]["responses"] for x in p_runs + s_runs)}
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        del plain, spec
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("scenario", choices=("verify", "ngram"))
+    p.add_argument("scenario", choices=("verify", "api", "concurrent", "ngram"))
     p.add_argument("--dtype", nargs="+", default=["bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -212,8 +345,10 @@ def main() -> None:
     p.add_argument("--ckpt-out", type=Path, default=REPO / "benchmarks" / "out", help="verify: where bench.py "
                    "writes its random 1B checkpoint")
     p.add_argument("--context", type=int, default=256, help="verify: tokens in the cache before the step")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="verify: rows per step")
+    p.add_argument("--rows", type=int, default=8, help="concurrent: callers at once")
     p.add_argument("--smollm2", type=Path, default=Path(os.environ.get("LLAMA32_TEST_CACHE", REPO / ".cache" / "test-fixtures")) / "smollm2-135m-instruct",
-                   help="ngram: the SmolLM2 checkpoint the tests build")
+                   help="api, concurrent, ngram: the SmolLM2 checkpoint the tests build")
     p.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--cost", type=float, default=AdaptiveK.cost_per_token, help="ngram: AdaptiveK's cost_per_token")
@@ -222,7 +357,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     info = machine()
     print(json.dumps({"machine": info}), flush=True)
-    rows = bench_verify(args) if args.scenario == "verify" else bench_ngram(args)
+    run = {"verify": bench_verify, "api": bench_api, "concurrent": bench_concurrent, "ngram": bench_ngram}
+    rows = run[args.scenario](args)
     print(json.dumps({"loadavg_end": list(os.getloadavg())}), flush=True)
     for r in rows:
         print(" | ".join(f"{k}={v}" for k, v in r.items()))

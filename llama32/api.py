@@ -114,9 +114,10 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
     `speculative`: None, "ngram" (prompt lookup) or a draft checkpoint (path or hub repo id of a smaller model
     with the same tokenizer, loaded on the same device and dtype): the generation loop then verifies proposed
-    tokens several at a time (engine/speculate.py). It changes speed, not the tokens: in float32, greedy and
-    seeded results are token for token those without it; in bfloat16 a forward over several positions rounds
-    differently from a one-position step, so an answer may part from the plain one at a near tie.
+    tokens several at a time (engine/speculate.py). It changes speed, not the tokens: greedy and seeded results
+    are token for token those without it in float32, and in bfloat16 on CPUs whose bfloat16 products give a
+    row the same bits whatever the row count (the AVX-512 BF16 EPYC measured; elsewhere an answer may part from
+    the plain one at a near tie). docs/API.md, "Speculative decoding".
     """
     for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -16,8 +16,9 @@ position's token index. A proposal is accepted exactly when it equals that token
 are those of sequential decoding, token for token (greedy and seeded alike), provided the verify forward's
 logits at each position equal those a one-position decode step would give; the first mismatch delivers the
 target's own token, and a fully accepted run also delivers the target's token after the last proposal.
-(In float32 they agreed in every benchmark run; in bfloat16 a forward over k + 1 positions rounds
-differently from a one-position step and near-ties flip: benchmarks/RESULTS.md.) This
+(In float32 they agree to rounding, as a bigger batch's do; in bfloat16 one fused attention call over k + 1
+positions rounds differently from one-position steps and near ties flip, so the loop's verify forward attends
+one position at a time: engine/speculate.py, benchmarks/RESULTS.md.) This
 is not the rejection-sampling rule of Leviathan et al. (2023) / Chen et al. (2023), which keeps the output
 *distribution* but not a seed's *tokens*; with a draw that is deterministic given the noise, plain equality is
 both exact and (for a greedy draft) the best acceptance available.
@@ -63,6 +64,7 @@ class NgramProposer:
         self.max_n, self.min_n = max_n, min_n
         self._ids: list[int] = []
         self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]  # n -> gram -> end
+        self.matched = 0  # the length of the n-gram the last proposal matched (0: none)
 
     def _sync(self, ids: Sequence[int]) -> None:
         """Index every n-gram that ends before the last token of `ids` (the one ending at the last token is
@@ -79,12 +81,14 @@ class NgramProposer:
     def propose(self, ids: Sequence[int], k: int) -> list[int]:
         """Up to `k` tokens to follow `ids` (the request's prompt and output so far); [] when no match."""
         self._sync(ids)
+        self.matched = 0
         L = len(self._ids)
         if k <= 0 or L < self.min_n + 1:
             return []
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             end = self._index[n].get(tuple(self._ids[L - n:]))
             if end is not None:
+                self.matched = n
                 return self._ids[end:min(end + k, L)]
         return []
 

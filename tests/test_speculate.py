@@ -110,7 +110,7 @@ def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, monkeypatc
     # the JSON row's proposals were checked against its grammar's masks, and some were taken
     before = smol_ngram.loop.speculator.stats.as_dict()
     assert run(smol_ngram, requests[6]) == run(smol, requests[6])
-    assert accepted_and_rejected(smol_ngram, before)[0] > 5
+    assert accepted_and_rejected(smol_ngram, before)[0] > 0
 
 
 def test_a_dropped_handle_is_freed_at_once(smollm2_dir):
@@ -201,6 +201,32 @@ def test_bfloat16_is_exact_where_the_products_are_row_invariant(smollm2_dir):
         assert [g["logprobs"][0] for g in got] == [w["logprobs"][0] for w in want]
 
 
+def test_ngram_rows_judge_a_proposal_by_the_length_of_its_match():
+    """A proposal after a 4-token match is worth a verify from the start; one after a 1-token match is not
+    (measured acceptance: engine/speculate.py, NGRAM_PRIOR), until the row shows otherwise."""
+    import torch
+
+    from llama32.engine.loop import Job
+    from llama32.engine.speculate import Speculator
+
+    class Handle:
+        device, dtype = torch.device("cpu"), torch.float32
+
+    handle = Handle()
+    speculator = Speculator(handle, "ngram")
+
+    def asks(prompt: list[int]) -> int:
+        job = Job()
+        job.req = type("Req", (), {"prompt_ids": prompt})()
+        job.spec = speculator._new_state(job)
+        return speculator._ask(job, 8)
+
+    long_match = [5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 5, 6, 7, 8]  # (5, 6, 7, 8) again: 9, 10, 11, ... follow
+    short_match = [5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4, 8]  # only (8,) occurred before
+    assert asks(long_match) >= 3
+    assert asks(short_match) == 0
+
+
 # --- tiny random checkpoints sharing the Llama 3 tokenizer --------------------------------------------------------
 
 
@@ -262,11 +288,12 @@ def test_lora_rows_are_verified_with_their_adapter(tiny_pair, tmp_path):
 
 def test_plain_rows_keep_the_compiled_step(tiny_pair, monkeypatch):
     """With the compiled step on, steps without proposals still run compiled; verify steps run eagerly; the
-    answers are the eager plain loop's."""
-    target, _ = tiny_pair
+    answers are the eager plain loop's. (A random draft: its rows stop proposing after a few misses, so both
+    kinds of step happen.)"""
+    target, draft = tiny_pair
     monkeypatch.setenv("LLAMA32_CPU_PACK", "0")  # inductor traces dense weights
     plain = llama32.load(target, dtype="float32", device="cpu", max_batch=1)
-    spec = llama32.load(target, dtype="float32", device="cpu", max_batch=1, speculative="ngram")
+    spec = llama32.load(target, dtype="float32", device="cpu", max_batch=1, speculative=str(draft))
     monkeypatch.undo()
     requests = [dict(prompt="One two three four", raw=True, max_tokens=40, temperature=0),
                 dict(prompt="Hello there", raw=True, max_tokens=40, temperature=0.9, seed=2, frequency_penalty=0.2)]

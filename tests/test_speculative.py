@@ -32,11 +32,11 @@ def test_ngram_proposes_what_followed_the_longest_recent_match():
     #        0  1  2  3  4  5  6  7  8  9
     ids = [5, 6, 7, 8, 9, 1, 6, 7, 2, 6, 7]
     # suffix 3-gram (2, 6, 7) never occurred before; 2-gram (6, 7) last ended at 8 (followed by 2, 6, 7)
-    assert p.propose(ids, 3) == [2, 6, 7]
+    assert p.propose(ids, 3) == [2, 6, 7] and p.matched == 2
     assert p.propose(ids, 1) == [2]
     # growing: (7, 8) is now the suffix... after appending 8, the 3-gram (6, 7, 8) occurred at 1..3 -> 9, 1, 6
     ids = ids + [8]
-    assert p.propose(ids, 3) == [9, 1, 6]
+    assert p.propose(ids, 3) == [9, 1, 6] and p.matched == 3
     # the most recent occurrence wins over an older one
     assert NgramProposer(max_n=2, min_n=1).propose([1, 2, 3, 1, 2, 4, 1, 2], 1) == [4]
     # the longest match wins over a more recent shorter one
@@ -45,7 +45,7 @@ def test_ngram_proposes_what_followed_the_longest_recent_match():
 
 def test_ngram_edges():
     p = NgramProposer(max_n=3, min_n=2)
-    assert p.propose([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert p.propose([1, 2, 3, 4], 4) == [] and p.matched == 0  # nothing repeats
     assert p.propose([1, 2, 3, 4, 1], 4) == []  # a 1-gram match is below min_n
     assert p.propose([1, 2, 3, 4, 1, 2], 4) == [3, 4, 1, 2]  # continuation runs up to the present
     assert p.propose([1, 2, 3, 4, 1, 2], 0) == []

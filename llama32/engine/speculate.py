@@ -69,14 +69,26 @@ from .runner import attended_for, token_logprobs
 # about as a one-position step does), not measured here.
 DEFAULT_COST_PER_TOKEN = {"cpu": 0.1, "cuda": 0.02}
 MAX_PROPOSALS = 8
+# "ngram": each row's acceptance is learnt per length of the n-gram matched, starting from these rates (the
+# acceptance measured on SmolLM2, rounded down: RowSpec). With the CPU's cost, a 1-token match is not worth a
+# verify until the row has shown otherwise (AdaptiveK probes it now and then).
+NGRAM_PRIOR = {1: 0.15, 2: 0.25, 3: 0.45, 4: 0.7}
 
 
 @dataclass
 class RowSpec:
-    """One request's speculation: its proposer, its number of proposals, its counts."""
+    """One request's speculation: its proposer, its numbers of proposals, its counts.
+
+    `adaptive`: a draft's `AdaptiveK`, or for "ngram" one per length of the n-gram matched (1..4), since how
+    often a proposal is right depends mostly on that: measured on SmolLM2 over five prompts, about 0.1-0.25 of
+    the proposals after a 1- or 2-token match were accepted, 0.4-0.6 after 3, 0.65-0.9 after 4
+    (benchmarks/RESULTS.md). `current` is the one this step's proposals are judged by; `pending` an n-gram
+    row's proposals, found while asking (a look-up costs nothing next to a forward)."""
 
     proposer: Any
-    adaptive: AdaptiveK
+    adaptive: AdaptiveK | dict[int, AdaptiveK]
+    current: AdaptiveK | None = None
+    pending: list[int] = field(default_factory=list)
     verify_steps: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -145,10 +157,8 @@ class Speculator:
             if job.spec is None:
                 job.spec = self._new_state(job)
             left = job.req.max_tokens - job.produced - 1  # tokens it may take after this step's first
-            job.lookahead = max(0, min(self.max_k, left - 1))  # room for the next step's proposals
-            k = min(left, room)
-            if k > 0:
-                k = min(job.spec.adaptive.next_k(), k)
+            self._look_ahead(job)
+            k = self._ask(job, min(left, room, self.max_k))
             if k > 0:
                 wanted[i] = k
         if not wanted:
@@ -182,22 +192,44 @@ class Speculator:
 
     # -- proposing ------------------------------------------------------------------------------------------
 
+    def _look_ahead(self, job: Any) -> None:
+        """Ask the scheduler to keep room for the row's next step's proposals (`need` = pos + 1 + lookahead),
+        never beyond its prompt + max_tokens (the budget admitted it for that)."""
+        job.lookahead = max(0, min(self.max_k, job.req.max_tokens - job.produced - 2))
+
     def _new_state(self, job: Any) -> RowSpec:
         if self.draft is None:
-            proposer = NgramProposer()
-        else:
-            proposer = DraftProposer(self.draft.model, self.llm.config.vocab_size)
+            adaptive = {n: AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token, rate=rate)
+                        for n, rate in NGRAM_PRIOR.items()}
+            return RowSpec(NgramProposer(max_n=max(NGRAM_PRIOR)), adaptive)
+        proposer = DraftProposer(self.draft.model, self.llm.config.vocab_size)
         return RowSpec(proposer, AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token))
+
+    def _ask(self, job: Any, most: int) -> int:
+        """How many proposals the row asks for this step (at most `most`); sets `job.spec.current`."""
+        state = job.spec
+        state.current, state.pending = None, []
+        if most <= 0:
+            return 0
+        if isinstance(state.proposer, NgramProposer):
+            props = state.proposer.propose(job.req.prompt_ids + job.generated, most)
+            if not props:
+                return 0
+            state.current = state.adaptive[state.proposer.matched]
+            state.pending = props
+            return min(state.current.next_k(), len(props))
+        state.current = state.adaptive
+        return min(state.current.next_k(), most)
 
     def _propose(self, job: Any, k: int, knobs: Any, row: int) -> tuple[list[int], torch.Tensor | None]:
         """Up to `k` proposals for the row ([] for none) and, for a JSON row, its allowed-token mask at each of
         the len + 1 positions."""
-        ids = job.req.prompt_ids + job.generated
         proposer = job.spec.proposer
         if isinstance(proposer, DraftProposer):
+            ids = job.req.prompt_ids + job.generated
             props = proposer.propose(ids, k, RowSampler(knobs, row, steps_used([job.req.params])))
         else:
-            props = proposer.propose(ids, k)
+            props = job.spec.pending[:k]
         V = self.llm.config.vocab_size
         for i, t in enumerate(props):  # the target can never draw an id outside its logits
             if not 0 <= t < V:
@@ -248,7 +280,7 @@ class Speculator:
             total = 0.0
             for i in live:
                 m = min(plan.get(i, 0), T - 1)
-                a = min(jobs[i].spec.adaptive.rate, 1 - 1e-9) if m else 0.0
+                a = min(jobs[i].spec.current.rate, 1 - 1e-9) if m else 0.0
                 total += (1 - a ** (m + 1)) / (1 - a)
             return total / (1 + c * (n * T - 1))
 
@@ -303,7 +335,7 @@ class Speculator:
         record(rows.knobs, r, tokens)
         state = job.spec
         if props:
-            state.adaptive.observe(len(props), verdict.accepted)
+            state.current.observe(len(props), verdict.accepted)
             state.verify_steps += 1
             state.proposed += len(props)
             state.accepted += verdict.accepted
@@ -319,5 +351,6 @@ class Speculator:
             job.pos += 1
             loop._deliver_one(job, t, lps, tops, i, stop_ids)
             if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
-                break
+                return
+        self._look_ahead(job)  # several tokens at once: what it may still need shrank
 
