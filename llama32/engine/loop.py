@@ -49,7 +49,7 @@ from ..sampling import sample_static, steps_used
 from .memory import PrefixIndex, Rows
 from .runner import (MAX_TOP_LOGPROBS, Runner, attended_for, decode_step, static_decode_step,  # noqa: F401
                      token_logprobs)
-from .scheduler import MIN_POSITIONS, Scheduler, need
+from .scheduler import MIN_POSITIONS, Scheduler, _pow2, need
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
@@ -279,21 +279,20 @@ class GenerationLoop:
 
     def _fit(self, shape: tuple[int, int], admitting: int) -> None:
         """The rows' cache made at least `shape` = (batch, length) with `admitting` free slots below batch,
-        within the budget; the prefix index gives up what the rows take."""
+        within the budget (the scheduler's shape already counts the live rows and those admitted); the
+        prefix index gives up what a new cache takes before it is allocated."""
         batch, length = shape
         rows = self._rows
+        if rows is not None:
+            free_below = sum(1 for s in range(rows.batch) if rows.jobs[s] is None)
+            if (rows.batch >= batch and rows.length >= length and free_below >= admitting
+                    and rows.bytes(self.position_bytes) <= self.kv_cache_bytes):
+                return
+        self.prefixes.fit(self.kv_cache_bytes - batch * length * self.position_bytes)
         if rows is None:
-            self.prefixes.fit(self.kv_cache_bytes - batch * length * self.position_bytes)
             self._rows = _Rows(self.llm, self.capacity, length, batch)
-            return
-        live = rows.live()
-        free_below = sum(1 for s in range(rows.batch) if rows.jobs[s] is None)
-        if not (rows.batch >= batch and rows.length >= length and free_below >= admitting
-                and rows.batch * rows.length * self.position_bytes <= self.kv_cache_bytes):
-            target = (max(batch, _pow2(len(live) + admitting)), length)
-            self.prefixes.fit(self.kv_cache_bytes - target[0] * target[1] * self.position_bytes)
-            rows.resize(*target)
-        self.prefixes.fit(self.kv_cache_bytes - self._rows_bytes())
+        else:
+            rows.resize(batch, length)
 
     def _pause(self, job: Job) -> None:
         """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
@@ -547,10 +546,6 @@ def check_budget(kv_cache_bytes: int, per_position: int) -> None:
         raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold {kv_cache_bytes // per_position} positions "
                          f"of this model's keys and values ({per_position} bytes each); give at least "
                          f"{MIN_POSITIONS * per_position} ({MIN_POSITIONS} positions)")
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 _LOOPS: weakref.WeakSet = weakref.WeakSet()

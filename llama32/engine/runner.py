@@ -33,13 +33,10 @@ from ..lora import GatheredAdapters, RowAdapters
 from ..model import KVCache
 from ..sampling import StepKnobs, sample_static
 from .memory import Rows
+from .scheduler import _pow2
 
 MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compiled step always computes 20
 _MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def attended_for(length: int, end: int) -> int:
