@@ -12,12 +12,13 @@ What `step` does, for the rows [0, n) of the step (a row prefilling or free take
 step, at its next prompt position; its writes there are overwritten before anything reads them):
 1. ask: each decoding row whose request can still take more than one token asks its `AdaptiveK` for a number
    of proposals k (0: its acceptance does not pay for the verify forward's cost), cut to fit max_tokens
-   (k <= max_tokens - produced - 1) and the cache (pos + k < length for every decoding row; `job.lookahead`
-   asks the scheduler for MAX_PROPOSALS more positions for the next step).
+   (k <= max_tokens - produced - 1) and the cache (pos + k < length for every decoding row; after a verify
+   step `job.lookahead` asks the scheduler for MAX_PROPOSALS more positions for the row's next step).
 2. decide, propose, decide: the step compares a plain step of the n rows (cost 1 + c (n - 1), one token per
    decoding row) with one forward over n rows x T positions (cost 1 + c (n T - 1), the tokens each row is
    expected to deliver from its recent acceptance), c being `cost_per_token` (the extra cost of one more
-   position per forward, relative to a one-position step; benchmarks/RESULTS.md). If a longer forward pays,
+   position per forward, relative to a one-position step; benchmarks/RESULTS.md); with several rows the
+   longer forward must move every decoding row faster than plain steps would (`_positions`). If it pays,
    each asking row gets up to T - 1 proposals (`NgramProposer` over the request's tokens, or `DraftProposer`
    on the draft model with the request's own sampler, `RowSampler`), cut at any id the target cannot draw
    and, for a JSON-constrained row, at the first token its grammar does not allow there; then the comparison
@@ -157,12 +158,11 @@ class Speculator:
             if job.spec is None:
                 job.spec = self._new_state(job)
             left = job.req.max_tokens - job.produced - 1  # tokens it may take after this step's first
-            self._look_ahead(job)
             k = self._ask(job, min(left, room, self.max_k))
             if k > 0:
                 wanted[i] = k
         if not wanted:
-            return False
+            return self._plain(jobs, live)
         n = live[-1] + 1
         # Decide on what the rows ask for before proposing (a draft's proposals cost forwards), then again on
         # what they got (an n-gram row may find no match).
@@ -177,11 +177,11 @@ class Speculator:
                     if mask is not None:
                         masks[i] = mask
             if not plan:
-                return False
+                return self._plain(jobs, live)
             T = self._positions(n, live, jobs, {i: len(p) for i, p in plan.items()})
         if T == 1:
             self.stats.declined += 1
-            return False
+            return self._plain(jobs, live)
         for i in list(plan):  # a shorter forward than some row got proposals for: cut to fit
             if len(plan[i]) > T - 1:
                 plan[i] = plan[i][:T - 1]
@@ -192,10 +192,18 @@ class Speculator:
 
     # -- proposing ------------------------------------------------------------------------------------------
 
-    def _look_ahead(self, job: Any) -> None:
-        """Ask the scheduler to keep room for the row's next step's proposals (`need` = pos + 1 + lookahead),
-        never beyond its prompt + max_tokens (the budget admitted it for that)."""
-        job.lookahead = max(0, min(self.max_k, job.req.max_tokens - job.produced - 2))
+    def _look_ahead(self, job: Any, k: int) -> None:
+        """Ask the scheduler to keep room for `k` proposals in the row's next step (`need` = pos + 1 + lookahead),
+        never beyond its prompt + max_tokens (the budget admitted it for that). Only rows that speculate ask: a
+        longer cache costs every step (a 512-position cache's steps took ~15% longer than a 256-position one's
+        on 8 SmolLM2 rows attending over the same 256 positions)."""
+        job.lookahead = max(0, min(k, job.req.max_tokens - job.produced - 2))
+
+    def _plain(self, jobs: list, live: list[int]) -> bool:
+        """No speculation this step: the rows ask for no room beyond their next position; the loop steps."""
+        for i in live:
+            jobs[i].lookahead = 0
+        return False
 
     def _new_state(self, job: Any) -> RowSpec:
         if self.draft is None:
@@ -265,27 +273,38 @@ class Speculator:
         return props, masks
 
     def _positions(self, n: int, live: list[int], jobs: list, plan: dict[int, int]) -> int:
-        """How many positions the step's forward takes (1: a plain step), by expected tokens per cost, given
-        each proposing row's number of proposals (`plan`: row -> k).
+        """How many positions the step's forward takes (1: a plain step), given each proposing row's number of
+        proposals (`plan`: row -> k).
 
-        Row r with k_r proposals and recent acceptance a_r is expected to deliver (1 - a^(m+1)) / (1 - a)
-        tokens when m = min(k_r, T - 1) of them are verified (`AdaptiveK.gain`'s model); the forward over
-        n rows x T positions costs 1 + c (n T - 1) one-position steps. A single row keeps its own choice
-        (its `AdaptiveK` weighed the same cost, and probes)."""
+        A single row keeps its own choice (its `AdaptiveK` weighed the same cost, and probes). With several rows,
+        a forward over n rows x T positions costs 1 + c (n T - 1) one-position steps against 1 + c (n - 1) for a
+        plain step, and row r with m = min(k_r, T - 1) proposals and recent acceptance a_r is expected to move
+        (1 - a^(m+1)) / (1 - a) tokens instead of 1 (`AdaptiveK.gain`'s model). A longer forward is taken only
+        when it moves every decoding row faster than plain steps would, by `AdaptiveK.min_gain`: a row without
+        proposals would only wait longer for its tokens, and the batch is done when its slowest row is (measured:
+        8 callers, some copying and some not, lost 4-9% of their throughput when the total of tokens per cost
+        decided; benchmarks/RESULTS.md). Among such T, the most tokens per cost."""
         if n == 1:
             return 1 + plan[live[0]]
         c = self.cost_per_token
+        plain = 1 + c * (n - 1)
 
-        def expected(T: int) -> float:
-            total = 0.0
-            for i in live:
-                m = min(plan.get(i, 0), T - 1)
-                a = min(jobs[i].spec.current.rate, 1 - 1e-9) if m else 0.0
-                total += (1 - a ** (m + 1)) / (1 - a)
-            return total / (1 + c * (n * T - 1))
+        def moved(i: int, T: int) -> float:
+            m = min(plan.get(i, 0), T - 1)
+            if m == 0:
+                return 1.0
+            a = min(jobs[i].spec.current.rate, 1 - 1e-9)
+            return (1 - a ** (m + 1)) / (1 - a)
 
-        candidates = sorted({1} | {k + 1 for k in plan.values()})
-        return max(candidates, key=lambda T: (expected(T), -T))
+        best, best_value = 1, n / plain
+        for T in sorted({k + 1 for k in plan.values()}):
+            cost = 1 + c * (n * T - 1)
+            if any(moved(i, T) < cost / plain * AdaptiveK.min_gain for i in live):
+                continue
+            value = sum(moved(i, T) for i in live) / cost
+            if value > best_value:
+                best, best_value = T, value
+        return best
 
     # -- verifying ------------------------------------------------------------------------------------------
 
@@ -352,5 +371,5 @@ class Speculator:
             loop._deliver_one(job, t, lps, tops, i, stop_ids)
             if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
                 return
-        self._look_ahead(job)  # several tokens at once: what it may still need shrank
+        self._look_ahead(job, self.max_k if props else 0)
 
