@@ -328,7 +328,9 @@ def bench_concurrent(args) -> list[dict]:
              "speedup_wall": round(statistics.median(wall), 3), "speedup_cpu": round(statistics.median(cpu), 3),
              "speedup_wall_runs": [round(x, 2) for x in wall], "speedup_cpu_runs": [round(x, 2) for x in cpu],
              **counts[0],
-             "same_answers": all(x["responses"] == p_runs[0]["responses"] for x in p_runs + s_runs)}
+             "same_answers": all(x["responses"] == p_runs[0]["responses"] for x in p_runs + s_runs),
+             # whether the plain runs agree among themselves (rows arrive in another order each run)
+             "plain_runs_agree": all(x["responses"] == p_runs[0]["responses"] for x in p_runs)}
         print(json.dumps(r), flush=True)
         rows.append(r)
         del plain, spec
