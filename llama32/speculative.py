@@ -304,9 +304,10 @@ class AdaptiveK:
     """One row's number of proposals, from its recent acceptance and the verify step's cost.
 
     Model: each proposal is accepted with probability `rate` (until the first rejection), so k proposals
-    deliver E(k) = (1 - rate^(k+1)) / (1 - rate) tokens for a verify step costing (1 + cost_per_token * k)
-    plain steps (measured on the 1B shape, bf16 CPU: about 0.06 per proposal up to 5, 0.11 from 6;
-    benchmarks/RESULTS.md). `next_k` picks the k in 0..max_k with the best
+    deliver E(k) = (1 - rate^(k+1)) / (1 - rate) tokens for a verify step costing
+    (1 + cost_fixed + cost_per_token * k) plain steps (measured on the 1B shape on this CPU, benchmarks/RESULTS.md:
+    bfloat16 about 0 + 0.1 k; float32 about 0.35 + 0.12 k, a one-row float32 product having a kernel of its own
+    that several rows leave). `next_k` picks the k in 0..max_k with the best
     E(k) / cost; when even that is below `min_gain` the row stops speculating, and after `probe_after`
     plain steps it tries once more (doubling the wait each time the probe fails, up to `max_wait`), so an
     open-ended answer pays for one probe in many steps.
@@ -317,6 +318,7 @@ class AdaptiveK:
 
     max_k: int = 8
     cost_per_token: float = 0.1
+    cost_fixed: float = 0.0  # what any verify step costs beyond a plain one before its proposals' share
     min_gain: float = 1.05
     rate: float = 0.6  # the prior: an optimistic start, quickly corrected
     decay: float = 0.7  # weight of the past in the moving average
@@ -328,7 +330,7 @@ class AdaptiveK:
     def gain(self, k: int) -> float:
         """Expected tokens per plain-step cost for k proposals."""
         a = min(self.rate, 1 - 1e-9)
-        return (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost_per_token * k)
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + (self.cost_fixed if k else 0.0) + self.cost_per_token * k)
 
     def best_k(self) -> int:
         return max(range(self.max_k + 1), key=lambda k: (self.gain(k), -k))

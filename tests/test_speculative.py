@@ -361,6 +361,10 @@ def test_adaptive_k_costs_the_verify_step():
     cheap, dear = AdaptiveK(rate=0.7, cost_per_token=0.02), AdaptiveK(rate=0.7, cost_per_token=0.5)
     assert cheap.best_k() > dear.best_k() >= 0
     assert AdaptiveK(rate=0.05).next_k() == 0
+    # a fixed part (float32 on the CPU: a one-row product has its own, faster kernel) turns a middling row off
+    assert AdaptiveK(rate=0.4, cost_per_token=0.1).next_k() > 0
+    assert AdaptiveK(rate=0.4, cost_per_token=0.12, cost_fixed=0.35).next_k() == 0
+    assert AdaptiveK(rate=0.9, cost_per_token=0.12, cost_fixed=0.35).next_k() >= 4
 
 
 @pytest.mark.parametrize("request_", [

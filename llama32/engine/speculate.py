@@ -64,11 +64,13 @@ from ..sampling import steps_used
 from ..speculative import AdaptiveK, DraftProposer, NgramProposer, RowSampler, record, verify
 from .runner import attended_for, token_logprobs
 
-# The extra cost of one more position in a forward, relative to a one-position step (`AdaptiveK`'s model).
-# CPU: measured on the Llama 3.2 1B shape in bfloat16 (~0.06 per proposal up to 5, ~0.11 from 6;
-# benchmarks/RESULTS.md). CUDA: a guess (a forward of a few dozen positions reads the weights once,
-# about as a one-position step does), not measured here.
-DEFAULT_COST_PER_TOKEN = {"cpu": 0.1, "cuda": 0.02}
+# What a verify forward costs, in one-position steps of one row: 1 + fixed + per_position * k for k proposals
+# (`AdaptiveK`'s model). CPU: measured on the Llama 3.2 1B shape, 1 thread (benchmarks/RESULTS.md,
+# 2026-11-26): bfloat16 1.09 (k = 2) to 1.80 (k = 8); float32 1.57 to 2.30, its one-row products having a
+# faster kernel of their own. A batch of n rows: 1 + per_position * (n T - 1), no fixed part (its plain step
+# already multiplies several rows). CUDA: a guess (a forward of a few dozen positions reads the weights once, as
+# a one-position step does), not measured here.
+DEFAULT_COST = {("cpu", torch.float32): (0.35, 0.12), ("cpu", None): (0.0, 0.1), ("cuda", None): (0.0, 0.02)}
 MAX_PROPOSALS = 8
 # "ngram": each row's acceptance is learnt per length of the n-gram matched, starting from these rates (the
 # acceptance measured on SmolLM2, rounded down: RowSpec). With the CPU's cost, a 1-token match is not worth a
@@ -121,7 +123,8 @@ class Speculator:
         self._own_draft = draft is llm
         self._draft = None if draft is llm else draft
         self.source = source
-        self.cost_per_token = DEFAULT_COST_PER_TOKEN.get(llm.device.type, 0.1)
+        cost = DEFAULT_COST.get((llm.device.type, llm.dtype)) or DEFAULT_COST.get((llm.device.type, None), (0.0, 0.1))
+        self.cost_fixed, self.cost_per_token = cost
         # The verify forward's attention one position at a time where that makes its logits those of one-position
         # steps: in bfloat16 (and float16) on the CPU, whose product kernels give each row the same bits
         # whatever the row count (measured: module docstring). In float32 the products already differ in the last
@@ -207,11 +210,13 @@ class Speculator:
 
     def _new_state(self, job: Any) -> RowSpec:
         if self.draft is None:
-            adaptive = {n: AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token, rate=rate)
-                        for n, rate in NGRAM_PRIOR.items()}
+            adaptive = {n: self._adaptive(rate) for n, rate in NGRAM_PRIOR.items()}
             return RowSpec(NgramProposer(max_n=max(NGRAM_PRIOR)), adaptive)
         proposer = DraftProposer(self.draft.model, self.llm.config.vocab_size)
-        return RowSpec(proposer, AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token))
+        return RowSpec(proposer, self._adaptive(AdaptiveK.rate))
+
+    def _adaptive(self, rate: float) -> AdaptiveK:
+        return AdaptiveK(max_k=self.max_k, cost_per_token=self.cost_per_token, cost_fixed=self.cost_fixed, rate=rate)
 
     def _ask(self, job: Any, most: int) -> int:
         """How many proposals the row asks for this step (at most `most`); sets `job.spec.current`."""
