@@ -179,7 +179,7 @@ def bench_verify(args) -> list[dict]:
         llm = llama32.load(ckpt, dtype=dtype, device="cpu")
         split = dtype != "float32"  # the loop's choice (engine/speculate.py, Speculator.per_position)
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 120000, (args.context,), generator=g).tolist()
+        ids = torch.randint(0, min(120000, llm.config.vocab_size), (args.context,), generator=g).tolist()
         for batch in args.batch:
             row = Row(llm, ids, 16, batch)
             row.prefill()

@@ -305,10 +305,10 @@ class AdaptiveK:
 
     Model: each proposal is accepted with probability `rate` (until the first rejection), so k proposals
     deliver E(k) = (1 - rate^(k+1)) / (1 - rate) tokens for a verify step costing
-    (1 + cost_fixed + cost_per_token * k) plain steps (measured on the 1B shape on this CPU, benchmarks/RESULTS.md:
-    bfloat16 about 0 + 0.1 k; float32 about 0.35 + 0.12 k, a one-row float32 product having a kernel of its own
-    that several rows leave). `next_k` picks the k in 0..max_k with the best
-    E(k) / cost; when even that is below `min_gain` the row stops speculating, and after `probe_after`
+    (1 + cost_fixed + cost_per_token * k) plain steps (measured on this CPU, benchmarks/RESULTS.md: bfloat16 about
+    0 + 0.1 k on the 1B shape; float32 about 0.2-0.35 + 0.11 k, a one-row float32 product having a kernel of its
+    own that several rows leave; the loop's defaults: engine/speculate.py). `next_k` picks the k in 0..max_k with
+    the best E(k) / cost; when even that is below `min_gain` the row stops speculating, and after `probe_after`
     plain steps it tries once more (doubling the wait each time the probe fails, up to `max_wait`), so an
     open-ended answer pays for one probe in many steps.
 

@@ -65,12 +65,14 @@ from ..speculative import AdaptiveK, DraftProposer, NgramProposer, RowSampler, r
 from .runner import attended_for, token_logprobs
 
 # What a verify forward costs, in one-position steps of one row: 1 + fixed + per_position * k for k proposals
-# (`AdaptiveK`'s model). CPU: measured on the Llama 3.2 1B shape, 1 thread (benchmarks/RESULTS.md,
-# 2026-11-26): bfloat16 1.09 (k = 2) to 1.80 (k = 8); float32 1.57 to 2.30, its one-row products having a
-# faster kernel of their own. A batch of n rows: 1 + per_position * (n T - 1), no fixed part (its plain step
-# already multiplies several rows). CUDA: a guess (a forward of a few dozen positions reads the weights once, as
-# a one-position step does), not measured here.
-DEFAULT_COST = {("cpu", torch.float32): (0.35, 0.12), ("cpu", None): (0.0, 0.1), ("cuda", None): (0.0, 0.02)}
+# (`AdaptiveK`'s model). CPU, measured with 1 thread (benchmarks/RESULTS.md, 2026-11-26): bfloat16 1.09 (k = 2)
+# to 1.80 (k = 8) on the Llama 3.2 1B shape, 1.27 to 2.04 on SmolLM2-135M; float32 1.57 to 2.30 on the 1B shape
+# and 1.41 to 2.07 on SmolLM2 (a one-row float32 product has a faster kernel of its own: a fixed part of
+# 0.2-0.35). The float32 default's fixed part is lower than measured on purpose: with 0.35, n-gram rows stopped
+# proposing after moderate matches and SmolLM2's "repeat" gained 2.2x instead of 2.8x with 0.15. A batch of n
+# rows: 1 + per_position * (n T - 1), no fixed part (its plain step already multiplies several rows). CUDA: a
+# guess (a forward of a few dozen positions reads the weights once, as a one-position step does), not measured.
+DEFAULT_COST = {("cpu", torch.float32): (0.15, 0.11), ("cpu", None): (0.0, 0.1), ("cuda", None): (0.0, 0.02)}
 MAX_PROPOSALS = 8
 # "ngram": each row's acceptance is learnt per length of the n-gram matched, starting from these rates (the
 # acceptance measured on SmolLM2, rounded down: RowSpec). With the CPU's cost, a 1-token match is not worth a
