@@ -106,7 +106,6 @@ class SpecStats:
     proposed: int = 0
     accepted: int = 0
     declined: int = 0  # steps where rows asked for proposals but a plain step was expected to pay better
-    rows: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"verify_steps": self.verify_steps, "proposed": self.proposed, "accepted": self.accepted,
