@@ -1,6 +1,7 @@
-"""How long torch.compile takes per decode-step shape on CUDA, specialised (dynamic=False, today's setting)
-against automatic dynamic shapes (dynamic=None: the positions-attended size becomes symbolic after the first
-recompile, so later sizes reuse the graph and only record a new CUDA graph). Also decode tokens/s once warm.
+"""How long torch.compile takes per decode-step shape on CUDA, specialised (dynamic=False, the setting before
+2026-11-26) against automatic dynamic shapes (dynamic=None, the runner's now: a size becomes symbolic after
+the first recompile that sees it change, so later sizes reuse the graph and only record a new CUDA graph;
+engine/runner.py compiles such graphs ahead at load). Also decode tokens/s once warm.
 
     python benchmarks/cuda_compile_probe.py --ckpt DIR      # prints JSON
 """

@@ -149,6 +149,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         apply_to_handle(llm, lora)
     if speculative is not None:
         _attach_speculator(llm, draft_path, quantize)
+    if llm.compiled:  # CUDA: the decode step's graphs compile now, in the background (engine/runner.py)
+        llm.loop.runner.warm_up()
     return llm
 
 

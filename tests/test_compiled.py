@@ -1,9 +1,10 @@
 """The compiled decode step (torch.compile: inductor on CPU here, CUDA graphs on a GPU).
 
 What it must show on a CPU, since CI has no GPU: a mix of every sampler setting, LoRA on and off and every
-batch size compiles one graph per (rows, positions attended), with no graph break and no cache-sized
+batch size compiles at most one graph per (rows, positions attended), with no graph break and no cache-sized
 temporary in the generated code; its answers equal the eager step's, greedy and sampled alike (one sampler,
-one noise); a failed compile warns once and answers eagerly.
+one noise); compiling ahead (`Runner.warm_up`, what `load` starts on CUDA) leaves nothing to compile while
+serving requests of any batch size and length; a failed compile warns once and answers eagerly.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def test_one_graph_per_shape_for_every_setting_and_batch_size(handle):
     shapes = set(llm.compiled_shapes)
     assert {rows for rows, _ in shapes} == {1, 2, 4}  # every batch bucket ran, compiled
     assert {n for _, n in shapes} == {16}
-    assert counters["stats"]["unique_graphs"] == len(shapes)  # one graph per shape, whatever the settings
+    # at most one graph per shape, whatever the settings (fewer: a size seen to change turns symbolic)
+    assert 1 <= counters["stats"]["unique_graphs"] <= len(shapes)
     assert not counters["graph_break"]
     graphs = counters["stats"]["unique_graphs"]
     llm.compiled = True
@@ -123,6 +125,45 @@ def test_one_graph_per_shape_for_every_setting_and_batch_size(handle):
     finally:
         llm.compiled = False
     assert counters["stats"]["unique_graphs"] == graphs  # same shapes again: nothing new compiled
+
+
+def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
+    """`Runner.warm_up` compiles the step at four shapes on a scratch cache; afterwards requests at every
+    batch size, several attended lengths and two cache lengths run compiled and compile nothing more. While
+    it compiles (in the background), steps run eagerly and answer the same."""
+    llm, _, _ = handle
+    requests = [dict(prompt="word " * n, raw=True, temperature=t, seed=i + 1, top_p=0.9, max_tokens=6)
+                for i, (n, t) in enumerate([(3, 0), (40, 0.8), (100, 0), (12, 0.9)])]
+    want = [llama32.generate(llm, **r) for r in requests]  # eager
+    runner = llm.loop.runner
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()  # no graph or seen size left from the other tests
+    counters.clear()
+    llm.compiled, llm._compiled_step = True, None
+    llm.compiled_shapes.clear()
+    try:
+        runner.warm_up()
+        assert runner.warming
+        during = llama32.generate(llm, **requests[0])
+        assert runner.wait_warm(timeout=900)
+        assert llm.compiled  # it compiled (a failure would have turned it off)
+        warmed = counters["stats"]["unique_graphs"]
+        assert set(llm.compiled_shapes) == {(rows, attended) for rows, _, _, attended in runner.warm_shapes()}
+        alone = [llama32.generate(llm, **r) for r in requests]
+        together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
+    finally:
+        llm.compiled, llm._compiled_step = False, None
+    assert warmed == len(runner.warm_shapes()) == 4
+    assert counters["stats"]["unique_graphs"] == warmed  # nothing compiled while serving
+    assert not counters["graph_break"]
+    want = tokens(without_cached(want))  # (the prompts' prefixes are reused in the later runs)
+    assert tokens(without_cached([during])) == want[:1]
+    assert tokens(without_cached(alone)) == want
+    for results in together:
+        assert tokens(without_cached(results)) == want[:len(results)]
+    shapes = set(llm.compiled_shapes)
+    assert {rows for rows, _ in shapes} == {1, 2, 4}
+    assert len({attended for _, attended in shapes}) >= 3  # 16, 32 and longer: the 100-token prompt's
 
 
 def step_args(llm, rows=MAX_BATCH, attended=256, adapters=True):
@@ -170,6 +211,15 @@ def test_the_step_holds_no_cache_sized_temporary(handle):
     # the logits and the sampler's (rows, vocabulary) buffers are allowed; nothing cache-shaped or bigger
     big = [s for n, s in sizes if n >= layer and s[-1] not in (c.vocab_size, 1024)]
     assert not big, big
+    # The graphs the loop runs have symbolic sizes (Runner.warm_up): no buffer of the cache's form
+    # (rows, KV heads, positions, head_dim) with a symbolic number of positions either.
+    with torch.inference_mode():
+        _, code = run_and_get_code(torch.compile(static_decode_step, dynamic=True), *args)
+    shapes = [[d.strip() for d in dims.split(",")] for dims in re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(code))]
+    assert any(not d.isdigit() for dims in shapes for d in dims if d), "no symbolic size: the code's form changed"
+    cache_like = [dims for dims in shapes if len(dims) == 4 and dims[1] == str(c.num_key_value_heads)
+                  and dims[3] == str(c.head_dim) and not dims[2].isdigit()]
+    assert not cache_like, cache_like
 
 
 def test_a_failed_compile_warns_once_and_answers_eagerly(handle, monkeypatch):
@@ -229,7 +279,9 @@ def test_only_a_compile_failure_falls_back_to_eager(handle):
 def test_cuda_graph_step_equals_eager_cuda(make_checkpoint, llama3_tokenizer_dir):
     llm = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), dtype="float32",
                        device="cuda")
-    assert llm.compiled  # compiled by default on CUDA
+    assert llm.compiled  # compiled by default on CUDA, and compiling ahead, in the background
+    assert llm.loop.runner.wait_warm(timeout=900) and llm.compiled
+    assert set(llm.compiled_shapes) == {(r, a) for r, _, _, a in llm.loop.runner.warm_shapes()}
     requests = [dict(prompt="Hello there", temperature=0, max_tokens=12),
                 dict(prompt="Tell me a story", temperature=0.9, seed=5, top_p=0.9, top_k=20,
                      repetition_penalty=1.2, frequency_penalty=0.3, max_tokens=10)]

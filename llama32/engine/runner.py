@@ -9,8 +9,17 @@ Three forwards, all over the rows' cache (memory.py's `Rows`), each row at its o
 Two forms of the decode step, one sampler: `decode_step`, the readable eager reference (the sampler skips,
 from Python, the steps no row uses), and `static_decode_step`, the one run through torch.compile when
 `compiled` is on (on CUDA by default): rows [0, n) for n a power of two, every sampler step always run,
-LoRA through `GatheredAdapters`, so it compiles one graph per (n, positions attended, cache shape). Both draw
-with `counter_noise`, so a seed gives the same tokens eager or compiled, alone or batched.
+LoRA through `GatheredAdapters`. Both draw with `counter_noise`, so a seed gives the same tokens eager or
+compiled, alone or batched.
+
+Compiling: torch.compile specialises a graph to the sizes it first sees and, when a size changes, compiles once
+more with that size symbolic (`dynamic=None`), so the step's sizes (rows, positions attended, the cache's
+rows and length) need four graphs in all, not one per combination: the first shape, a second with every size
+changed (all symbolic after it), and two for one row (a size of 1 is always specialised: `warm_shapes`). On CUDA each costs 25-38 s
+for the 1B (measured on an H200, benchmarks/RESULTS.md), so `load` compiles them at once, in the background
+(`warm_up`), on a scratch cache of their shapes; until that is done decode steps run eagerly, and afterwards
+no shape meets the compiler while serving (a JSON mask or LoRA adapters, which change the step's inputs,
+compile their variant on first sight). Each new size of a CUDA graph is then only recorded (~0.05 s).
 
 The runner owns the compile state (the compiled function, which shapes have compiled and how long each
 took; the handle's `compiled`, `compiled_shapes` and `_compiled_step` read and write it) and the stacked
@@ -21,6 +30,7 @@ out) stay with the handle: requests resolve them on their callers' threads.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -31,7 +41,7 @@ from torch import Tensor
 
 from ..lora import GatheredAdapters, RowAdapters
 from ..model import KVCache
-from ..sampling import StepKnobs, sample_static
+from ..sampling import SamplingParams, StepKnobs, sample_static
 from .memory import Rows
 from .scheduler import _pow2
 
@@ -54,6 +64,7 @@ class Runner:
         self.compiled = llm.device.type == "cuda" and os.environ.get("LLAMA32_COMPILE", "1") != "0"
         self.compiled_shapes: dict[tuple[int, int], float] = {}  # (rows, positions attended) -> compile seconds
         self.step_fn: Any = None  # the compiled static_decode_step, made on first use
+        self._warming: threading.Thread | None = None  # `warm_up`'s thread while it compiles
         # (ids of the loaded adapters, their GatheredAdapters stacks): the compiled step's LoRA input (lora.py)
         self.adapter_stacks: tuple | None = None
         self._warned = False
@@ -113,7 +124,7 @@ class Runner:
                adapters: list[Any], steps: frozenset[str], logprobs: int | None):
         """One decode step for rows [0, n) of `rows`: (tokens, logprob, top) as `token_logprobs`."""
         llm = self.llm
-        if self.compiled:
+        if self.compiled and not self.warming:
             return self._compiled(rows, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
         cache = rows.cache.view(slice(0, n), attended)
         return decode_step(llm.model, tokens, pos, cache, rows.knobs.view(0, n), steps, allowed,
@@ -125,8 +136,8 @@ class Runner:
 
     def _compiled(self, rows: Rows, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
                   lora: GatheredAdapters | None):
-        """`static_decode_step` through torch.compile: one graph per (rows, positions attended) and set of
-        loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
+        """`static_decode_step` through torch.compile (graphs with symbolic sizes: the module docstring), per set
+        of loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
         args = (self.llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, allowed, lora)
         shape = (tokens.shape[0], attended)
         started = time.perf_counter()
@@ -144,6 +155,73 @@ class Runner:
             self.compiled_shapes[shape] = time.perf_counter() - started
         return out
 
+    # -- compiling ahead of time --------------------------------------------------------------------------
+
+    @property
+    def warming(self) -> bool:
+        """Whether `warm_up` is still compiling (decode steps run eagerly meanwhile)."""
+        thread = self._warming
+        return thread is not None and thread.is_alive()
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Wait for `warm_up`'s thread to end (True when it has)."""
+        thread = self._warming
+        if thread is not None:
+            thread.join(timeout)
+        return not self.warming
+
+    def warm_shapes(self) -> list[tuple[int, int, int, int]]:
+        """What `warm_up` runs the step at, as (rows, cache rows, cache length, positions attended). After the
+        first, the second changes every size (to values unlike each other: equal sizes would share a symbol
+        and be guarded equal), so the rows, the cache's rows and length and the positions attended are all
+        symbolic from then on; one row is always specialised, so the third and fourth give it the same with
+        the cache's rows at 1 and above 1. Later shapes run one of these graphs."""
+        llm = self.llm
+        capacity, longest = llm.loop.capacity, llm.context_length
+        first, second = min(256, longest), min(512, longest)
+        shapes = [(1, 1, first, attended_for(first, 1)), (1, 1, second, attended_for(second, 17))]
+        if capacity >= 2:
+            shapes.insert(1, (2, min(4, capacity), second, attended_for(second, 17)))
+            shapes.append((1, 2, second, attended_for(second, 17)))
+        return shapes
+
+    def warm_up(self, background: bool = True) -> None:
+        """Compile the decode step's graphs now rather than on the first requests that need them: a step on a
+        scratch cache (freed after) at each of `warm_shapes`, recorded in `compiled_shapes`. `background`:
+        on a thread of its own, decode steps running eagerly until it ends. Nothing to do unless `compiled`."""
+        if not self.compiled or self.warming:
+            return
+        if not background:
+            self._warm()
+            return
+        self._warming = threading.Thread(target=self._warm, name="llama32-compile", daemon=True)
+        self._warming.start()
+
+    def _warm(self) -> None:
+        llm = self.llm
+        if llm is None:
+            return
+        try:
+            for rows, batch, length, attended in self.warm_shapes():
+                # made as the loop makes its rows (outside inference mode: a tensor's dispatch keys are guarded)
+                scratch = Rows(llm, llm.loop.capacity, length, batch)
+                for r in range(rows):
+                    scratch.knobs.set_row(r, SamplingParams(temperature=0), seed=0, prompt_ids=[0])
+                started = time.perf_counter()
+                with torch.inference_mode():  # as the loop's thread makes its inputs and runs its steps
+                    tokens, pos = (torch.zeros(rows, dtype=torch.long, device=llm.device) for _ in range(2))
+                    # the adapters input the loop passes (the stacks of the adapters loaded now, if any)
+                    lora = GatheredAdapters.of(llm, [None] * rows)
+                    args = (llm.model, tokens, pos, scratch.cache.k, scratch.cache.v, attended, scratch.knobs,
+                            None, lora)
+                    self._step()(*args)
+                if llm.device.type == "cuda":
+                    torch.cuda.synchronize(llm.device)
+                self.compiled_shapes.setdefault((rows, attended), time.perf_counter() - started)
+                del scratch, args, tokens, pos, lora
+        except Exception as e:  # noqa: BLE001 - a compile failure: eager from now on, as on first sight
+            self._compile_failed(e)
+
     def _step(self):
         llm = self.llm
         if self.step_fn is None:
@@ -151,13 +229,14 @@ class Runner:
                 raise RuntimeError("the compiled decode step needs dense weights: on CPU, load with LLAMA32_CPU_PACK=0")
             # CUDA: "reduce-overhead" records each shape's step as a CUDA graph, replayed every token.
             mode = "reduce-overhead" if llm.device.type == "cuda" else None
-            # One graph per (rows, positions attended): raise dynamo's limit (8) above the number of such
-            # shapes, or the step would silently run eagerly past it.
+            # At most one graph per (rows, positions attended) (fewer once sizes are symbolic): raise dynamo's
+            # limit (8) above the number of such shapes, or the step would silently run eagerly past it.
             shapes = llm.loop.capacity.bit_length() * (llm.context_length.bit_length() + 1)
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, 2 * shapes)
             config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * shapes)
-            self.step_fn = torch.compile(static_decode_step, mode=mode, dynamic=False)
+            # dynamic=None: a size seen to change becomes symbolic in the next graph (module docstring)
+            self.step_fn = torch.compile(static_decode_step, mode=mode, dynamic=None)
         return self.step_fn
 
     def _compile_failed(self, error: Exception) -> None:
