@@ -66,6 +66,7 @@ def compiled_against_eager(ckpt: Path) -> dict:
     return {"requests": len(requests), "equal_to_eager": sum(same), "repeat_equal": compiled == again,
             "load_s": round(loaded, 1), "warm_up_s": round(warm_s, 1), "warmed": warmed,
             "warm_graphs": warm_graphs, "graphs_while_serving": counters["stats"]["unique_graphs"] - warm_graphs,
+            "warmed_s": {str(list(k)): round(v, 1) for k, v in llm.loop.runner.warmed.items()},
             "shapes": sorted(map(list, llm.compiled_shapes)),
             "graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}

@@ -141,6 +141,7 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
     counters.clear()
     llm.compiled, llm._compiled_step = True, None
     llm.compiled_shapes.clear()
+    runner.warmed.clear()
     try:
         runner.warm_up()
         assert runner.warming
@@ -148,7 +149,7 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
         assert runner.wait_warm(timeout=900)
         assert llm.compiled  # it compiled (a failure would have turned it off)
         warmed = counters["stats"]["unique_graphs"]
-        assert set(llm.compiled_shapes) == {(rows, attended) for rows, _, _, attended in runner.warm_shapes()}
+        assert set(runner.warmed) == set(runner.warm_shapes()) and not llm.compiled_shapes
         alone = [llama32.generate(llm, **r) for r in requests]
         together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
     finally:
@@ -281,7 +282,7 @@ def test_cuda_graph_step_equals_eager_cuda(make_checkpoint, llama3_tokenizer_dir
                        device="cuda")
     assert llm.compiled  # compiled by default on CUDA, and compiling ahead, in the background
     assert llm.loop.runner.wait_warm(timeout=900) and llm.compiled
-    assert set(llm.compiled_shapes) == {(r, a) for r, _, _, a in llm.loop.runner.warm_shapes()}
+    assert set(llm.loop.runner.warmed) == set(llm.loop.runner.warm_shapes())
     requests = [dict(prompt="Hello there", temperature=0, max_tokens=12),
                 dict(prompt="Tell me a story", temperature=0.9, seed=5, top_p=0.9, top_k=20,
                      repetition_penalty=1.2, frequency_penalty=0.3, max_tokens=10)]

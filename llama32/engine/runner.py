@@ -65,6 +65,10 @@ class Runner:
         self.compiled_shapes: dict[tuple[int, int], float] = {}  # (rows, positions attended) -> compile seconds
         self.step_fn: Any = None  # the compiled static_decode_step, made on first use
         self._warming: threading.Thread | None = None  # `warm_up`'s thread while it compiles
+        # (rows, cache rows, cache length, positions attended) -> seconds, for each step `warm_up` ran. The loop
+        # thread's own first call at a shape still counts as first sight in `compiled_shapes` (a failure there
+        # falls back to eager): CUDA graphs are recorded per thread, so the loop records its own.
+        self.warmed: dict[tuple[int, int, int, int], float] = {}
         # (ids of the loaded adapters, their GatheredAdapters stacks): the compiled step's LoRA input (lora.py)
         self.adapter_stacks: tuple | None = None
         self._warned = False
@@ -187,7 +191,7 @@ class Runner:
 
     def warm_up(self, background: bool = True) -> None:
         """Compile the decode step's graphs now rather than on the first requests that need them: a step on a
-        scratch cache (freed after) at each of `warm_shapes`, recorded in `compiled_shapes`. `background`:
+        scratch cache (freed after) at each of `warm_shapes`, its seconds in `warmed`. `background`:
         on a thread of its own, decode steps running eagerly until it ends. Nothing to do unless `compiled`."""
         if not self.compiled or self.warming:
             return
@@ -217,7 +221,7 @@ class Runner:
                     self._step()(*args)
                 if llm.device.type == "cuda":
                     torch.cuda.synchronize(llm.device)
-                self.compiled_shapes.setdefault((rows, attended), time.perf_counter() - started)
+                self.warmed[(rows, batch, length, attended)] = time.perf_counter() - started
                 del scratch, args, tokens, pos, lora
         except Exception as e:  # noqa: BLE001 - a compile failure: eager from now on, as on first sight
             self._compile_failed(e)
