@@ -330,7 +330,9 @@ def chat(llm: llama32.Llama, request: dict, args: argparse.Namespace) -> int:
     """Read user lines, answer each with the whole conversation so far. Returns the exit status."""
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
     # Check the flags once before the first line is read (validation happens before any compute).
-    llama32.generate(llm, stream=True, messages=messages + [{"role": "user", "content": "hi"}], **request)
+    # Closed here, not left to the garbage collector: a Ctrl-C arriving inside a finalizer (`Stream.__del__`)
+    # would be printed and swallowed instead of ending the chat with 130.
+    llama32.generate(llm, stream=True, messages=messages + [{"role": "user", "content": "hi"}], **request).close()
     status = 0
     pending = [args.prompt] if args.prompt is not None else []
     interactive = sys.stdin.isatty()
