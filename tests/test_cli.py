@@ -174,16 +174,19 @@ def test_chat_rejects_bad_flags_before_reading_input(tiny):
 
 def test_ctrl_c_exits_130_quietly(tiny):
     args = ["--model", tiny, "--chat", "--verbose", "--max-tokens", "8"]
+    # The child starts with Ctrl-C's default disposition whatever this run inherited: a test runner started
+    # in the background by a non-interactive shell ignores SIGINT, its children inherit that, and Python
+    # then installs no KeyboardInterrupt handler (the chat would just read on to the end of its input).
     proc = subprocess.Popen([sys.executable, "-m", "llama32", *args], cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())
+                            env=cli_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stderr.readline().startswith("llama32: loaded ")  # now waiting for a line on stdin
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (out, err)
     assert out == "" and err == ""
 
 

@@ -72,6 +72,13 @@ class Runner:
         # (ids of the loaded adapters, their GatheredAdapters stacks): the compiled step's LoRA input (lora.py)
         self.adapter_stacks: tuple | None = None
         self._warned = False
+        # On the CPU every prompt span takes the attention with explicit positions (a mask), even a whole prompt
+        # from position 0, which the causal kernel would take ~10% faster (1,024 tokens of the 1B): that kernel
+        # rounds otherwise, while the masked one gives a position the same bits however its prompt is chunked,
+        # grouped with others' or padded (measured in bfloat16, where the difference flipped SmolLM2's greedy
+        # answer to a request sent with others: benchmarks/RESULTS.md). So a request's result is the one it
+        # has alone, whatever arrives with it. On CUDA the causal (flash) kernel is kept: not measured there.
+        self.one_attention = llm.device.type == "cpu"
 
     @property
     def llm(self) -> Any:
@@ -88,7 +95,7 @@ class Runner:
         chunk = torch.tensor([ids], device=llm.device)
         at = torch.tensor([logits_at], dtype=torch.long, device=llm.device)
         lora = RowAdapters.of(llm, [adapter])
-        if start == 0:  # from position 0: the plain causal prefill
+        if start == 0 and not self.one_attention:  # from position 0: the plain causal prefill
             cache = rows.cache.view(slice(slot, slot + 1))
             return llm.model(chunk, cache=cache, logits_at=at, lora=lora)[0]
         cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end))
