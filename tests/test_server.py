@@ -367,6 +367,14 @@ def test_usage_counts_the_reused_prompt_tokens(llm, client):
         messages[0], {"role": "user", "content": "Which is the tallest?"}])).json()["usage"]
     assert 0 < other["prompt_tokens_details"]["cached_tokens"] <= whole
     assert other["prompt_tokens_details"]["cached_tokens"] % BLOCK == 0
+    # /v1/completions with two prompts, each seen before: their reused tokens add up (a prompt counted once)
+    texts = [f"Note {i}: the lighthouse at Cape {i} was lit in 18{i}0 and kept for ninety years. " * 5 for i in (1, 2)]
+    alone = [client.post("/v1/completions", json=dict(prompt=t, max_tokens=2)).json()["usage"] for t in texts]
+    wholes = [(u["prompt_tokens"] - 1) // BLOCK * BLOCK for u in alone]
+    assert min(wholes) >= BLOCK
+    both = client.post("/v1/completions", json=dict(prompt=texts, max_tokens=2, n=2)).json()["usage"]
+    assert both["prompt_tokens"] == sum(u["prompt_tokens"] for u in alone)
+    assert both["prompt_tokens_details"] == {"cached_tokens": sum(wholes)}
 
 
 @pytest.mark.parametrize("prefix", ["/ai/v1", "/client/v4/accounts/abc123/ai/v1"])

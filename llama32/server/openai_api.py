@@ -83,11 +83,14 @@ def _common(body: dict) -> dict:
     return fields
 
 
-def _usage(usages: list[dict], prompt_tokens: int | None = None) -> dict:
-    """OpenAI's usage of several choices: their generated tokens summed, the prompt counted once per prompt."""
+def _usage(usages: list[dict], prompt_tokens: int | None = None, per_prompt: int | None = None) -> dict:
+    """OpenAI's usage of several choices: their generated tokens summed, the prompt counted once per prompt.
+    `per_prompt`: how many consecutive choices share a prompt (None: all of them). A prompt's cached tokens are
+    the most any of its choices reused (counted once, as its tokens are), summed over the prompts."""
     prompt = sum(u["prompt_tokens"] for u in usages) if prompt_tokens is None else prompt_tokens
     completion = sum(u["completion_tokens"] for u in usages)
-    cached = max((u.get("cached_tokens", 0) for u in usages), default=0)
+    step = per_prompt or max(len(usages), 1)
+    cached = sum(max(u.get("cached_tokens", 0) for u in usages[i:i + step]) for i in range(0, len(usages), step))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -266,7 +269,7 @@ def routes(backend: Backend) -> list[Route]:
                 shown = (text if text is not None else tok.decode(ids)) + shown
             choices.append({"text": shown, "index": c, "logprobs": logprobs,
                             "finish_reason": _finish(out["tool_calls"], out.get("finish_reason"))})
-        usage = _usage([o["usage"] for o in outs], sum(len(rs[0].prompt_ids) for rs in reqs))
+        usage = _usage([o["usage"] for o in outs], sum(len(rs[0].prompt_ids) for rs in reqs), per_prompt=n)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": backend.model_name,
                              "choices": choices, "usage": usage})
 
