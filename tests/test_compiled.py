@@ -216,7 +216,8 @@ def test_the_step_holds_no_cache_sized_temporary(handle):
     # (rows, KV heads, positions, head_dim) with a symbolic number of positions either.
     with torch.inference_mode():
         _, code = run_and_get_code(torch.compile(static_decode_step, dynamic=True), *args)
-    shapes = [[d.strip() for d in dims.split(",")] for dims in re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(code))]
+    found = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(code))
+    shapes = [[d.strip() for d in dims.split(",")] for dims in found]
     assert any(not d.isdigit() for dims in shapes for d in dims if d), "no symbolic size: the code's form changed"
     cache_like = [dims for dims in shapes if len(dims) == 4 and dims[1] == str(c.num_key_value_heads)
                   and dims[3] == str(c.head_dim) and not dims[2].isdigit()]

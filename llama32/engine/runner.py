@@ -15,11 +15,11 @@ compiled, alone or batched.
 Compiling: torch.compile specialises a graph to the sizes it first sees and, when a size changes, compiles once
 more with that size symbolic (`dynamic=None`), so the step's sizes (rows, positions attended, the cache's
 rows and length) need four graphs in all, not one per combination: the first shape, a second with every size
-changed (all symbolic after it), and two for one row (a size of 1 is always specialised: `warm_shapes`). On CUDA each costs 25-38 s
-for the 1B (measured on an H200, benchmarks/RESULTS.md), so `load` compiles them at once, in the background
-(`warm_up`), on a scratch cache of their shapes; until that is done decode steps run eagerly, and afterwards
-no shape meets the compiler while serving (a JSON mask or LoRA adapters, which change the step's inputs,
-compile their variant on first sight). Each new size of a CUDA graph is then only recorded (~0.05 s).
+changed (all symbolic after it), and two for one row (a size of 1 is always specialised: `warm_shapes`).
+On CUDA each costs 25-38 s for the 1B (measured on an H200, benchmarks/RESULTS.md), so `load` compiles them at
+once, in the background (`warm_up`), on a scratch cache of their shapes; until that is done decode steps run
+eagerly, and afterwards no shape meets the compiler while serving (a JSON mask or LoRA adapters, which change
+the step's inputs, compile their variant on first sight). Each new size of a CUDA graph is then only recorded (~0.05 s).
 
 The runner owns the compile state (the compiled function, which shapes have compiled and how long each
 took; the handle's `compiled`, `compiled_shapes` and `_compiled_step` read and write it) and the stacked

@@ -86,8 +86,9 @@ class RowSpec:
 
     `adaptive`: a draft's `AdaptiveK`, or for "ngram" one per length of the n-gram matched (1..4), since how
     often a proposal is right depends mostly on that: measured on SmolLM2 over five prompts, 13% of the proposals
-    after a 1-token match were accepted, 21% after 2, 50% after 3, 77% after 4 (benchmarks/RESULTS.md). `current` is the one this step's proposals are judged by; `pending` an n-gram
-    row's proposals, found while asking (a look-up costs nothing next to a forward)."""
+    after a 1-token match were accepted, 21% after 2, 50% after 3, 77% after 4 (benchmarks/RESULTS.md).
+    `current` is the one this step's proposals are judged by; `pending` an n-gram row's proposals, found while
+    asking (a look-up costs nothing next to a forward)."""
 
     proposer: Any
     adaptive: AdaptiveK | dict[int, AdaptiveK]
