@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from .config import LlamaConfig
 from .quant import int8_linear
 from .scratch import linear_converted
+from .tiles import CAP, CAP_HEAD, RowTiles
+from .tiles import plan as plan_tiles
+from .tiles import run as run_tiles
 
 
 class Linear(nn.Linear):
@@ -36,16 +39,19 @@ class Linear(nn.Linear):
     # float32, the bfloat16 weight widened just before its product. None: always in the weight's dtype.
     widen_above: int | None = None
     lora_name: str | None = None  # the module's name, set when LoRA adapters look for it (lora._projections)
-    # A prepacked product of fewer rows than this runs as this many, zero rows added (see `choose_cpu_path`).
-    pad_rows: int | None = None
+    # bfloat16 on CPU: the row counts this product runs at, so a row's bits do not depend on how many rows
+    # share the product (tiles.py; set by `choose_cpu_path`). None: one call at whatever row count comes.
+    tiles: RowTiles | None = None
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # see Embedding
             super().reset_parameters()
 
     def forward(self, x: Tensor, lora=None) -> Tensor:
-        if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
-            y = packed_linear(x, self.weight, self.bias, self.pad_rows)
+        if self.tiles is not None and not torch.compiler.is_compiling():
+            y = run_tiles(self.product, x, self.tiles)
+        elif self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
+            y = packed_linear(x, self.weight, self.bias)
         elif self.weight.dtype == torch.int8:  # load(..., quantize="int8"), see quant.py
             y = int8_linear(x, self.weight, self.weight_scale)
             if self.bias is not None:
@@ -61,6 +67,12 @@ class Linear(nn.Linear):
             a, b, scale = self.adapter
             y = y + F.linear(F.linear(x, a), b) * scale
         return y
+
+    def product(self, x: Tensor) -> Tensor:
+        """x [M, in] times the weight (prepacked or dense floating point), plus the bias: one kernel call."""
+        if self.weight.is_mkldnn:
+            return packed_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -222,14 +234,60 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             # (reshape, not view: on CUDA the kernels may return the folded output in a layout view can't split)
+            one = step_attention if x.device.type == "cpu" else _sdpa
             if per_position and T > 1:  # each position's G query rows alone, laid out as a one-position step's
-                y = torch.stack([F.scaled_dot_product_attention(q[:, :, t::T].contiguous(), k, v,
-                                                                attn_mask=mask[:, :, t::T].contiguous())
+                y = torch.stack([one(q[:, :, t::T].contiguous(), k, v, mask[:, :, t::T].contiguous())
                                  for t in range(T)], dim=3)  # (B, K, G, T, hd)
+            elif T == 1:
+                y = one(q, k, v, mask)
+            elif x.device.type == "cpu":
+                y = span_attention(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             y = y.reshape(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """A decode step's attention on the CPU: q [B, K, R, hd] (R: one position's G query rows), k, v
+    [B, K, S, hd], mask [B, 1, R, S] (True: may attend) -> [B, K, R, hd]; scores and probabilities in the model
+    dtype, the softmax in float32.
+
+    Not `scaled_dot_product_attention`: its CPU kernel gives a row other bits on one thread than on another
+    (SmolLM2 in bfloat16, a layer-9 step: the same row and cache, 1 bf16 ulp apart at one head when the row sat
+    in the second half of a batch of 4, which its worker thread takes), so a request's log-probabilities moved
+    with the rows beside it. Written out, each row is a product of its own of the same shape whatever the
+    batch or the attended length (checked: equal over batches of 1-8 and lengths 16-4,096), and it ran as fast
+    as the fused kernel at batch 8 (0.89 against 0.85 ms at 512 positions, 3.9 against 4.5 ms at 2,048; the
+    1B's heads)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, K, R, S)
+    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+    return probs @ v  # (B, K, R, hd)
+
+
+SPAN_ROWS = 32  # see span_attention
+
+
+def span_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """A prompt span's attention on the CPU, `scaled_dot_product_attention` with the query rows (q [B, K, R, hd],
+    R = G * T, mask [B, 1, R, S]) padded to a multiple of `SPAN_ROWS`.
+
+    The CPU kernel cuts the R rows into blocks (32, 64 or 256 rows by R) and multiplies each block by the keys;
+    a small last block (R = 771 at 257 positions: 256, 256, 256 and 3) rounded its rows otherwise, so a
+    prefix's keys and values depended on how long the prompt around it was (SmolLM2 in bfloat16: layers 22 and
+    up differed at positions below 256 between a 257-position prefill and a 286-position one). Padded, every
+    block holds a multiple of 32 rows, and those agreed; the padding rows repeat the last row's mask and are
+    dropped."""
+    R = q.shape[2]
+    extra = -R % SPAN_ROWS
+    if extra:
+        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, :R]
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
@@ -303,6 +361,10 @@ class ModelOutput:
 
 class Transformer(nn.Module):
     """Body plus output head: `Transformer(config)(input_ids)` gives logits [B, T, V]."""
+
+    # bfloat16 on CPU: whether every projection runs in verified row tiles (tiles.py, `choose_cpu_path`), so a
+    # row's logits do not depend on how many rows share its forward
+    row_invariant: bool = False
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -380,17 +442,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))  # the head is never adapted
 
 
-def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pad_rows: int | None = None) -> Tensor:
-    """x times a prepacked weight (`pack_linear_weight`); fewer rows than `pad_rows` are padded with zeros."""
-    rows = x.numel() // x.shape[-1]
-    if pad_rows is None or rows >= pad_rows:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    flat = torch.cat([x.reshape(rows, x.shape[-1]), x.new_zeros(pad_rows - rows, x.shape[-1])])
-    y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
-    return y[:rows].reshape(*x.shape[:-1], y.shape[-1])
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x times a prepacked weight (`pack_linear_weight`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-PAD_ROWS = 4  # see choose_cpu_path
+PREFERRED_UNIT = 4  # see choose_cpu_path
 WIDEN_ABOVE_ROWS = 16  # a decode step (a few rows) stays in bfloat16: it is bound by reading the weights
 
 
@@ -398,32 +455,57 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
     """Pick the CPU kernels from what this CPU can do, once, at load; returns the path's name.
 
     - "packed": oneDNN has kernels for this dtype (float32 anywhere; bfloat16 where the CPU has AVX-512 BF16
-      or AMX): every projection is prepacked (`pack_for_cpu`). In bfloat16 on AVX-512 BF16 without AMX, a
-      product of 1-3 rows (a decode step of 1-3 requests) runs as 4 rows (`pad_rows`): oneDNN picks a faster
-      kernel there. On a 2-core EPYC one row of an 8192 x 2048 weight took 1.74-1.84 ms alone and 1.31-1.33 ms
-      as 4 rows (2 rows: 1.63), and a whole batch-1 decode step was about 10% faster (12 of 12 alternating
-      rounds); padding to 2 or 8 rows was slower, to 3 about even. AMX CPUs were not measured: they do not pad.
+      or AMX): every projection is prepacked (`pack_for_cpu`).
     - "widened": bfloat16 on a CPU without native bfloat16 (AVX2 only). There a bfloat16 matrix-matrix product
       runs at about a sixth of float32's speed, so a prompt's products (many rows) widen each weight to float32
       just before multiplying; decode steps (a few rows, bound by reading the weights) stay in bfloat16,
-      which reads half the bytes of float32.
+      which reads half the bytes of float32. Not row-invariant: a row rounds one way in a product of at most
+      16 rows and another in a larger one (with oneDNN held to AVX2, bfloat16 calls of up to 16 rows agreed
+      with each other and float32 calls of more did not agree with them), so a request's answer sent with
+      others may part from its solo answer at a near tie. Row tiles there would mean float32 decode steps
+      (widening every weight each step) or bfloat16 prompts at a sixth of the speed.
     - "plain": `F.linear` as it is (dense weights asked for, or another dtype / device).
+
+    In bfloat16, packed or dense with native bfloat16, every product runs in row tiles (tiles.py): row counts
+    checked here, per weight shape, to give each row the bits it has alone, so a request's logits do not
+    depend on what shares its forward. On AVX-512 BF16 without AMX the unit tried first is 4 rows (a decode
+    step of 1-3 requests runs as 4): oneDNN picks a faster kernel there. On a 2-core EPYC one row of an
+    8192 x 2048 weight took 1.74-1.84 ms alone and 1.31-1.33 ms as 4 rows (2 rows: 1.63), and a whole batch-1
+    decode step was about 10% faster (12 of 12 alternating rounds); padding to 2 or 8 rows was slower, to 3
+    about even. Elsewhere the unit tried first is 1 row.
     """
     if torch.device(device).type != "cpu":
         return "plain"
     if pack and can_pack_for_cpu(device, dtype):
         pack_for_cpu(model)
-        if dtype == torch.bfloat16 and _cpu_has("avx512_bf16") and not _cpu_has("amx_tile"):
-            for module in model.modules():
-                if isinstance(module, Linear) and module.weight.is_mkldnn:
-                    module.pad_rows = PAD_ROWS
+        if dtype == torch.bfloat16:
+            tile_products(model)
         return "packed"
     if dtype == torch.bfloat16 and not can_pack_for_cpu(device, dtype):
         for module in model.modules():
             if isinstance(module, Linear) and module.weight.is_floating_point():
                 module.widen_above = WIDEN_ABOVE_ROWS
         return "widened"
+    if dtype == torch.bfloat16:
+        tile_products(model)
     return "plain"
+
+
+def tile_products(model: Transformer) -> None:
+    """Give every floating-point projection its row tiles (tiles.py), checked once per weight shape and kernel;
+    `model.row_invariant` says whether every one verified."""
+    prefer = PREFERRED_UNIT if _cpu_has("avx512_bf16") and not _cpu_has("amx_tile") else 1
+    every = True
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or module.weight.dtype != torch.bfloat16:
+            continue
+        kernel = "packed" if module.weight.is_mkldnn else "dense"
+        key = (kernel, module.out_features, module.bias is not None)
+        cap = CAP_HEAD if name == "lm_head" else CAP
+        module.tiles = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=prefer,
+                                  cap=cap)
+        every = every and module.tiles is not None
+    model.row_invariant = every
 
 
 def _cpu_has(feature: str) -> bool:

@@ -1,0 +1,135 @@
+"""Row tiles (llama32/tiles.py): a bfloat16 product gives a row the same bits whatever the row count.
+
+The kernels of this machine may well be row-invariant already (an AMD EPYC's are; an AMX Xeon's are not), so
+the planning is also tested on made-up kernels that round by row count the way oneDNN's AMX kernel was seen
+to (other bits at 160, 224 and 256 rows), or by a row's position in the call, or by nothing but the count.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import llama32
+from llama32.model import Linear
+from llama32.tiles import CAP, CAP_HEAD, RowTiles, _cover, plan, run
+
+K, N = 64, 48
+W = torch.randn(N, K, generator=torch.Generator().manual_seed(1)).bfloat16()
+
+
+def exact(x: torch.Tensor, w: torch.Tensor = W) -> torch.Tensor:
+    """A row's product in float32, summed the same way whatever the call (elementwise, then one reduction)."""
+    return (x.float()[:, None, :] * w.float()[None]).sum(-1)
+
+
+def halves(x: torch.Tensor) -> torch.Tensor:
+    """Another kernel's rounding: each half of K summed and rounded to bfloat16 before the two are added."""
+    h = K // 2
+    return exact(x[:, :h], W[:, :h]).bfloat16().float() + exact(x[:, h:], W[:, h:])
+
+
+def kernel(rounds_other_way):
+    """A product that rounds rows the other way where `rounds_other_way(M, position)` says so; records the call
+    sizes it was given."""
+    sizes = []
+
+    def product(x):
+        M = x.shape[0]
+        sizes.append(M)
+        out = exact(x)
+        other = torch.tensor([rounds_other_way(M, i) for i in range(M)])
+        return torch.where(other[:, None], halves(x), out).bfloat16()
+
+    product.sizes = sizes
+    return product
+
+
+AMX_LIKE = kernel(lambda M, i: M in (160, 196, 224, 256))  # as measured on the Xeon, for 1536 -> 576
+SMALL_ROWS_BY_POSITION = kernel(lambda M, i: M < 8 and i % 2 == 1)  # the odd rows of a small call
+UNIT_SIXTEEN = kernel(lambda M, i: M % 16 != 0 and i >= M - M % 16)  # a tail of fewer than 16 rows
+
+
+@pytest.mark.parametrize("name", ["amx-like", "position", "tail"])
+def test_every_row_count_gives_every_row_its_solo_bits(name):
+    product = {"amx-like": AMX_LIKE, "position": SMALL_ROWS_BY_POSITION, "tail": UNIT_SIXTEEN}[name]
+    tiles = plan(product, K, torch.bfloat16, ("fake", name), prefer=1, cap=CAP)
+    assert tiles is not None
+    x = torch.randn(2 * CAP + 40, K, generator=torch.Generator().manual_seed(2)).bfloat16()
+    alone = torch.cat([run(product, x[i:i + 1], tiles) for i in range(x.shape[0])])
+    product.sizes.clear()
+    for m in range(1, x.shape[0] + 1):
+        got = run(product, x[:m], tiles)
+        assert got.shape == (m, N)
+        assert torch.equal(got, alone[:m]), f"{m} rows"
+    assert set(product.sizes) <= set(tiles.sizes)  # no call at a size the check did not verify
+    # and the made-up kernel does round by row count: without tiles these row counts part from the rows alone
+    plain = torch.cat([product(x[i:i + 1]) for i in range(300)])
+    assert any(not torch.equal(product(x[:m]), plain[:m]) for m in (2, 3, 17, 160, 224, 256))
+
+
+def test_the_plan_leaves_out_what_rounds_otherwise():
+    tiles = plan(AMX_LIKE, K, torch.bfloat16, ("fake", "amx"), prefer=16, cap=CAP)
+    assert tiles.unit == 16 and 256 not in tiles.sizes and {32, 64, 128, 192} <= set(tiles.sizes)
+    # a kernel whose tail rows (past the last whole 16) round otherwise: 1-row calls agree with calls of up to
+    # 12 rows (all tail), not with 16 or more
+    tail = plan(UNIT_SIXTEEN, K, torch.bfloat16, ("fake", "tail-1"), prefer=1, cap=CAP)
+    assert tail.sizes == (1, 2, 3, 4, 6, 8, 12)
+
+
+def test_a_kernel_whose_rows_move_with_their_place_gets_no_plan():
+    shifted = kernel(lambda M, i: i % 2 == 1)  # every call: odd positions the other way
+    assert plan(shifted, K, torch.bfloat16, ("fake", "shift-2"), prefer=2, cap=64) is None
+    # one row a call is the one size left where a row has no other place
+    assert plan(shifted, K, torch.bfloat16, ("fake", "shift-1"), prefer=1, cap=64).sizes == (1,)
+
+
+def test_covers_use_the_sizes_and_hold_the_rows():
+    tiles = RowTiles((4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256), fixed=8.0)
+    for rows in range(1, 2100):
+        calls = tiles.calls(rows)
+        assert set(calls) <= set(tiles.sizes) and sum(calls) >= rows
+        assert sum(calls) - rows < 64 or rows < 64  # little padding: the cost counts every row
+    assert tiles.calls(2048) == (256,) * 8 and tiles.calls(3) == (4,)
+    # the cheapest cover by brute force, for small counts
+    for rows in range(1, 60):
+        best = min(sum(c) + 8 * len(c) for n in (1, 2, 3) for c in itertools.product(tiles.sizes, repeat=n)
+                   if sum(c) >= rows)
+        assert sum(tiles.calls(rows)) + 8 * len(tiles.calls(rows)) == best
+    assert _cover((16, 32, 64), 100.0, 20) == (32,)  # a costly call: pad rather than split
+
+
+@pytest.fixture(scope="module")
+def smol_bf16(smollm2_dir):
+    return llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
+
+
+@pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "dense"])
+def test_every_product_shape_every_row_every_row_count(smollm2_dir, smol_bf16, monkeypatch, pack):
+    """The check that would catch the AMX kernel: every projection shape SmolLM2 runs, every row, every row count
+    from 1 to twice the largest call (beyond it a product is more of the same calls), the head to its own."""
+    if pack == "0":
+        monkeypatch.setenv("LLAMA32_CPU_PACK", "0")
+        model = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu").model
+    else:
+        model = smol_bf16.model
+    if model.cpu_path == "widened":
+        pytest.skip("bfloat16 on a CPU without native bfloat16 is not row-invariant (docs/API.md)")
+    assert model.row_invariant
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            seen.setdefault((module.in_features, module.out_features), (name, module))
+    assert len(seen) == 5  # q/o, k/v, gate/up, down, head
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for (k, _), (name, module) in seen.items():
+            top = 2 * (CAP_HEAD if name == "lm_head" else CAP)
+            x = torch.randn(top, k, generator=gen).bfloat16()
+            alone = torch.cat([module(x[i:i + 1]) for i in range(top)])
+            for m in range(1, top + 1):
+                got = module(x[None, :m])[0]
+                bad = (got != alone[:m]).any(-1).nonzero().flatten().tolist()
+                assert not bad, f"{name}: {m} rows, rows {bad[:10]} differ from the rows alone"
