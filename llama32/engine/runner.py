@@ -103,15 +103,30 @@ class Runner:
         return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora)[0]
 
     def prefill_rows(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
-        """Several rows' spans in one forward: `spans` maps a slot to (ids, start, adapter); each row's ids
-        go at its own positions [start, start + len(ids)), attending over its positions before. Returns each
-        slot's logits (1, V) at its span's last token.
+        """Several rows' spans: `spans` maps a slot to (ids, start, adapter); each row's ids go at its own
+        positions [start, start + len(ids)), attending over its positions before. Returns each slot's logits
+        (1, V) at its span's last token.
 
-        The rows from the lowest slot to the highest take part; a shorter span is padded with its next
-        position (where its first decode step writes anyway), and a row in between without a span (a free
-        one) writes at position 0 (nothing there is read)."""
+        One forward per run of consecutive slots (`_prefill_run`): a forward takes a contiguous slice of the
+        cache, and a row in that slice without a span would be written too. That row may hold real keys and
+        values (a text being scored, prefilled in chunks beside them: issue 34, where its position 0 was
+        overwritten with token 0's), so no forward covers a row it is not prefilling."""
+        out: dict[int, Tensor] = {}
+        run: list[int] = []
+        for slot in sorted(spans):
+            if run and slot != run[-1] + 1:
+                out.update(self._prefill_run(rows, {s: spans[s] for s in run}))
+                run = []
+            run.append(slot)
+        out.update(self._prefill_run(rows, {s: spans[s] for s in run}))
+        return out
+
+    def _prefill_run(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
+        """`prefill_rows` for consecutive slots, in one forward; a shorter span is padded with its next
+        position (where its first decode step writes anyway)."""
         llm = self.llm
         lo, hi = min(spans), max(spans) + 1
+        assert hi - lo == len(spans), "a forward covers only the rows it prefills"
         T = max(len(ids) for ids, _, _ in spans.values())
         ids = torch.zeros(hi - lo, T, dtype=torch.long)
         pos = torch.zeros(hi - lo, T, dtype=torch.long)

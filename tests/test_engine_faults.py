@@ -1,0 +1,116 @@
+"""Failure paths of the generation loop and the server (issue 34): each test reproduces one defect
+deterministically and checks the fix.
+
+The loop tests drive `GenerationLoop._run_once` from the test's own thread (jobs appended to `_waiting`
+by hand, no loop thread started), so the schedule is exactly the one written down, not a race."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama32
+from llama32.engine import _END, Job
+from llama32.output import Output
+from llama32.requests import validate
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+
+def _job(llm, **request) -> Job:
+    req = validate(llm, {"temperature": 0, **request})
+    return Job(req, Output(llm, req))
+
+
+def _add(loop, *jobs: Job) -> None:
+    """Queue `jobs` as `submit` does, without starting the loop thread (the test runs the iterations)."""
+    with loop._cond:
+        loop._waiting.extend(jobs)
+
+
+def _drain(job: Job) -> list:
+    """Everything `job` was sent so far (it must have ended)."""
+    items = []
+    while not job.events.empty():
+        items.append(job.events.get())
+    assert items and items[-1] is _END, items
+    return items[:-1]
+
+
+def _score_alone(llm, ids: list[int], n_context: int) -> list[float]:
+    job = Job(ids=ids, n_context=n_context)
+    _add(llm.loop, job)
+    while not job.finished:
+        llm.loop._run_once(0)
+    [(logprobs, _greedy)] = _drain(job)
+    return logprobs
+
+
+@pytest.fixture(scope="module")
+def smol3(smollm2_dir):
+    """SmolLM2 in float32 with three rows, as in the issue's reproduction (its own handle: tests drive its loop)."""
+    return llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=3)
+
+
+def _text_ids(llm, n: int) -> list[int]:
+    tok = llm.tokenizer
+    words = "The quick brown fox jumps over the lazy dog while the river runs to the sea and back. "
+    ids = tok.encode(words * (n // 8 + 2))[:n - 1]
+    return [tok.bos_id if tok.bos_id is not None else ids[0]] + ids
+
+
+# --- 1. a prefill forward over rows it was not prefilling ---------------------------------------------------------
+
+
+def test_prefill_together_leaves_a_scoring_row_between_its_rows_untouched(smol3):
+    """The issue's schedule: A decodes; a score S prefills 64 tokens per iteration beside it in row 1; B takes
+    row 2 and waits for the prefill budget; C queues; A is closed, C takes row 0; nothing decodes, so B and C
+    are prefilled together, and that forward must not write S's row (it wrote token 0 at its position 0)."""
+    llm, loop = smol3, smol3.loop
+    assert loop.prefill_chunk == 64 and loop.max_batch == 3
+    ids = _text_ids(llm, 260)
+    want = _score_alone(llm, ids, 1)
+
+    a = _job(llm, prompt="Count from one to a hundred:", max_tokens=200)
+    _add(loop, a)
+    loop._run_once(0)
+    assert a.decoding and a.slot == 0
+    s = Job(ids=ids, n_context=1)
+    _add(loop, s)
+    loop._run_once(0)
+    assert s.slot == 1 and s.prefilled == 64
+    b = _job(llm, prompt="Name three colours.", max_tokens=4)
+    _add(loop, b)
+    loop._run_once(0)
+    assert b.slot == 2 and b.prefilled == 0 and s.prefilled == 128  # B waits for the prefill budget
+    c = _job(llm, prompt="Say hello.", max_tokens=4)
+    _add(loop, c)
+    loop.cancel(a)
+    loop._run_once(0)  # A leaves after this iteration's step; S gets another 64 tokens, C still waits
+    assert c.slot is None and a.finished and s.prefilled == 192
+    # The next iteration: C takes row 0, nothing decodes: B and C are prefilled in one go, S beside them.
+    loop._run_once(0)
+    assert c.slot == 0 and b.decoding and c.decoding
+    while not (s.finished and b.finished and c.finished):
+        loop._run_once(0)
+    [(got, _greedy)] = _drain(s)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_prefill_rows_writes_only_the_rows_it_prefills(smol3):
+    """Runner level: the rows between the spans' slots, not in the forward's batch, keep their cache bits."""
+    from llama32.engine.memory import Rows
+
+    llm = smol3
+    runner = llm.loop.runner
+    rows = Rows(llm, 4, 256, 4)
+    with torch.inference_mode():
+        for t in rows.cache.k + rows.cache.v:
+            t.normal_()
+        before = [t.clone() for t in rows.cache.k + rows.cache.v]
+        ids = _text_ids(llm, 20)
+        runner.prefill_rows(rows, {0: (ids[:12], 0, None), 3: (ids, 0, None)})
+        for old, new in zip(before, rows.cache.k + rows.cache.v):
+            assert torch.equal(old[1:3], new[1:3])  # rows 1 and 2 were not prefilled
+            assert not torch.equal(old[0, :, :12], new[0, :, :12]) and not torch.equal(old[3], new[3])
