@@ -114,3 +114,71 @@ def test_prefill_rows_writes_only_the_rows_it_prefills(smol3):
         for old, new in zip(before, rows.cache.k + rows.cache.v):
             assert torch.equal(old[1:3], new[1:3])  # rows 1 and 2 were not prefilled
             assert not torch.equal(old[0, :, :12], new[0, :, :12]) and not torch.equal(old[3], new[3])
+
+
+# --- 2a. a failure while pausing ------------------------------------------------------------------------------------
+
+
+def _iterate(loop, jobs: list[Job], limit: int = 200) -> None:
+    """Run iterations as the loop thread does (an error out of one fails the running rows) until `jobs` end."""
+    for _ in range(limit):
+        if all(j.finished for j in jobs):
+            return
+        try:
+            loop._run_once(0)
+        except BaseException as e:  # noqa: BLE001 - as `_serve`
+            loop._fail_running(e)
+
+
+def _outcome(job: Job):
+    """The text `job` produced, or the exception it got."""
+    items = []
+    while not job.events.empty():
+        items.append(job.events.get())
+    if items and isinstance(items[-1], BaseException):
+        return items[-1]
+    assert items and items[-1] is _END, items
+    return "".join(c["response"] for batch in items[:-1] for c in batch)
+
+
+PROMPTS = ["Write a short poem about the sea and the wind.", "List three fruits that are red.",
+           "What is the capital of France? Explain in one sentence."]
+
+
+def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypatch):
+    llm, loop = smol3, smol3.loop
+    solo = []
+    for prompt in PROMPTS:
+        job = _job(llm, prompt=prompt, max_tokens=6)
+        _add(loop, job)
+        _iterate(loop, [job])
+        solo.append(_outcome(job))
+    a, b, c = jobs = [_job(llm, prompt=p, max_tokens=6) for p in PROMPTS]
+    _add(loop, *jobs)
+    loop._run_once(0)
+    assert all(j.decoding for j in jobs)
+    # Memory runs short (as the scheduler would say): the latest arrivals, C then B, are paused; keeping B's
+    # blocks in the prefix index fails (out of memory while cloning them).
+    plan, store, calls = loop.scheduler.plan, loop.prefixes.store, []
+
+    def short_once(running, waiting):
+        admit, pause, refuse, shape = plan(running, waiting)
+        if not calls:
+            calls.append("plan")
+            pause = [c, b]
+        return admit, pause, refuse, shape
+
+    def failing_store(adapter, ids, *args):
+        calls.append("store")
+        if calls.count("store") == 2:
+            raise MemoryError("no memory for B's blocks")
+        return store(adapter, ids, *args)
+
+    monkeypatch.setattr(loop.scheduler, "plan", short_once)
+    monkeypatch.setattr(loop.prefixes, "store", failing_store)
+    _iterate(loop, jobs)
+    assert calls[:3] == ["plan", "store", "store"]
+    got = [_outcome(j) if j.finished else "never finished" for j in jobs]
+    assert isinstance(got[1], MemoryError), got  # B's caller gets the error
+    assert got[0] == solo[0] and got[2] == solo[2], got  # A went on; C was paused, resumed, and finished
+    assert not loop._waiting and not loop._rows.live()

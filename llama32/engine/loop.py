@@ -270,9 +270,19 @@ class GenerationLoop:
             job.finished = True
             job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
                                 f"{need(job)} positions ({self.position_bytes} bytes each)"))
+        paused = []
         for job in pause:
-            self._pause(job)
-        self._waiting.extendleft(reversed(pause))  # the paused go first, in arrival order
+            # Pausing copies the row's blocks into the prefix index, which may fail (out of memory). Each job
+            # is paused on its own: one that fails fails alone (its caller gets the error; it leaves its row),
+            # and those paused before it still go back to the queue, so none is left in neither (issue 34).
+            try:
+                self._pause(job)
+            except Exception as e:  # noqa: BLE001 - the error goes to its caller; the loop must live
+                self._retire(job)
+                job.put(e)
+                continue
+            paused.append(job)
+        self._waiting.extendleft(reversed(paused))  # the paused go first, in arrival order
         remaining = [j for j in running if j not in pause]
         if remaining and shape is None:  # one running row outgrew the whole budget (the scheduler's backstop)
             [job] = remaining
