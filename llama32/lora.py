@@ -18,6 +18,7 @@ Every check runs before an adapter is cached or applied.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -64,6 +65,9 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+_SERIALS = itertools.count(1)  # `Adapter.serial`: next() on a count is atomic under the GIL
+
+
 @dataclass(eq=False)
 class Adapter:
     """A loaded, validated LoRA adapter, on the handle's device and in its dtype.
@@ -78,6 +82,9 @@ class Adapter:
     r: int
     scale: float
     modules: dict[str, tuple[Tensor, Tensor, float]] = field(repr=False)
+    # This loaded copy's number, one more than the last load's: what the prefix index and the compiled step's
+    # stacks know it by. Not id(): the LRU frees adapters and CPython reuses their addresses (issue 34).
+    serial: int = field(default_factory=lambda: next(_SERIALS), repr=False)
 
     def __repr__(self) -> str:
         return f"Adapter({self.name!r}, r={self.r}, scale={self.scale:g}, modules={len(self.modules)})"
@@ -174,7 +181,7 @@ class GatheredAdapters:
 
     def __init__(self, stacks: dict[str, tuple[Tensor, Tensor, Tensor]], index: dict[int, int]):
         self.stacks = stacks  # module name -> (A [N+1, r, in], B [N+1, out, r], scale [N+1])
-        self.index = index  # id(adapter) -> its position in the stacks
+        self.index = index  # adapter.serial -> its position in the stacks
         self.rows: Tensor | None = None  # (n,) this step's rows' indices
 
     @classmethod
@@ -185,14 +192,14 @@ class GatheredAdapters:
         loaded = list(dict.fromkeys([*llm._adapters.values(), *(a for a in adapters if a is not None)]))
         if not loaded:
             return None
-        key = tuple(id(a) for a in loaded)
+        key = tuple(a.serial for a in loaded)  # serials, never reused (an id() may name another adapter later)
         runner = llm.loop.runner
         cached = runner.adapter_stacks
         if cached is None or cached[0] != key:
             cached = runner.adapter_stacks = (key, cls._stack(llm, loaded))
         base = cached[1]
         step = cls(base.stacks, base.index)
-        step.rows = torch.tensor([0 if a is None else base.index[id(a)] for a in adapters], device=llm.device)
+        step.rows = torch.tensor([0 if a is None else base.index[a.serial] for a in adapters], device=llm.device)
         return step
 
     @classmethod
@@ -215,7 +222,7 @@ class GatheredAdapters:
                     scale[i] = s
             stacks[name] = (a_all, b_all, scale)
             keep_address([a_all, b_all, scale])
-        return cls(stacks, {id(a): i for i, a in enumerate(loaded, start=1)})
+        return cls(stacks, {a.serial: i for i, a in enumerate(loaded, start=1)})
 
     def add(self, linear: Linear, x: Tensor, y: Tensor) -> Tensor:
         """y (the base product of `linear` on x [n, T, in]) plus each row's adapter."""

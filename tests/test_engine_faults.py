@@ -182,3 +182,76 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
     assert isinstance(got[1], MemoryError), got  # B's caller gets the error
     assert got[0] == solo[0] and got[2] == solo[2], got  # A went on; C was paused, resumed, and finished
     assert not loop._waiting and not loop._rows.live()
+
+
+# --- 2b, 2c. what names a stored prefix, and an adapter ----------------------------------------------------------
+
+
+def _blocks(n: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, n, 4, generator=g)], [torch.randn(2, n, 4, generator=g)]
+
+
+def test_a_prefix_chain_collision_in_pythons_hash_serves_nothing(monkeypatch):
+    """Prompt P1 = X + Z is stored, then P2 = Y; a prompt Y + Z finds Y, and its second block must not be
+    P1's Z (computed after X) however the prefixes X and Y hash: here every hash() collides, as the old
+    chain (linked by hash() of the block before) would let a rare real collision do."""
+    from llama32.engine import memory
+    from llama32.engine.memory import BLOCK, PrefixIndex
+
+    monkeypatch.setattr(memory, "hash", lambda key: 0, raising=False)  # what the old chain was linked by
+    index = PrefixIndex(position_bytes=8)
+    x, y, z = [5] * BLOCK, [6] * BLOCK, list(range(100, 100 + BLOCK))
+    index.store(None, x + z + [7], *_blocks(2 * BLOCK + 1, 0), limit=1 << 30)
+    index.store(None, y + [7], *_blocks(BLOCK + 1, 1), limit=1 << 30)
+    assert len(index.lookup(None, x + z + [7])) == 2
+    assert len(index.lookup(None, y + z + [7])) == 1  # Y only: Z after Y was never stored
+
+
+def _adapters_share_an_address(monkeypatch, *modules):
+    """Make id() of every adapter the same, as when CPython gives a new adapter a freed one's address (the
+    LRU frees them): for the modules that identified adapters by id()."""
+    for module in modules:
+        monkeypatch.setattr(module, "id", lambda obj: 1, raising=False)
+
+
+def test_an_adapter_at_a_freed_adapters_address_gets_none_of_its_prefixes(monkeypatch):
+    """A new adapter (same files, other weights: say they were replaced) at the address of a freed one must
+    not be served the freed one's keys and values."""
+    from pathlib import Path
+
+    from llama32.engine import memory
+    from llama32.engine.memory import BLOCK, PrefixIndex
+    from llama32.lora import Adapter
+
+    _adapters_share_an_address(monkeypatch, memory)
+    index, ids = PrefixIndex(position_bytes=8), list(range(1, 2 * BLOCK + 2))
+    first = Adapter(name="x", path=Path("/adapters/x"), r=1, scale=1.0, modules={})
+    index.store(first, ids, *_blocks(len(ids), 0), limit=1 << 30)
+    assert len(index.lookup(first, ids)) == 2
+    del first
+    second = Adapter(name="x", path=Path("/adapters/x"), r=1, scale=1.0, modules={})
+    assert index.lookup(second, ids) == []
+
+
+def test_the_compiled_steps_adapter_stacks_are_not_reused_for_an_adapter_at_a_freed_address(smol3, monkeypatch):
+    from llama32 import lora
+    from llama32.lora import Adapter, GatheredAdapters, _projections
+
+    llm = smol3
+    name, linear = next(iter(_projections(llm).items()))
+
+    def adapter(value: float):
+        a = torch.full((1, linear.in_features), value)
+        b = torch.full((linear.out_features, 1), value)
+        return Adapter(name="x", path=llm.path, r=1, scale=1.0, modules={name: (a, b, 1.0)})
+
+    _adapters_share_an_address(monkeypatch, lora)
+    try:
+        first = adapter(1.0)
+        assert GatheredAdapters.of(llm, [first]).stacks[name][0][1, 0, 0].item() == 1.0
+        del first
+        second = adapter(2.0)
+        assert GatheredAdapters.of(llm, [second]).stacks[name][0][1, 0, 0].item() == 2.0  # not the freed one's
+    finally:
+        llm.loop.runner.adapter_stacks = None

@@ -2,7 +2,7 @@
 
 A prompt's keys and values, in whole blocks of `BLOCK` tokens, stay after its request ends, so that a later
 request whose prompt starts with the same tokens (the same system prompt, tool list or chat history) copies
-them instead of computing them again. A block is keyed by its own tokens, the key of the block before it (so
+them instead of computing them again. A block is keyed by its own tokens, a digest of the blocks before it (so
 a key names the whole prefix up to the block's end) and the LoRA adapter (an adapter changes the keys and
 values). Keys and values are stored after RoPE, at the positions they were computed at; a prefix always
 starts at position 0, so a copied block is exactly what computing it would write (the same arithmetic: the
@@ -18,6 +18,8 @@ step attends over), and the index keeps blocks.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from typing import Any
 
@@ -28,8 +30,16 @@ BLOCK = 32  # tokens per reusable block
 
 
 def adapter_key(adapter: Any) -> tuple | None:
-    """What identifies an adapter's keys and values: its files and this loaded copy of them."""
-    return None if adapter is None else (str(adapter.path), id(adapter))
+    """What identifies an adapter's keys and values: its files and this loaded copy of them (its load
+    number, `Adapter.serial`: an id() would be reused by CPython once the LRU frees the adapter, issue 34)."""
+    return None if adapter is None else (str(adapter.path), adapter.serial)
+
+
+def _chain(parent: bytes, block: tuple[int, ...]) -> bytes:
+    """The digest naming a prefix: blake2b over the digest of the prefix before it and this block's ids.
+    Not Python's hash() (64 bits, no guarantee against collisions, which would serve another prefix's
+    keys and values: issue 34); a 256-bit cryptographic digest makes a collision practically impossible."""
+    return hashlib.blake2b(parent + array("q", block).tobytes(), digest_size=32).digest()
 
 
 class PrefixIndex:
@@ -47,12 +57,12 @@ class PrefixIndex:
 
     @staticmethod
     def _keys(adapter: Any, ids: list[int], n_blocks: int) -> list[tuple]:
-        """Block i's key: (adapter, hash of block i-1's key, block i's tokens)."""
-        keys, parent, which = [], 0, adapter_key(adapter)
+        """Block i's key: (adapter, digest of blocks [0, i), block i's tokens) (`_chain`)."""
+        keys, parent, which = [], b"", adapter_key(adapter)
         for i in range(n_blocks):
-            key = (which, parent, tuple(ids[i * BLOCK:(i + 1) * BLOCK]))
-            keys.append(key)
-            parent = hash(key)
+            block = tuple(ids[i * BLOCK:(i + 1) * BLOCK])
+            keys.append((which, parent, block))
+            parent = _chain(parent, block)
         return keys
 
     def lookup(self, adapter: Any, ids: list[int]) -> list[tuple[list[Tensor], list[Tensor]]]:
