@@ -19,6 +19,7 @@ last chunk lists in `tool_calls`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Any
 
 from .requests import Request
@@ -27,14 +28,39 @@ from .tool_calls import Scanner
 
 
 def _partial_suffix(text: str, needles: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of one of `needles` (0 if none)."""
+    """Length of the longest tail of `text` that is a proper prefix of one of `needles` (0 if none).
+
+    Called on every token of a request with stop strings, so linear in each needle's length (issue 34: it
+    tried every prefix of every needle, each an O(n) slice and comparison, O(len(stop)^2) per token): the
+    KMP automaton of the needle run over the last len(needle) - 1 characters of `text` (a longer tail cannot
+    be a proper prefix) ends in the state that is the longest such prefix."""
     best = 0
     for needle in needles:
-        for n in range(min(len(needle) - 1, len(text)), best, -1):
-            if text.endswith(needle[:n]):
-                best = n
-                break
+        m = len(needle)
+        if m - 1 <= best:  # none of its proper prefixes is longer than what was found
+            continue
+        fail, k = _failure(needle), 0
+        for ch in text[max(len(text) - (m - 1), 0):]:
+            while k and ch != needle[k]:
+                k = fail[k - 1]
+            if ch == needle[k]:
+                k += 1  # at most len(tail) <= m - 1: never a whole needle, so needle[k] stays in range
+        best = max(best, k)
     return best
+
+
+@lru_cache(maxsize=64)
+def _failure(needle: str) -> tuple[int, ...]:
+    """KMP's failure function: [i] is the length of the longest proper prefix of needle[:i + 1] that is also
+    its suffix. Cached: a request's stop strings are the same on each of its tokens."""
+    fail, k = [0] * len(needle), 0
+    for i in range(1, len(needle)):
+        while k and needle[i] != needle[k]:
+            k = fail[k - 1]
+        if needle[i] == needle[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)
 
 
 class Output:

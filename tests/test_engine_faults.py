@@ -255,3 +255,68 @@ def test_the_compiled_steps_adapter_stacks_are_not_reused_for_an_adapter_at_a_fr
         assert GatheredAdapters.of(llm, [second]).stacks[name][0][1, 0, 0].item() == 2.0  # not the freed one's
     finally:
         llm.loop.runner.adapter_stacks = None
+
+
+# --- 2d. stop strings: the held-back tail, linear in the stop string's length ---------------------------------------
+
+
+def _partial_suffix_reference(text: str, needles: tuple[str, ...]) -> int:
+    """The former implementation (every prefix of every needle tried): the answers to match."""
+    best = 0
+    for needle in needles:
+        for n in range(min(len(needle) - 1, len(text)), best, -1):
+            if text.endswith(needle[:n]):
+                best = n
+                break
+    return best
+
+
+def test_partial_suffix_gives_the_former_answers():
+    import random
+
+    from llama32.output import _partial_suffix
+
+    rng = random.Random(34)
+    word = lambda n, abc: "".join(rng.choice(abc) for _ in range(n))  # noqa: E731
+    for case in range(20_000):
+        abc = "ab" if case % 2 else "abc"
+        needles = tuple(word(rng.randint(0, 9), abc) for _ in range(rng.randint(1, 3)))
+        text = word(rng.randint(0, 14), abc)
+        assert _partial_suffix(text, needles) == _partial_suffix_reference(text, needles), (text, needles)
+    assert _partial_suffix("", ("abc",)) == 0 and _partial_suffix("xab", ("", "abc")) == 2
+
+
+class _CountedStr(str):
+    """A stop string that counts the characters read out of it (slices and indexing), and refuses to be read
+    past `budget` characters in all: a quadratic algorithm stops at once instead of running for minutes."""
+
+    def __new__(cls, value: str, budget: int):
+        self = super().__new__(cls, value)
+        self.read, self.budget = 0, budget
+        return self
+
+    def __getitem__(self, key):
+        out = str.__getitem__(self, key)
+        self.read += len(out)
+        if self.read > self.budget:
+            raise AssertionError(f"read {self.read} characters of a {len(self)}-character stop string")
+        return out
+
+    __hash__ = str.__hash__
+
+
+def test_partial_suffix_reads_a_100k_stop_string_a_linear_number_of_times():
+    from llama32.output import _partial_suffix
+
+    m = 100_000
+    stop = "a" * (m - 1) + "b"
+    # The worst case for trying every prefix: a long text ending in a character no prefix ends with, then
+    # a few tokens' more text; each call may read the stop string a few times over, not m / 2 times.
+    text = "a" * m + "c"
+    counted = _CountedStr(stop, budget=20 * m)
+    assert _partial_suffix(text, (counted,)) == 0
+    for piece, held in (("a", 1), ("aa", 3), ("aaa" * 10, 33), ("aab", 0)):
+        text += piece
+        counted.read, counted.budget = 0, 10 * m
+        assert _partial_suffix(text, (counted,)) == held
+    assert _partial_suffix("x" + "a" * 500, (stop,)) == 500
