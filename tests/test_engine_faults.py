@@ -320,3 +320,66 @@ def test_partial_suffix_reads_a_100k_stop_string_a_linear_number_of_times():
         counted.read, counted.budget = 0, 10 * m
         assert _partial_suffix(text, (counted,)) == held
     assert _partial_suffix("x" + "a" * 500, (stop,)) == 500
+
+
+# --- 2e. HTTP: what a body can make the server do ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_client(make_checkpoint, llama3_tokenizer_dir):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from llama32.server import create_app
+
+    tiny = llama32.load(make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir), device="cpu",
+                        dtype="float32")
+    with TestClient(create_app(tiny), raise_server_exceptions=False) as client:
+        yield client
+
+
+WAI = "/ai/run/@cf/meta/llama-3.2-1b-instruct"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", WAI])
+def test_json_nested_50000_deep_is_a_400(app_client, path):
+    deep = '{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    r = app_client.post(path, content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "nested" in r.text
+    # deep enough to be refused, still within what the parser takes
+    r = app_client.post(path, content='{"messages": ' + "[" * 500 + "]" * 500 + "}",
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.text, r.text
+
+
+def test_completions_bounds_the_number_of_prompts(app_client):
+    from llama32.server import openai_api
+
+    MAX_PROMPTS = getattr(openai_api, "MAX_PROMPTS", 256)  # the documented bound (the old code had none)
+    r = app_client.post("/v1/completions", json={"prompt": ["Hi"] * (MAX_PROMPTS + 1), "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and str(MAX_PROMPTS) in r.json()["error"]["message"]
+    r = app_client.post("/v1/completions", json={"prompt": [[1, 2]] * (MAX_PROMPTS + 1), "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    r = app_client.post("/v1/completions", json={"prompt": list(range(1, 2 * MAX_PROMPTS)), "max_tokens": 1})
+    assert "prompts per request" not in r.text  # one prompt of many token ids is one prompt (too long here)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", WAI])
+def test_a_checkpoint_error_does_not_show_server_paths(app_client, monkeypatch, caplog, path):
+    from llama32.errors import CheckpointError
+    from llama32.server.backend import Backend
+
+    secret = "/srv/private/models/llama/tokenizer.json"
+
+    def broken(self, *args, **kwargs):
+        raise CheckpointError(f"{secret}: cannot read (Permission denied)")
+
+    monkeypatch.setattr(Backend, "validate", broken)
+    body = {"prompt": "Hi", "max_tokens": 1}
+    with caplog.at_level("ERROR", logger="llama32.server"):
+        r = app_client.post(path, json=body)
+    assert r.status_code == 500
+    assert "/srv" not in r.text and "Permission" not in r.text, r.text
+    assert secret in caplog.text  # the operator still sees it

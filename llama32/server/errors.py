@@ -37,7 +37,9 @@ def from_exception(e: BaseException) -> ApiError:
     if isinstance(e, InvalidRequest):
         return ApiError(400, str(e))
     if isinstance(e, CheckpointError):
-        return ApiError(500, f"the model cannot serve this: {e}")
+        # Its text names files on this server (paths, what could not be read): logged, never sent (issue 34)
+        log.error("checkpoint error while answering a request: %s", e)
+        return ApiError(500, "the model cannot serve this request; see the server log")
     log.exception("unexpected error while answering a request")
     return ApiError(500, "internal error while generating; see the server log")
 
@@ -62,6 +64,28 @@ def error_response(request: Request, e: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
+# The deepest nesting of objects and arrays a request body may have (issue 34: 50,000 levels raised a
+# RecursionError in the parser, a 500; a few hundred could still exhaust the stack in the code walking the
+# request, a schema or tool list say, after it). Far deeper than any real request (a JSON schema, tools).
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply `value`'s objects and arrays nest (0 for a scalar), found without recursion; stops
+    counting once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 async def json_body(request: Request, max_bytes: int) -> dict:
     """The request body as a JSON object, read up to `max_bytes` (413 past that), else a 400."""
     declared = request.headers.get("content-length")
@@ -76,6 +100,11 @@ async def json_body(request: Request, max_bytes: int) -> dict:
         body = json.loads(bytes(data) or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e})") from None
+    except RecursionError:  # the parser's own limit (~1,000 levels): a client's error, not the server's
+        raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _depth(body) > MAX_JSON_DEPTH:  # what parsed may still be too deep for the code that walks it after
+        raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__ if body is not None else 'nothing'}")
     return body
+

@@ -26,6 +26,9 @@ from .errors import ApiError
 
 PREFIXES = ("/v1", "/ai/v1", "/client/v4/accounts/{account_id}/ai/v1")
 MAX_N = 8
+# The most prompts one /v1/completions request may list (each is validated, and then queued n times): a
+# bound on the work one body can ask for; more is a 400 (issue 34), rather than validating them all first.
+MAX_PROMPTS = 256
 # OpenAI fields that mean the same thing as the library's (passed through; the library checks them)
 _SAME = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "stop", "top_k",
          "repetition_penalty", "lora", "logit_bias")
@@ -146,7 +149,14 @@ def _chat_logprobs(entries: list[dict] | None) -> dict | None:
 
 def _prompts(prompt) -> list[tuple[str | None, list[int] | None]]:
     """/v1/completions' prompt forms: a string, a list of strings, a list of token ids, or a list of such
-    lists; one (text, None) or (None, ids) per prompt."""
+    lists; one (text, None) or (None, ids) per prompt, at most MAX_PROMPTS of them."""
+    found = _prompt_forms(prompt)
+    if len(found) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(found)}", param="prompt")
+    return found
+
+
+def _prompt_forms(prompt) -> list[tuple[str | None, list[int] | None]]:
     def ids(x) -> bool:
         return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
     if isinstance(prompt, str):
