@@ -253,6 +253,26 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 STEP_ROWS = 8  # see step_attention
+KEY_BLOCK = 512  # see attend
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """`scaled_dot_product_attention` over at least `KEY_BLOCK` key positions: fewer are padded with masked
+    zero keys. The CPU kernel walks the keys in blocks of min(512, S), so with S below 512 a position's sum
+    was split as S decided, and S (the attended length, a power of two past the furthest position in the
+    forward) depends on what else is in the batch: in float32 a 639-token text scored in 64-token chunks
+    (S 256, 512, 1024) parted from the text scored whole by up to 9e-5, and beside decoding rows by up to
+    1e-3 after 600 tokens (benchmarks/schedule_fuzz.py), in bfloat16 by up to 0.56. At 512 and above the
+    blocks are the same 512. The padding is a copy of the keys and values below 512 positions: a batch-1 1B
+    decode step at 64 cached positions took 115 ms against 110 ms without it; from 512 on it costs nothing.
+    (Attending over 512 cache positions at least, with no copy, measured no slower, 86 against 90 ms, but
+    changes the compiled CUDA step's shapes: left for a change to the engine.)"""
+    S = k.shape[2]
+    if S < KEY_BLOCK and not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
+        pad = k.new_zeros(*k.shape[:2], KEY_BLOCK - S, k.shape[3])
+        k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], KEY_BLOCK - S)], dim=3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -274,7 +294,7 @@ def step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     if extra:
         q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
         mask = torch.cat([mask, mask[:, :, :1].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, :R]
+    return attend(q, k, v, mask)[:, :, :R]
 
 
 SPAN_ROWS = 32  # see span_attention
@@ -295,7 +315,7 @@ def span_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     if extra:
         q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
         mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, :R]
+    return attend(q, k, v, mask)[:, :, :R]
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
