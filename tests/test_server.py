@@ -389,25 +389,36 @@ def test_workers_ai_openai_compatible_paths(client, prefix):
     oai_error(client.post(f"{prefix}/chat/completions", json=dict(body, n=0)), 400, "n", "n must")
 
 
-def test_metrics_and_sse_headers(client):
+def test_metrics_and_sse_headers(client, llm):
+    def metrics() -> dict:
+        values = {}
+        for line in client.get("/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = metrics()
     r = client.post(WAI, json=dict(prompt="Count to three.", stream=True, **GREEDY))
     assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
     client.post(WAI, json={"prompt": "Hi", "max_tokens": 3})
     client.post(WAI, json={"prompt": "Hi", "temperature": 9})
-    text = client.get("/metrics").text
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    assert values['llama32_requests_total{route="/ai/run",status="200"}'] >= 2
-    assert values['llama32_requests_total{route="/ai/run",status="400"}'] >= 1
+    # a long prompt twice: the second reuses the first one's whole blocks, and the counter says how many
+    long = "Here is a list of rivers: " + ", ".join(f"river number {i}" for i in range(40)) + ". Name one."
+    cached = [client.post(WAI, json={"prompt": long, "max_tokens": 2}).json()["result"]["usage"]["cached_tokens"]
+              for _ in range(2)]
+    values = metrics()
+    ok = 'llama32_requests_total{route="/ai/run",status="200"}'
+    assert values[ok] - before.get(ok, 0) == 4
+    bad = 'llama32_requests_total{route="/ai/run",status="400"}'
+    assert values[bad] - before.get(bad, 0) == 1
     assert values["llama32_generation_tokens_total"] >= 3 and values["llama32_prompt_tokens_total"] > 0
-    assert values["llama32_cached_tokens_total"] >= 0
+    assert cached[1] >= 32 and values["llama32_cached_tokens_total"] - before["llama32_cached_tokens_total"] == \
+        sum(cached)
     assert values["llama32_time_to_first_token_seconds_count"] >= 2
     assert values["llama32_time_per_output_token_seconds_count"] >= 1
     assert values["llama32_running"] == 0 and values["llama32_waiting"] == 0
-    assert "llama32_kv_bytes" in values
+    assert values["llama32_kv_bytes"] == llm.loop.stats()["kv_bytes"] > 0
 
 
 def test_cors_only_for_allowed_origins(llm):

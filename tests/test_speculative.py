@@ -140,7 +140,8 @@ def test_penalties_read_the_history_of_earlier_proposals():
     logits[:, 3], logits[:, 5], logits[:, 8] = 4.0, 3.0, 2.5
     knobs = _knobs(params, [1])
     ref = _sequential(logits, _clone(knobs), 1)
-    assert ref == [3, 5, 8, 3, 5][:1] + ref[1:] and len(set(ref)) > 1
+    # 3 wins, then (3 halved to 2.0) 5, then (5 halved to 1.5) 8, then 3 for good: a token's penalty applies once
+    assert ref == [3, 5, 8, 3, 3]
     v = verify(logits, knobs, 1, ref[:4])
     assert v.tokens == ref and v.accepted == 4
 
@@ -320,10 +321,10 @@ def test_draft_proposals_stop_at_ids_the_target_cannot_draw(tiny_pair):
     _, draft = tiny_pair
     full = DraftProposer(draft.model).propose([1, 2, 3], 6)
     assert DraftProposer(draft.model, vocab_size=0).propose([1, 2, 3], 6) == []
-    cut = min(full) + 1 if min(full) < max(full) else None
-    if cut is not None:
-        short = DraftProposer(draft.model, vocab_size=cut).propose([1, 2, 3], 6)
-        assert all(t < cut for t in short) and short == full[:len(short)]
+    assert min(full) < max(full)  # so that a cut between them stops the proposals somewhere
+    cut = min(full) + 1
+    short = DraftProposer(draft.model, vocab_size=cut).propose([1, 2, 3], 6)
+    assert all(t < cut for t in short) and short == full[:len(short)] and len(short) < len(full)
 
 
 # ---------------------------------------------------------------------------------------------------------
