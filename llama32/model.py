@@ -50,8 +50,6 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor, lora=None) -> Tensor:
         if self.tiles is not None and not torch.compiler.is_compiling():
             y = run_tiles(self.product, x, self.tiles)
-        elif self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
-            y = packed_linear(x, self.weight, self.bias)
         elif self.weight.dtype == torch.int8:  # load(..., quantize="int8"), see quant.py
             y = int8_linear(x, self.weight, self.weight_scale)
             if self.bias is not None:
@@ -60,7 +58,7 @@ class Linear(nn.Linear):
             bias = None if self.bias is None else self.bias.float()
             y = linear_converted(x, self.weight, torch.float32, bias).to(x.dtype)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = self.product(x)
         if lora is not None:
             return lora.add(self, x, y)
         if self.adapter is not None:
@@ -69,8 +67,8 @@ class Linear(nn.Linear):
         return y
 
     def product(self, x: Tensor) -> Tensor:
-        """x [M, in] times the weight (prepacked or dense floating point), plus the bias: one kernel call."""
-        if self.weight.is_mkldnn:
+        """x [..., in] times the weight (prepacked or dense floating point), plus the bias: one kernel call."""
+        if self.weight.is_mkldnn:  # prepacked for the CPU at load, see pack_for_cpu
             return packed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -234,26 +232,48 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             # (reshape, not view: on CUDA the kernels may return the folded output in a layout view can't split)
-            one = step_attention if x.device.type == "cpu" else _sdpa
             if per_position and T > 1:  # each position's G query rows alone, laid out as a one-position step's
-                y = torch.stack([one(q[:, :, t::T].contiguous(), k, v, mask[:, :, t::T].contiguous())
-                                 for t in range(T)], dim=3)  # (B, K, G, T, hd)
-            elif T == 1:
-                y = one(q, k, v, mask)
-            elif x.device.type == "cpu":
-                y = span_attention(q, k, v, mask)
+                y = torch.stack([masked_attention(q[:, :, t::T].contiguous(), k, v, mask[:, :, t::T].contiguous(),
+                                                  STEP_ROWS) for t in range(T)], dim=3)  # (B, K, G, T, hd)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = masked_attention(q, k, v, mask, STEP_ROWS if T == 1 else SPAN_ROWS)
             y = y.reshape(B, self.n_heads, T, self.hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-STEP_ROWS = 8  # see step_attention
+# On the CPU the query rows of a masked attention are padded to a multiple of these (see masked_attention)
+STEP_ROWS = 8  # a decode step's (and a verify position's) G rows
+SPAN_ROWS = 32  # a prompt span's G * T rows
 KEY_BLOCK = 512  # see attend
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -> Tensor:
+    """q [B, K, R, hd], k, v [B, K, S, hd], mask [B, 1, R, S] (True: may attend) -> [B, K, R, hd]:
+    `scaled_dot_product_attention`, on the CPU with the R query rows padded to a multiple of `rows` (the
+    padding rows repeat the last row's mask and are dropped) and the keys to `KEY_BLOCK` (`attend`).
+
+    The CPU kernel's bits for a row depended on what shared its call, twice over:
+    - A decode step (`STEP_ROWS`): the same row, cache and mask came out 1 bf16 ulp apart at one head of a
+      SmolLM2 layer-9 step whenever the row sat in the second half of a batch of 4, which the second worker
+      thread takes. Each thread works in its own slice of one scratch buffer, R x (keys + head dim + 2) floats
+      long: with R = 3 or 4 the second slice starts off a 64-byte line and the kernel's vector loops round
+      otherwise there. With 8 rows every slice is aligned and the captured step agreed on both threads.
+      Writing the attention out as products and a softmax agreed as well but cost 4% of a batch-1 1B decode
+      step (102 against 98 ms); the padding cost nothing measurable (97 ms).
+    - A prompt span (`SPAN_ROWS`): the kernel cuts the R rows into blocks (32, 64 or 256 rows by R); a small
+      last block (R = 771 at 257 positions: 256, 256, 256 and 3) rounded its rows otherwise, so a prefix's keys
+      and values depended on how long the prompt around it was (SmolLM2 in bfloat16: layers 22 and up differed
+      at positions below 256 between a 257-position prefill and a 286-position one). Padded, every block
+      holds a multiple of 32 rows, and those agreed.
+    CUDA takes the kernel as it is."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    R = q.shape[2]
+    extra = -R % rows
+    if extra:
+        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
+    return attend(q, k, v, mask)[:, :, :R]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -273,49 +293,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], KEY_BLOCK - S)], dim=3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """A decode step's attention on the CPU: q [B, K, R, hd] (R: one position's G query rows), k, v
-    [B, K, S, hd], mask [B, 1, R, S] (True: may attend) -> [B, K, R, hd]: `scaled_dot_product_attention` with
-    the query rows padded to a multiple of `STEP_ROWS`.
-
-    Unpadded, the CPU kernel gave a row other bits on one worker thread than on the other (SmolLM2 in bfloat16,
-    a layer-9 step: the same row, cache and mask, 1 bf16 ulp apart at one head whenever the row sat in the
-    second half of a batch of 4, which the second thread takes), so a request's log-probabilities moved with
-    the rows beside it. Each thread works in its own slice of one scratch buffer, R x (keys + head dim + 2)
-    floats long: with R = 3 or 4 the second slice starts off a 64-byte line and the kernel's vector loops
-    round otherwise there. With 8 rows every slice is aligned and the captured step agreed on both threads.
-    Writing the attention out as products and a softmax agreed as well but cost 4% of a batch-1 1B decode step
-    (102 against 98 ms); the padding cost nothing measurable (97 ms). The padding rows repeat the first row's
-    mask and are dropped."""
-    R = q.shape[2]
-    extra = -R % STEP_ROWS
-    if extra:
-        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
-        mask = torch.cat([mask, mask[:, :, :1].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
-    return attend(q, k, v, mask)[:, :, :R]
-
-
-SPAN_ROWS = 32  # see span_attention
-
-
-def span_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """A prompt span's attention on the CPU, `scaled_dot_product_attention` with the query rows (q [B, K, R, hd],
-    R = G * T, mask [B, 1, R, S]) padded to a multiple of `SPAN_ROWS`.
-
-    The CPU kernel cuts the R rows into blocks (32, 64 or 256 rows by R) and multiplies each block by the keys;
-    a small last block (R = 771 at 257 positions: 256, 256, 256 and 3) rounded its rows otherwise, so a
-    prefix's keys and values depended on how long the prompt around it was (SmolLM2 in bfloat16: layers 22 and
-    up differed at positions below 256 between a 257-position prefill and a 286-position one). Padded, every
-    block holds a multiple of 32 rows, and those agreed; the padding rows repeat the last row's mask and are
-    dropped."""
-    R = q.shape[2]
-    extra = -R % SPAN_ROWS
-    if extra:
-        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
-        mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
-    return attend(q, k, v, mask)[:, :, :R]
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:

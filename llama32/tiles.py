@@ -101,7 +101,7 @@ def run(product: Product, x: Tensor, tiles: RowTiles) -> Tensor:
         if part.shape[0] < size:
             part = torch.cat([part, flat.new_zeros(size - part.shape[0], flat.shape[1])])
         y = product(part)
-        outs.append(y[:max(0, min(size, rows - start))])
+        outs.append(y[:min(size, rows - start)])
         start += size
     return torch.cat(outs).reshape(*x.shape[:-1], -1)
 

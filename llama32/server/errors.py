@@ -107,4 +107,3 @@ async def json_body(request: Request, max_bytes: int) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__ if body is not None else 'nothing'}")
     return body
-
