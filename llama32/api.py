@@ -137,7 +137,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         checkpoint, entries, config_name = None, None, "the config"
     dtype = parse_dtype(dtype) or config.torch_dtype or torch.float32
     if kv_cache_bytes is not None:  # refused before the weights are read (engine/loop.py checks it again)
-        check_budget(kv_cache_bytes, position_bytes(config, dtype))
+        check_budget(kv_cache_bytes, position_bytes(config, dtype), 2 * config.num_hidden_layers)
     tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",

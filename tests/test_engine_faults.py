@@ -184,6 +184,245 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
     assert not loop._waiting and not loop._rows.live()
 
 
+# --- 2a'. a failed resize, the resize's peak, copies under the lock ---------------------------------------------------
+
+
+def _decode_to_the_cache_end(llm, loop) -> Job:
+    """A job decoding alone whose next step needs a longer cache (it has written every position): its prompt
+    (241 tokens) starts it in a cache of 256 positions."""
+    assert not loop._waiting and not (loop._rows and loop._rows.live())
+    loop._rows = None  # as an idle loop thread leaves it (tests drive `_run_once` themselves)
+    a = _job(llm, prompt=" ".join(["red green blue"] * 80), raw=True, max_tokens=40)
+    _add(loop, a)
+    for _ in range(40):
+        loop._run_once(0)
+        assert not a.finished and loop._rows.length == 256
+        if a.decoding and a.pos == loop._rows.length:
+            return a
+    raise AssertionError("never reached the end of its cache")
+
+
+def _watch_decode_positions(loop, monkeypatch) -> list[tuple[int, int]]:
+    """Every decode step's (highest position written, cache length)."""
+    seen, decode = [], loop.runner.decode
+
+    def watched(rows, n, tokens, pos, *args, **kwargs):
+        seen.append((int(pos.max()), rows.length))
+        return decode(rows, n, tokens, pos, *args, **kwargs)
+
+    monkeypatch.setattr(loop.runner, "decode", watched)
+    return seen
+
+
+def test_a_resize_failing_while_admitting_fails_the_rows_that_needed_it(smol3, monkeypatch):
+    """A decodes at its cache's last position when B arrives: the one resize that would admit B and grow A's
+    row fails. B fails, and so must A (with the allocation's error): it must not step past the cache's end
+    (an IndexError on CPU, a device assert on CUDA). The loop then serves the next request as before."""
+    from llama32.engine.memory import Rows
+
+    llm, loop = smol3, smol3.loop
+    after = _job(llm, prompt=PROMPTS[1], max_tokens=6)
+    _add(loop, after)
+    _iterate(loop, [after])
+    solo = _outcome(after)
+    a = _decode_to_the_cache_end(llm, loop)
+    b = _job(llm, prompt=PROMPTS[0], max_tokens=6)
+    _add(loop, b)
+    seen = _watch_decode_positions(loop, monkeypatch)
+
+    def no_memory(self, batch, length):
+        raise MemoryError("no memory to grow the cache")
+
+    monkeypatch.setattr(Rows, "resize", no_memory)
+    _iterate(loop, [a, b])
+    got = [_outcome(a), _outcome(b)]
+    assert all(isinstance(g, MemoryError) and "grow the cache" in str(g) for g in got), got
+    assert all(p < length for p, length in seen), seen  # no step wrote past the cache
+    monkeypatch.undo()
+    again = _job(llm, prompt=PROMPTS[1], max_tokens=6)
+    _add(loop, again)
+    _iterate(loop, [again])
+    assert _outcome(again) == solo
+    assert not loop._waiting and not loop._rows.live()
+
+
+def test_a_resize_failing_part_way_fails_every_running_row_and_leaves_the_loop_usable(smol3, monkeypatch):
+    """The resize moves one layer at a time; if a layer's new tensor cannot be made, the cache holds two shapes:
+    every running row fails with the error (none steps on the mixed cache), and the next request runs."""
+    llm, loop = smol3, smol3.loop
+    a = _decode_to_the_cache_end(llm, loop)
+    seen = _watch_decode_positions(loop, monkeypatch)
+    made, new_zeros = [], torch.Tensor.new_zeros
+
+    def third_fails(self, *args, **kwargs):
+        made.append(1)
+        if len(made) == 3:
+            raise MemoryError("no memory for layer 1's keys")
+        return new_zeros(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", third_fails)
+    _iterate(loop, [a])
+    monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)
+    got = _outcome(a)
+    assert isinstance(got, MemoryError) and "layer 1" in str(got), got
+    assert len(made) == 3 and all(p < length for p, length in seen), seen
+    nxt = _job(llm, prompt=PROMPTS[2], max_tokens=6)
+    _add(loop, nxt)
+    _iterate(loop, [nxt])
+    assert isinstance(_outcome(nxt), str) and loop._rows.intact
+
+
+class _KVBytes:
+    """Counts the bytes of the tensors given to `track` and of every tensor made while `on` (a dispatch mode
+    sees each op's outputs; a new storage is an allocation), minus those freed since, and keeps the peak."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+        self._finalize = weakref.finalize
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (list, tuple)) else [out]:
+                    if isinstance(t, torch.Tensor):
+                        counter.track(t)
+                return out
+
+        self.on = Mode
+
+    def _free(self, ptr: int, n: int) -> None:
+        self.live -= n
+        self.seen.discard(ptr)
+
+    def track_all(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            self.track(t)
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(ptr)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        self._finalize(t, self._free, ptr, storage.nbytes())
+
+
+def test_growing_the_cache_holds_no_more_than_the_budget(smollm2_dir):
+    """A live row's cache grows 256 -> 512 -> the budget's edge while the prefix index holds all the budget
+    leaves it: at every moment of each allocation, the rows' cache and the index together hold at most
+    kv_cache_bytes (the resize held the old and the new cache at once: up to 1.5x the rows' share)."""
+    from types import SimpleNamespace
+
+    from llama32.engine.scheduler import budget_for
+
+    probe = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    per, tensors = probe.loop.position_bytes, 2 * probe.config.num_hidden_layers
+    budget = budget_for(1024, per, tensors)
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=1, kv_cache_bytes=budget)
+    loop = llm.loop
+    peaks = []
+
+    def fit(length: int) -> None:
+        kv = _KVBytes()  # (no local name may hold a tracked tensor: it would not be freed)
+        if loop._rows is not None:
+            kv.track_all(loop._rows.cache.k + loop._rows.cache.v)
+        kv.track_all([t for k, v in loop.prefixes.blocks.values() for t in k + v])
+        with kv.on(), torch.inference_mode():
+            loop._fit((1, length), 0)
+        peaks.append(kv.peak)
+
+    fit(256)
+    rows = loop._rows
+    rows.jobs[0] = SimpleNamespace(slot=0)  # a live row: its keys and values are moved at each resize
+    for i in range(6):  # the index takes what the rows leave of the budget
+        loop.prefixes.store(None, [i] + list(range(255)), [t[0] for t in rows.cache.k], [t[0] for t in rows.cache.v],
+                            budget - rows.bytes(per))
+    assert loop.prefixes.bytes + rows.bytes(per) > budget - 32 * per
+    fit(512)
+    fit(1024)
+    assert loop._rows.length == 1024 and loop._rows.jobs[0].slot == 0
+    assert max(peaks) <= budget, (peaks, budget)
+
+
+def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monkeypatch):
+    """The loop thread copies keys and values (a resize; a paused row's blocks into the prefix index) outside
+    the condition that `submit`, `stats` and `cancel` take (the asyncio server calls them on its event loop)."""
+    import threading
+
+    from llama32.engine.memory import Rows
+
+    llm, loop = smol3, smol3.loop
+    inside, release = threading.Event(), threading.Event()
+    resize, store = Rows.resize, loop.prefixes.store
+
+    def slow(real):
+        def held(*args, **kwargs):
+            inside.set()
+            assert release.wait(30)
+            return real(*args, **kwargs)
+        return held
+
+    def callers_do_not_wait() -> None:
+        """While the loop thread is inside the copy: the callers' calls return at once."""
+        assert inside.wait(30)
+        done = threading.Event()
+        other = _job(llm, prompt="Hi", max_tokens=1)
+
+        def call():
+            loop.stats()
+            loop.cancel(other)
+            with loop._cond:  # what submit takes (submit itself would start a loop thread)
+                pass
+            done.set()
+
+        threading.Thread(target=call, daemon=True).start()
+        finished = done.wait(5)
+        release.set()
+        assert finished, "stats/cancel/submit waited for the copy"
+
+    # a resize: A decodes at its cache's end, so the next iteration grows the cache
+    a = _decode_to_the_cache_end(llm, loop)
+    monkeypatch.setattr(Rows, "resize", lambda self, *a: slow(resize)(self, *a))
+    worker = threading.Thread(target=_iterate, args=(loop, [a]), daemon=True)
+    worker.start()
+    callers_do_not_wait()
+    worker.join(60)
+    assert isinstance(_outcome(a), str)
+
+    # a pause: B is paused (the plan says so once) and its blocks are cloned into the index
+    monkeypatch.undo()
+    inside.clear(), release.clear()
+    b, c = _job(llm, prompt=PROMPTS[0], max_tokens=8), _job(llm, prompt=PROMPTS[1], max_tokens=8)
+    _add(loop, b, c)
+    loop._run_once(0)
+    assert b.decoding and c.decoding
+    plan, once = loop.scheduler.plan, []
+
+    def pause_c(running, waiting):
+        admit, pause, refuse, shape = plan(running, waiting)
+        if not once:
+            once.append(1)
+            pause = [c]
+        return admit, pause, refuse, shape
+
+    monkeypatch.setattr(loop.scheduler, "plan", pause_c)
+    monkeypatch.setattr(loop.prefixes, "store", slow(store))
+    worker = threading.Thread(target=_iterate, args=(loop, [b, c]), daemon=True)
+    worker.start()
+    callers_do_not_wait()
+    worker.join(60)
+    assert isinstance(_outcome(b), str) and isinstance(_outcome(c), str)
+    assert not loop._waiting and not loop._rows.live()
+
+
 # --- 2b, 2c. what names a stored prefix, and an adapter ----------------------------------------------------------
 
 

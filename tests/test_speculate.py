@@ -10,6 +10,7 @@ import pytest
 
 import llama32
 from llama32 import CheckpointError
+from llama32.engine.scheduler import budget_for
 from llama32.requests import validate
 from fixtures import without_cached
 from test_engine import in_threads, same
@@ -62,8 +63,9 @@ def with_stop(plain_llm, request: dict) -> dict:
     return dict(request, stop=["@@never@@", cut])
 
 
-def check_equal(plain_llm, spec_llm, requests: list[dict]) -> None:
-    want = [run(plain_llm, r) for r in requests]
+def check_equal(plain_llm, spec_llm, requests: list[dict], want: list[dict] | None = None) -> None:
+    """`spec_llm`'s answers equal `plain_llm`'s (or `want`, computed by it before), alone and 4 at once."""
+    want = want if want is not None else [run(plain_llm, r) for r in requests]
     got = [run(spec_llm, r) for r in requests]
     assert same(got, want)
     # and 4 callers at once (rows verified in one forward, each at its own positions), in any order
@@ -81,6 +83,12 @@ def accepted_and_rejected(llm, before: dict) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
+def smol_plain(smol) -> list[dict]:
+    """The plain loop's answers to `smol_requests()` (computed once for the tests below)."""
+    return [run(smol, r) for r in smol_requests()]
+
+
+@pytest.fixture(scope="module")
 def smol_ngram(smollm2_dir):
     return llama32.load(smollm2_dir, dtype="float32", device="cpu", speculative="ngram")
 
@@ -91,7 +99,7 @@ def smol_self(smollm2_dir):
     return llama32.load(smollm2_dir, dtype="float32", device="cpu", speculative=str(smollm2_dir))
 
 
-def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, monkeypatch):
+def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, smol_plain, monkeypatch):
     from llama32.engine.speculate import Speculator
 
     assert smol_ngram.speculative == "ngram"
@@ -102,7 +110,7 @@ def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, monkeypatc
     monkeypatch.setattr(Speculator, "_verify", lambda self, loop, rows, n, T, live, plan, masks: (
         steps.append((len(plan), T)), verify(self, loop, rows, n, T, live, plan, masks))[-1])
     before = smol_ngram.loop.speculator.stats.as_dict()
-    check_equal(smol, smol_ngram, requests)
+    check_equal(smol, smol_ngram, requests, smol_plain + [run(smol, requests[-1])])
     accepted, rejected = accepted_and_rejected(smol_ngram, before)
     assert accepted >= 40 and rejected > 0
     assert any(rows > 1 for rows, _ in steps), "some verify forward checked several rows' proposals"
@@ -110,7 +118,7 @@ def test_ngram_on_smollm2_changes_nothing_but_speed(smol, smol_ngram, monkeypatc
     assert run(smol_ngram, requests[-1])["finish_reason"] == "stop"
     # the JSON row's proposals were checked against its grammar's masks, and some were taken
     before = smol_ngram.loop.speculator.stats.as_dict()
-    assert run(smol_ngram, requests[6]) == run(smol, requests[6])
+    assert same([run(smol_ngram, requests[6])], [smol_plain[6]])
     assert accepted_and_rejected(smol_ngram, before)[0] > 0
 
 
@@ -136,11 +144,11 @@ def test_a_dropped_handle_is_freed_at_once(smollm2_dir):
             gc.enable()
 
 
-def test_smollm2_drafting_for_itself_changes_nothing(smol, smol_self):
+def test_smollm2_drafting_for_itself_changes_nothing(smol, smol_self, smol_plain):
     assert smol_self.loop.speculator.draft is smol_self
     requests = smol_requests()
     before = smol_self.loop.speculator.stats.as_dict()
-    check_equal(smol, smol_self, requests[:4] + requests[5:])
+    check_equal(smol, smol_self, requests[:4] + requests[5:], smol_plain[:4] + smol_plain[5:])
     accepted, rejected = accepted_and_rejected(smol_self, before)
     # the draft draws with the request's own settings and noise: its proposals are the target's own tokens
     # except where one-position rounding differs (or penalties read what the draft has not seen)
@@ -153,7 +161,7 @@ def test_proposals_fit_the_cache_to_its_last_position(smollm2_dir, smol, monkeyp
     body = dict(prompt=" ".join(["red green blue"] * 40), raw=True, temperature=0)  # it goes on and on
     P = 300  # positions: more than the 256 the cache starts at, not a power of two
     body["max_tokens"] = P - len(validate(smol, body).prompt_ids)
-    budget = P * smol.loop.position_bytes
+    budget = budget_for(P, smol.loop.position_bytes, 2 * smol.config.num_hidden_layers)
     plain = llama32.load(smollm2_dir, dtype="float32", device="cpu", kv_cache_bytes=budget)
     spec = llama32.load(smollm2_dir, dtype="float32", device="cpu", kv_cache_bytes=budget, speculative="ngram")
     verified = []

@@ -50,7 +50,7 @@ from ..sampling import sample_static, steps_used
 from .memory import PrefixIndex, Rows
 from .runner import (MAX_TOP_LOGPROBS, Runner, attended_for, decode_step, static_decode_step,  # noqa: F401
                      token_logprobs)
-from .scheduler import MIN_POSITIONS, Scheduler, _pow2, need
+from .scheduler import MIN_POSITIONS, Scheduler, _pow2, budget_for, need, rows_budget
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
@@ -134,11 +134,12 @@ class GenerationLoop:
         self.max_batch = max_batch or DEFAULT_MAX_BATCH.get(device, 8)
         self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES.get(device, 1 << 30)
         self.position_bytes = position_bytes(llm.config, llm.dtype)
-        check_budget(self.kv_cache_bytes, self.position_bytes)
+        tensors = 2 * llm.config.num_hidden_layers  # the rows' cache is made of this many tensors (k, v per layer)
+        check_budget(self.kv_cache_bytes, self.position_bytes, tensors)
         self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
         self.scheduler = Scheduler(max_batch=self.max_batch, capacity=self.capacity, budget=self.kv_cache_bytes,
                                    position_bytes=self.position_bytes, context=llm.context_length,
-                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64))
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64), tensors=tensors)
         self.runner = Runner(llm)
         self.prefixes = PrefixIndex(self.position_bytes)  # reusable prompt prefixes (memory.py)
         # On by default: a reused prefix changes only usage.cached_tokens (tokens exact, log-probabilities to
@@ -234,8 +235,9 @@ class GenerationLoop:
                 return _IDLE
             if not (self._rows and self._rows.live()):
                 self._gather()
-            admitted = self._plan()
+            plan = self._plan()
         with torch.inference_mode():
+            admitted = self._apply(*plan)
             for job in admitted:
                 self._guarded([job], lambda: self._begin(job))
             rows = self._rows
@@ -255,9 +257,9 @@ class GenerationLoop:
                 return
             self._cond.wait(left)
 
-    def _plan(self) -> list[Job]:
-        """The scheduler's plan, applied (under the lock): pause, refuse, size the cache, admit. Returns the
-        jobs admitted, each with its slot."""
+    def _plan(self) -> tuple[list[Job], list[Job], list[Job], tuple[int, int] | None]:
+        """The scheduler's plan for this iteration, taken under the lock: cancelled and refused jobs leave the
+        queue, and so do the jobs admitted (`_apply` gives them rows). Returns (running, admit, pause, shape)."""
         for job in [j for j in self._waiting if j.cancelled]:
             self._waiting.remove(job)
             job.finished = True
@@ -270,6 +272,16 @@ class GenerationLoop:
             job.finished = True
             job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
                                 f"{need(job)} positions ({self.position_bytes} bytes each)"))
+        for job in admit:
+            self._waiting.remove(job)
+        return running, admit, pause, shape
+
+    def _apply(self, running: list[Job], admit: list[Job], pause: list[Job],
+               shape: tuple[int, int] | None) -> list[Job]:
+        """The plan applied to KV memory: pause, size the cache, give the admitted jobs their slots. Outside
+        the lock (on the loop thread, which alone changes the rows and the prefix index), so the copies and
+        clones here never hold up `submit`, `stats` or `cancel`, nor the server's event loop behind them
+        (issue 34). Returns the jobs admitted."""
         paused = []
         for job in pause:
             # Pausing copies the row's blocks into the prefix index, which may fail (out of memory). Each job
@@ -282,45 +294,61 @@ class GenerationLoop:
                 job.put(e)
                 continue
             paused.append(job)
-        self._waiting.extendleft(reversed(paused))  # the paused go first, in arrival order
+        if paused:
+            with self._cond:
+                self._waiting.extendleft(reversed(paused))  # the paused go first, in arrival order
         remaining = [j for j in running if j not in pause]
         if remaining and shape is None:  # one running row outgrew the whole budget (the scheduler's backstop)
             [job] = remaining
             self._retire(job)
             job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
                                 f"{need(job)} positions"))
-            return []
         if shape is None:
             return []
-        try:  # KV memory is allocated here: if that fails, the requests admitted now fail, and the loop goes on
+        try:  # KV memory is allocated here: if that fails, the requests it was for fail, and the loop goes on
             self._fit(shape, len(admit))
         except Exception as e:  # noqa: BLE001 - out of memory, most likely
             for job in admit:
-                self._waiting.remove(job)
                 job.finished = True
                 job.put(e)
-            if not admit:  # growing the running rows failed: they fail (their state is intact, but no room)
-                self._fail_running(e)
+            self._fail_outgrown(e)
             return []
         for job in admit:
-            self._waiting.remove(job)
             slot = self._rows.free_slot()
             self._rows.jobs[slot] = job
             job.slot = slot
         return admit
 
-    def _fit(self, shape: tuple[int, int], admitting: int) -> None:
-        """The rows' cache made at least `shape` = (batch, length) with `admitting` free slots below batch,
-        within the budget (the scheduler's shape already counts the live rows and those admitted); the
-        prefix index gives up what a new cache takes before it is allocated."""
-        batch, length = shape
+    def _fail_outgrown(self, error: BaseException) -> None:
+        """After a failed allocation: the running rows the cache as it is cannot hold fail with `error` (they
+        would write past its end), the others go on; if a resize failed part way, the rows' keys and values
+        are lost and every running row fails."""
         rows = self._rows
+        if rows is None:
+            return
+        if not rows.intact:
+            self._fail_running(error)
+            with self._cond:
+                self._rows = None
+            return
+        for job in [j for j in rows.jobs if j is not None and need(j) > rows.length]:
+            self._retire(job)
+            job.put(error)
+
+    def _fit(self, shape: tuple[int, int], admitting: int) -> None:
+        """The rows' cache made at least `shape` = (batch, length) with `admitting` free slots below batch
+        (the scheduler's shape already counts the live rows and those admitted). Before it is allocated, the
+        prefix index gives up what the allocation holds at its peak (a resize: the larger cache and one
+        tensor of the other), so KV memory stays within `kv_cache_bytes` throughout."""
+        batch, length = shape
+        rows, per = self._rows, self.position_bytes
         if rows is not None:
             free_below = sum(1 for s in range(rows.batch) if rows.jobs[s] is None)
             if (rows.batch >= batch and rows.length >= length and free_below >= admitting
-                    and rows.bytes(self.position_bytes) <= self.kv_cache_bytes):
+                    and rows.bytes(per) <= self.scheduler.rows_budget):
                 return
-        self.prefixes.fit(self.kv_cache_bytes - batch * length * self.position_bytes)
+        peak = batch * length * per if rows is None else rows.transient_bytes(batch, length, per)
+        self.prefixes.fit(self.kv_cache_bytes - peak)
         if rows is None:
             self._rows = _Rows(self.llm, self.capacity, length, batch)
         else:
@@ -572,12 +600,15 @@ def position_bytes(config: Any, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
-def check_budget(kv_cache_bytes: int, per_position: int) -> None:
-    """A budget too small to hold any request is refused where it is given (load), not found out later."""
-    if kv_cache_bytes < MIN_POSITIONS * per_position:
-        raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold {kv_cache_bytes // per_position} positions "
-                         f"of this model's keys and values ({per_position} bytes each); give at least "
-                         f"{MIN_POSITIONS * per_position} ({MIN_POSITIONS} positions)")
+def check_budget(kv_cache_bytes: int, per_position: int, tensors: int) -> None:
+    """A budget too small to hold any request is refused where it is given (load), not found out later.
+    `tensors`: how many the rows' cache is made of (2 per layer; see scheduler.py's `rows_budget`)."""
+    if rows_budget(kv_cache_bytes, tensors) < MIN_POSITIONS * per_position:
+        held = rows_budget(kv_cache_bytes, tensors) // per_position
+        raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold {held} positions of this model's keys and "
+                         f"values ({per_position} bytes each, with room kept for one layer's tensor while the "
+                         f"cache grows); give at least {budget_for(MIN_POSITIONS, per_position, tensors)} "
+                         f"({MIN_POSITIONS} positions)")
 
 
 _LOOPS: weakref.WeakSet = weakref.WeakSet()

@@ -146,18 +146,28 @@ class Rows:
 
     def resize(self, batch: int, length: int) -> None:
         """A cache of `batch` x `length`, the live rows' keys and values (and sampler rows) moved into its
-        lowest slots in slot order. Both caches exist during the copy (the scheduler grows in powers of two,
-        so this is rare), then the old one is freed."""
-        from ..model import KVCache, keep_address
+        lowest slots in slot order.
+
+        One layer's tensor at a time: each new tensor is made, filled, and takes the old one's place, which
+        is freed before the next is made. So the two caches never exist whole at once: the most held is the
+        larger of them plus one tensor of the other (`transient_bytes`, which the scheduler keeps room for),
+        not both (issue 34). If making a tensor fails part way, the cache is left with layers of two shapes:
+        `intact` is then False and the rows' keys and values are lost (the loop fails their requests)."""
+        from ..model import keep_address
 
         live = self.live()
         assert len(live) <= batch, (live, batch)
         keep = min(self.cache.length, length)
-        config, device, dtype = self.shape
-        new = KVCache(config, batch, length, device=device, dtype=dtype)
-        for dst, src in enumerate(live):
-            for new_t, old_t in zip(new.k + new.v, self.cache.k + self.cache.v):
-                new_t[dst, :, :keep] = old_t[src, :, :keep]
+        moved = [(dst, src) for dst, src in enumerate(live)]
+        for layers in (self.cache.k, self.cache.v):  # the lists the cache (and its whole_k/whole_v) hold
+            for i in range(len(layers)):
+                old = layers[i]
+                new = old.new_zeros((batch, old.shape[1], length, old.shape[3]))
+                for dst, src in moved:
+                    new[dst, :, :keep] = old[src, :, :keep]
+                layers[i] = new
+                del old, new  # the old tensor goes now, before the next layer's is made
+        for dst, src in moved:
             if dst != src:
                 for t in self.knobs.tensors().values():
                     t[dst] = t[src]
@@ -165,8 +175,19 @@ class Rows:
         self.jobs = jobs + [None] * (len(self.jobs) - len(jobs))
         for slot, job in enumerate(jobs):
             job.slot = slot
-        self.cache = new
         keep_address(self.cache.k + self.cache.v)
+
+    @property
+    def intact(self) -> bool:
+        """Every layer's keys and values have one shape (False only after a resize failed part way)."""
+        return len({tuple(t.shape) for t in self.cache.k + self.cache.v}) == 1
+
+    def transient_bytes(self, batch: int, length: int, position_bytes: int) -> int:
+        """The most KV memory `resize(batch, length)` holds at once: the larger cache whole plus one layer
+        tensor of the other (see `resize`)."""
+        old, new = self.bytes(position_bytes), batch * length * position_bytes
+        tensors = len(self.cache.k) + len(self.cache.v)
+        return max(old + new // tensors, new + old // tensors)
 
     def bytes(self, position_bytes: int) -> int:
         return self.cache.batch * self.cache.length * position_bytes

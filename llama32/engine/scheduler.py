@@ -1,9 +1,11 @@
 """The scheduler: who runs, in how much KV memory, and how many prompt tokens each iteration computes.
 
 Memory is taken on demand. A row holds the positions it has filled plus the one it writes next, not its
-prompt + max_tokens: a request is admitted when the rows' cache, grown to hold it, still fits the budget
-`kv_cache_bytes` (the prefix index gives way first). The cache is `batch` x `length`: a power of two of rows
-covering every live row, and positions from 256 up in powers of two (at the budget's edge, as many as fit).
+prompt + max_tokens: a request is admitted when the rows' cache, grown to hold it, still fits the rows' share
+of the budget `kv_cache_bytes` (`rows_budget`: all of it but room for one layer's tensor, so that growing
+the cache never holds more than the budget; the prefix index gives way first). The cache is `batch` x
+`length`: a power of two of rows covering every live row, and positions from 256 up in powers of two (at
+the budget's edge, as many as fit).
 As rows produce tokens the cache grows; when it cannot, the most recently arrived running requests are
 paused (their rows released; memory.py may keep their keys and values in the prefix index) until the rest
 fit, and go back to the head of the queue. A resumed request recomputes its context (prompt and the tokens
@@ -29,6 +31,23 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def rows_budget(budget: int, tensors: int) -> int:
+    """The most bytes the rows' cache may take of `budget`: all but one of its `tensors` (per layer, k and v)
+    parts. A resize holds the larger cache plus one tensor of the other (memory.py, `Rows.resize`), so with
+    both caches within this share, that moment too stays within the budget. The prefix index may use the
+    rest whenever no resize runs."""
+    return budget - budget // tensors
+
+
+def budget_for(positions: int, position_bytes: int, tensors: int) -> int:
+    """The smallest `kv_cache_bytes` whose rows' share (`rows_budget`) holds `positions` positions."""
+    want = positions * position_bytes
+    budget = want + want // tensors  # rows_budget(b) >= want needs b >= want + b // tensors
+    while rows_budget(budget, tensors) < want:
+        budget += 1
+    return budget
+
+
 def need(job: Any) -> int:
     """Positions the job's row must hold now: everything its forwards have written or will write before
     the next check (a prompt or context in full, plus the position of its first decode step)."""
@@ -44,21 +63,23 @@ class Scheduler:
     loop applies them."""
 
     def __init__(self, *, max_batch: int, capacity: int, budget: int, position_bytes: int, context: int,
-                 prefill_chunk: int):
+                 prefill_chunk: int, tensors: int):
         self.max_batch, self.capacity = max_batch, capacity
         self.budget, self.position_bytes, self.context = budget, position_bytes, context
         self.prefill_chunk = prefill_chunk
+        self.rows_budget = rows_budget(budget, tensors)
 
     @property
     def max_positions(self) -> int:
-        """The most positions one request may hold: alone, in the whole budget, within the context."""
-        return min(self.context, self.budget // self.position_bytes)
+        """The most positions one request may hold: alone, in the rows' share of the budget, within the
+        context."""
+        return min(self.context, self.rows_budget // self.position_bytes)
 
     def shape(self, rows: int, positions: int) -> tuple[int, int] | None:
         """The cache (batch, length) for `rows` live rows the longest of which needs `positions`, or None
         when that does not fit the budget."""
         batch = min(_pow2(max(rows, 1)), self.capacity)
-        room = min(self.context, self.budget // (batch * self.position_bytes))
+        room = min(self.context, self.rows_budget // (batch * self.position_bytes))
         length = min(max(MIN_LENGTH, _pow2(positions)), room)
         return (batch, length) if length >= positions else None
 
