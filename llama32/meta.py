@@ -20,15 +20,11 @@ tokenizer.py are shared), so the same weights load to the same model, logits and
   w1, w3 and output are column-parallel (dim 0), wo and w2 row-parallel (dim 1), the embedding
   vocab-parallel in Llama 3 (dim 0; Llama 2 split its width, dim 1: told apart by the shapes), and the
   norms are the same in every shard.
-- `tokenizer.model` (`tokenizer_from_ranks`): tiktoken's ranks file (one `<base64 bytes> <rank>` a line)
-  becomes a `tokenizers` byte-level BPE whose merges are recovered from the ranks, with Meta's pre-tokenizer
-  pattern and Meta's 256 special tokens from id 128000.
+- `tokenizer.model`: tiktoken's ranks file, read by ranks.py (tokenizer.py loads it from such a folder).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import mmap
@@ -53,21 +49,6 @@ LOW_FREQ_FACTOR = 1.0
 HIGH_FREQ_FACTOR = 4.0
 FACTOR_LLAMA31 = 8.0
 FACTOR_LLAMA32 = 32.0
-
-# Meta's tokenizer (llama-models' llama3 Tokenizer): pre-tokenizer pattern and special tokens.
-PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-NUM_SPECIAL = 256
-_NAMED_SPECIAL = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
-]
-SPECIAL_TOKENS = _NAMED_SPECIAL + [f"<|reserved_special_token_{2 + i}|>"
-                                   for i in range(NUM_SPECIAL - len(_NAMED_SPECIAL))]
-# Meta's generation stops at any of these (Tokenizer.stop_tokens).
-STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
-
 
 def is_meta_dir(path: Path) -> bool:
     """A folder in Meta's layout: params.json and no config.json (a folder with both is read as HF)."""
@@ -466,109 +447,3 @@ def from_rotate_half(w: torch.Tensor, heads: int) -> torch.Tensor:
     """The inverse of `to_rotate_half`: a model's q/k projection back in Meta's rotary layout."""
     rows, cols = w.shape
     return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-# --- tokenizer.model ----------------------------------------------------------------------------------------
-
-def _byte_to_unicode() -> list[str]:
-    """GPT-2's printable stand-in for each byte, as the `tokenizers` ByteLevel pre-tokenizer writes them."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
-def read_ranks(file: Path) -> dict[bytes, int]:
-    """tiktoken's ranks file: `<base64 token bytes> <rank>` a line; ranks 0..N-1, every byte among them."""
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read ({e})") from None
-    not_ranks = (f"{file}: not a tiktoken ranks file (Llama 3's tokenizer.model has one '<base64 token> <rank>' "
-                 "per line")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise CheckpointError(not_ranks + "; this looks binary, e.g. a SentencePiece model like Llama 2's, "
-                              "which does not load)") from None
-    ranks: dict[bytes, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line:
-            continue
-        fields = line.split(" ")
-        try:
-            if len(fields) != 2:
-                raise ValueError
-            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
-        except (ValueError, binascii.Error):
-            raise CheckpointError(f"{not_ranks}; line {number} is {line[:60]!r})") from None
-        if not token or token in ranks:
-            raise CheckpointError(f"{file}: line {number}: token {fields[0]!r} is empty or listed twice")
-        ranks[token] = rank
-    if not ranks:
-        raise CheckpointError(not_ranks + "; it is empty)")
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise CheckpointError(f"{file}: the ranks are not 0..{len(ranks) - 1}, each once")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise CheckpointError(f"{file}: {len(missing)} single bytes (e.g. {bytes([missing[0]])!r}) have no rank; "
-                              "a byte-level BPE needs all 256")
-    return ranks
-
-
-def tokenizer_from_ranks(ranks: dict[bytes, int]):
-    """A `tokenizers.Tokenizer` that gives tiktoken's ids for Meta's tokenizer: byte-level BPE over the ranks.
-
-    tiktoken merges, at each step, the adjacent pair whose joined bytes have the lowest rank. A BPE merge
-    list gives the same result when the merge making token t comes at t's rank, for every way of splitting t
-    into two tokens (which split BPE meets depends on the text); so that is the list: every such split,
-    ordered by the rank of the result, then of the two halves. A piece that is itself a token is taken
-    whole (`ignore_merges`), as tiktoken does before merging.
-    """
-    import tokenizers
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-    to_text = _byte_to_unicode()
-    text = [""] * len(ranks)  # by rank (read_ranks checked they are 0..N-1)
-    for token, rank in ranks.items():
-        text[rank] = "".join([to_text[b] for b in token])
-    vocab = {t: rank for rank, t in enumerate(text)}
-    get = ranks.get
-    merges = [(rank, left, right) for token, rank in ranks.items() if len(token) > 1 for i in range(1, len(token))
-              if (left := get(token[:i])) is not None and (right := get(token[i:])) is not None]
-    merges.sort()  # by the result's rank, then the halves'; 280,147 of them for Llama 3's 128,000 ranks
-    merge_pairs = [(text[left], text[right]) for _, left, right in merges]
-
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    n = len(ranks)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    for i, t in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(t) != n + i:
-            raise CheckpointError(f"tokenizer.model: special token {t} did not get id {n + i}")
-    bos = SPECIAL_TOKENS[0]
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, n)]),
-    ])
-    return tok
-
-
-def load_tokenizer(path: Path):
-    """llama32's `Tokenizer` for a Meta-layout folder's tokenizer.model, with Meta's stop tokens."""
-    from .tokenizer import Tokenizer
-
-    backend = tokenizer_from_ranks(read_ranks(path / TOKENIZER_MODEL))
-    stops = [backend.token_to_id(t) for t in STOP_TOKENS]
-    return Tokenizer(backend, tokenizer_config={"bos_token": SPECIAL_TOKENS[0], "add_bos_token": True,
-                                                "eos_token": "<|eot_id|>"},
-                     config={"eos_token_id": stops})

@@ -117,13 +117,16 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         """Load `tokenizer.json` and the optional configs beside it; without tokenizer.json, Meta's
-        `tokenizer.model` (tiktoken ranks, converted by meta.py) with Meta's special tokens and stop ids."""
+        `tokenizer.model` (tiktoken ranks, converted by ranks.py) with Meta's special tokens and stop ids."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
-            from llama32.meta import TOKENIZER_MODEL, is_meta_dir, load_tokenizer
+            from llama32.meta import TOKENIZER_MODEL, is_meta_dir
             if is_meta_dir(path) and (path / TOKENIZER_MODEL).is_file():
-                return load_tokenizer(path)
+                from llama32.ranks import meta_tokenizer
+
+                backend, tokenizer_config, config = meta_tokenizer(path / TOKENIZER_MODEL)
+                return cls(backend, tokenizer_config=tokenizer_config, config=config)
         if not file.is_file():
             raise CheckpointError(f"{file}: not found; a checkpoint directory needs its tokenizer.json")
         try:

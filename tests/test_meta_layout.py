@@ -286,7 +286,7 @@ def test_encode_decode_equal_the_hf_tokenizer(tokenizers_pair, text):
 def test_encode_equals_metas_tiktoken(meta_tokenizer_dir, tokenizers_pair):
     """tiktoken with Meta's pattern and ranks is Meta's own tokenizer (llama-models' Tokenizer)."""
     import tiktoken  # the test extra installs it (pyproject.toml)
-    from llama32 import meta as meta_module
+    from llama32 import ranks as meta_module
     ranks = meta_module.read_ranks(meta_tokenizer_dir / "tokenizer.model")
     enc = tiktoken.Encoding("llama3", pat_str=meta_module.PATTERN, mergeable_ranks=ranks,
                             special_tokens={t: len(ranks) + i for i, t in enumerate(meta_module.SPECIAL_TOKENS)})
