@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import CheckpointError
 from .generate import generate
 from .hub import resolve
 from .lora import apply_to_handle
+from .lora import projections as lora_projections
 from .meta import MetaCheckpoint, is_meta_dir
 from .tokenizer import Tokenizer
 from .weights import load_model
@@ -59,6 +61,10 @@ class Llama:
         self._adapters: dict[str, Any] = {}  # loaded LoRA adapters, by resolved path
         self._default_adapter: Any = None  # the adapter of load(..., lora=...), used when a request names none
         self._installed_adapter: Any = None  # what the model's projections carry right now
+        # the projections a LoRA adapter may change, by module name (lora.py reads them)
+        self.lora_projections = lora_projections(model)
+        self._grammars: Any = None  # JSON mode's grammar compiler and cache (`grammars`), made on first use
+        self._grammars_lock = threading.Lock()
         # The one generation loop that serves every request on this handle (its thread starts on first use).
         self.loop = GenerationLoop(self, max_batch=max_batch, kv_cache_bytes=kv_cache_bytes)
 
@@ -84,6 +90,17 @@ class Llama:
     @_compiled_step.setter
     def _compiled_step(self, fn: Any) -> None:
         self.loop.runner.step_fn = fn
+
+    @property
+    def grammars(self) -> Any:
+        """JSON mode's `constrain.Grammars` for this handle's tokenizer (built on first use: it reads the whole
+        vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .constrain import Grammars
+
+                self._grammars = Grammars(self)
+            return self._grammars
 
     @property
     def context_length(self) -> int:

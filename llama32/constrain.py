@@ -220,15 +220,6 @@ def _explain(message: str) -> str:
     return message
 
 
-_HANDLES_LOCK = threading.Lock()
-
-
 def grammars(llm: Any) -> Grammars:
-    """The handle's `Grammars`, created on first use."""
-    g = getattr(llm, "_grammars", None)
-    if g is None:
-        with _HANDLES_LOCK:
-            g = getattr(llm, "_grammars", None)
-            if g is None:
-                g = llm._grammars = Grammars(llm)
-    return g
+    """The handle's `Grammars` (`Llama.grammars`: the handle makes it on first use and keeps it)."""
+    return llm.grammars

@@ -253,16 +253,18 @@ def _install(llm: Any, adapter: Adapter | None) -> None:
     llm._installed_adapter = adapter
 
 
-def _projections(llm: Any) -> dict[str, Linear]:
-    """Every adaptable projection of the model by its module name, found once per handle."""
-    found = getattr(llm, "_lora_projections", None)
-    if found is None:
-        found = {name: m for name, m in llm.model.named_modules()
-                 if isinstance(m, Linear) and name.rsplit(".", 1)[-1] in TARGETS}
-        for name, m in found.items():
-            m.lora_name = name  # how GatheredAdapters finds a projection's stacks
-        llm._lora_projections = found
+def projections(model: Any) -> dict[str, Linear]:
+    """Every adaptable projection of `model` by its module name (the handle keeps them: `lora_projections`),
+    each told its name (how GatheredAdapters finds a projection's stacks)."""
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, Linear) and name.rsplit(".", 1)[-1] in TARGETS}
+    for name, m in found.items():
+        m.lora_name = name
     return found
+
+
+def _projections(llm: Any) -> dict[str, Linear]:
+    return llm.lora_projections
 
 
 def _locate(lora: str, shown: str) -> Path:
