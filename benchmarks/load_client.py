@@ -123,12 +123,13 @@ def run_library(llm, bodies: list[dict], clients: int) -> dict:
     return summary(time.perf_counter() - start, results)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m llama32 serve` on a free loopback port, with `extra` flags (cluster_bench: --replicas ...)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "llama32", "serve", "--model", args.model, "--port", str(port), "--device",
-           args.device, "--dtype", args.dtype, "--max-queue", str(max(args.clients) + 16)]
+           args.device, "--dtype", args.dtype, "--max-queue", str(max(args.clients) + 16), *extra]
     if args.max_batch:
         cmd += ["--max-batch", str(args.max_batch)]
     server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)

@@ -157,11 +157,38 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="the model id in /v1/models and in responses (default: the checkpoint folder's name)")
     p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="browser origins allowed to call the server (CORS; none by default), e.g. https://app.example")
+    r = p.add_argument_group("on Ray Serve (any of these; needs the ray extra: pip install 'llama32[ray]')",
+                             "the same server in front of model replicas, each with its own copy of the model")
+    r.add_argument("--replicas", type=int, default=None, metavar="N", help="model replicas (default 1)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="alone or left out: start a local Ray; auto or ray://host:10001: join that cluster")
+    r.add_argument("--router", choices=["prefix", "pow2"], default=None,
+                   help="prefix: a prompt goes to the replica that holds its prefix (default with more than one "
+                        "replica); pow2: Ray Serve's default, the less busy of two random replicas")
+    r.add_argument("--cpus-per-replica", type=float, default=None, metavar="C", help="default 1")
+    r.add_argument("--gpus-per-replica", type=float, default=None, metavar="G", help="default 0 (CPU replicas)")
+    r.add_argument("--min-replicas", type=int, default=None, metavar="A",
+                   help="with --max-replicas: autoscale between A and B replicas, aiming at a full batch each")
+    r.add_argument("--max-replicas", type=int, default=None, metavar="B")
     return p
+
+
+RAY_FLAGS = ("replicas", "ray", "router", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas")
 
 
 def serve(argv: list[str]) -> int:
     args = build_serve_parser().parse_args(argv)
+    if any(getattr(args, flag) is not None for flag in RAY_FLAGS):
+        try:
+            from llama32.server.ray import run
+        except ImportError as e:
+            raise UsageError(f"serve --replicas needs the serve and ray extras ({e}); "
+                             "pip install 'llama32[serve,ray]'") from None
+        try:
+            run(vars(args))
+        except ValueError as e:
+            raise UsageError(f"serve: {e}") from None
+        return 0
     try:
         from llama32.server import serve as run_server
     except ImportError as e:

@@ -76,11 +76,41 @@ def _logit_bias(request: dict, r: dict, vocab: int) -> tuple[tuple[int, float], 
     return tuple(pairs)
 
 
+def _tools(r: dict) -> tuple[list | None, list[str]]:
+    """The tools a schema-checked request offers (`functions` as tools after its `tools`), and their names."""
+    tools = r.get("tools")
+    offered = tool_names(tools) if tools is not None else []
+    functions = r.get("functions")
+    if functions is not None:
+        tools = list(tools or []) + functions_to_tools(functions)
+        offered += [f["name"] for f in functions]
+    return tools, offered
+
+
+def prompt(tok: Any, r: dict) -> tuple[str, list[int]]:
+    """The prompt of schema-checked request `r` as the model reads it: its text (the chat template applied,
+    tools and roles included, unless `raw`) and its token ids. The text is what a prefix router keys on
+    (server/ray.py), so requests that share a text prefix share the prefix index's blocks."""
+    tools, _ = _tools(r)
+    if "prompt" not in r:
+        text = render_prompt(tok, r["messages"], tools, "messages")
+        return text, tok.encode(text)
+    if not r.get("raw", False):
+        text = render_prompt(tok, [{"role": "user", "content": r["prompt"]}], tools, "prompt")
+        return text, tok.encode(text)
+    if tools is not None:
+        raise InvalidRequest("tools/functions cannot be combined with raw: a raw prompt is used as written")
+    ids = tok.encode(r["prompt"])
+    if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids = [tok.bos_id] + ids
+    return r["prompt"], ids
+
+
 def validate(llm: Any, request: dict) -> Request:
     """Check `request` against the input schema, then against the loaded model; return what the loop needs."""
     r = check_input(request)  # nulls dropped, the schema's defaults filled in
     has_prompt = "prompt" in r
-    raw, stream, max_tokens = r.get("raw", False), r["stream"], r["max_tokens"]
+    stream, max_tokens = r["stream"], r["max_tokens"]
     num = lambda k: float(r[k]) if k in r else None  # noqa: E731
     params = SamplingParams(temperature=float(r["temperature"]), top_p=num("top_p"), top_k=r.get("top_k"),
                             repetition_penalty=num("repetition_penalty"),
@@ -92,27 +122,10 @@ def validate(llm: Any, request: dict) -> Request:
     stop = r.get("stop", ())
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
 
-    tools = r.get("tools")
-    offered = tool_names(tools) if tools is not None else []
-    functions = r.get("functions")
-    if functions is not None:
-        tools = list(tools or []) + functions_to_tools(functions)
-        offered += [f["name"] for f in functions]
+    _, offered = _tools(r)
     lora = r.get("lora")
-
     tok = require_tokenizer(llm)
-    if has_prompt:
-        prompt = r["prompt"]
-        if raw:
-            if tools is not None:
-                raise InvalidRequest("tools/functions cannot be combined with raw: a raw prompt is used as written")
-            ids = tok.encode(prompt)
-            if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-                ids = [tok.bos_id] + ids
-        else:
-            ids = tok.encode(render_prompt(tok, [{"role": "user", "content": prompt}], tools, "prompt"))
-    else:
-        ids = tok.encode(render_prompt(tok, r["messages"], tools, "messages"))
+    _, ids = prompt(tok, r)
 
     vocab = llm.config.vocab_size
     outside = sorted({i for i in ids if i >= vocab})

@@ -80,6 +80,7 @@ def test_workers_ai_answer_equals_library(llm, client, path):
     assert r.status_code == 200
     assert without_cached(r.json()) == without_cached(
         {"result": llama32.generate(llm, **body), "success": True, "errors": [], "messages": []})
+    assert r.headers["x-llama32-replica"] == "0"  # one process is replica 0 (serve --replicas names its replicas)
 
 
 def test_workers_ai_stream_is_to_sse_of_the_library_stream(llm, client):
@@ -292,6 +293,31 @@ def test_openai_tool_calls_shape(tiny_url, monkeypatch):
 
 
 
+def test_a_stream_that_fails_midway_ends_with_an_error_event(url, monkeypatch):
+    """Once a stream has started its status is sent: a failure after that is one last event holding the error
+    in the route's envelope, and no [DONE] (a client can tell a cut answer from a whole one)."""
+    from llama32.server.backend import Generation
+
+    async def failing(self):
+        self.llm.loop.cancel(self.job)  # what a failure leaves: no job in the loop
+        yield {"response": "Hel"}
+        raise RuntimeError("the loop failed")
+
+    monkeypatch.setattr(Generation, "chunks", failing)
+    r = httpx.post(url + WAI, json=dict(prompt="Hi", stream=True, **GREEDY), timeout=60)
+    events = sse_events(r.text)
+    assert r.status_code == 200 and json.loads(events[0])["response"] == "Hel" and "[DONE]" not in events
+    assert json.loads(events[-1]) == {"result": None, "success": False, "messages": [], "errors": [
+        {"code": 500, "message": "internal error while generating; see the server log"}]}
+    r = httpx.post(url + "/v1/chat/completions", json=dict(messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                                           **GREEDY), timeout=60)
+    last = json.loads(sse_events(r.text)[-1])
+    assert last["error"]["code"] == 500 and last["error"]["type"] == "server_error"
+    deadline = time.time() + 5
+    while httpx.get(url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+
+
 CHATML = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 SHORT = dict(temperature=0, max_tokens=8)
 
@@ -495,6 +521,8 @@ def test_disconnect_frees_the_row(llm, url, client):
     health = client.get("/health").json()  # the loop's stats, KV memory included
     assert health.items() >= {"status": "ok", "model": "smollm2", "running": 0, "waiting": 0}.items()
     assert 0 <= health["kv_bytes"] <= health["kv_bytes_total"]
+    (replica,) = health["replicas"]  # the one loop is replica 0, and the totals are its numbers
+    assert replica["id"] == "0" and replica["running"] == 0 and replica["kv_bytes"] == health["kv_bytes"]
     assert client.post(WAI, json=dict(prompt="Hi", **GREEDY)).status_code == 200
 
 

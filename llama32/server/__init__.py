@@ -1,10 +1,12 @@
-"""`python -m llama32 serve`: the Workers AI REST API and an OpenAI-compatible API over one loaded handle.
+"""`python -m llama32 serve`: the Workers AI REST API and an OpenAI-compatible API over one loaded handle, or
+(`--replicas N`) over N Ray Serve replicas of it (`ray.py`).
 
 An app factory (`create_app`), one module per API shape (`workers_ai.py`, `openai_api.py`), one place that turns
-errors into each shape's envelope (`errors.py`), what the routes share (`backend.py`: requests read from the
-event loop, no thread per request), `/metrics` (`metrics.py`), and the playground as a static page. Routes
-translate between HTTP and the library's request/response shapes and delegate to the handle's generation loop,
-which batches all requests in flight. The contract is docs/API.md, "Serving".
+errors into each shape's envelope (`errors.py`), what the routes share (`backend.py`: the back end they call,
+requests read from the event loop, no thread per request), `/metrics` (`metrics.py`), and the playground as a
+static page. Routes translate between HTTP and the library's request/response shapes and delegate to the back
+end: the handle's generation loop, which batches all requests in flight, or replicas that each hold one. The
+contract is docs/API.md, "Serving".
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from llama32.hub import weights_dir
 
 from . import docs
 from .backend import UNKNOWN_LORA, Backend, ClientGone  # noqa: F401 - UNKNOWN_LORA for callers and tests
-from .errors import ApiError, error_response
+from .errors import ApiError, error_body, error_response
 
 log = logging.getLogger("llama32.server")
 STATIC = Path(__file__).parent / "static"
@@ -43,14 +45,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 class _Gate:
     """Outermost of the app's own layers (plain ASGI, so streams and disconnects pass through untouched): the
-    bearer-key check, then one log line and one metrics count per request once its answer has been sent
+    bearer-key check, the `x-llama32-replica` header (the replicas that generated the answer, else the back
+    end's `replica`), then one log line and one metrics count per request once its answer has been sent
     (route, status, the tokens its generations really produced, seconds)."""
 
     # need no key: they hold nothing (the playground's and /docs' calls send one)
     OPEN = ("/", "/health", "/favicon.ico", *docs.OPEN)
 
-    def __init__(self, app, api_key: str | None, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, api_key: str | None, metrics, replica: str | None):
+        self.app, self.metrics, self.replica = app, metrics, replica
         self.api_key = api_key.encode() if api_key else None
 
     def authorized(self, request: Request) -> bool:
@@ -68,6 +71,11 @@ class _Gate:
         async def tracked(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                gens = state.get("generations", [])
+                replicas = ",".join(dict.fromkeys(g.replica for g in gens if g.replica)) or self.replica
+                if replicas:
+                    message = dict(message, headers=[*message.get("headers", []),
+                                                     (b"x-llama32-replica", replicas.encode())])
             await send(message)
 
         try:
@@ -86,22 +94,29 @@ class _Gate:
                 self.metrics.request(route, status[0])
 
 
-def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: str | None = None,
+def create_app(llm: llama32.Llama | Backend, *, api_key: str | None = None, model_name: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body: int = DEFAULT_MAX_BODY,
                lora_dir: str | Path | None = None, allowed_origins: list[str] | None = None) -> Starlette:
-    """The ASGI app serving `llm` (run it with uvicorn, as `python -m llama32 serve` does). A request's `lora`
-    may only name an adapter folder in `lora_dir` (default `weights/loras/`); `allowed_origins` are the
-    browser origins allowed to call it (CORS; none by default)."""
+    """The ASGI app serving `llm` (run it with uvicorn, as `python -m llama32 serve` does), or serving from a
+    back end made elsewhere (server/ray.py's replicas; `model_name`, `max_queue`, `max_body` and `lora_dir`
+    are then the back end's). A request's `lora` may only name an adapter folder in `lora_dir` (default
+    `weights/loras/`); `allowed_origins` are the browser origins allowed to call it (CORS; none by default)."""
     from . import openai_api, workers_ai
     from .metrics import CONTENT_TYPE_LATEST, Metrics
 
-    metrics = Metrics(llm)
-    backend = Backend(llm, model_name=model_name or Path(str(llm.path)).name, max_queue=max_queue,
-                      max_body=max_body, lora_dir=lora_dir if lora_dir is not None else weights_dir() / "loras",
-                      metrics=metrics)
+    metrics = Metrics()
+    if isinstance(llm, Backend):
+        backend = llm
+    else:
+        backend = Backend(llm, model_name=model_name or Path(str(llm.path)).name, max_queue=max_queue,
+                          max_body=max_body, lora_dir=lora_dir if lora_dir is not None else weights_dir() / "loras")
+    backend.metrics = metrics
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": backend.model_name, **llm.loop.stats()})
+        replicas = await backend.replicas()  # each replica's loop stats; the counts are summed over them
+        totals = {k: sum(r[k] for r in replicas) for k in ("running", "waiting", "paused", "kv_bytes",
+                                                            "kv_bytes_total")}
+        return JSONResponse({"status": "ok", "model": backend.model_name, **totals, "replicas": replicas})
 
     page = docs.playground_page((STATIC / "playground.html").read_text())  # its controls from the schema
 
@@ -112,7 +127,7 @@ def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: st
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     async def scrape(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(await backend.replicas()), media_type=CONTENT_TYPE_LATEST)
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = {404: f"no such path: {request.url.path}",
@@ -128,8 +143,8 @@ def create_app(llm: llama32.Llama, *, api_key: str | None = None, model_name: st
     middleware = []
     if allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
-                                     allow_headers=["*"]))
-    middleware.append(Middleware(_Gate, api_key=api_key, metrics=metrics))
+                                     allow_headers=["*"], expose_headers=["x-llama32-replica"]))
+    middleware.append(Middleware(_Gate, api_key=api_key, metrics=metrics, replica=backend.replica))
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: on_http_error, Exception: on_api_error})
 
@@ -147,12 +162,17 @@ def handler(route_method, route: str):
     return endpoint
 
 
-def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def event_stream(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Server-Sent Events of JSON chunks (what `llama32.to_sse` writes), with headers that keep proxies
-    from buffering them."""
+    from buffering them. A stream that fails once started (its replica died, the loop failed) ends with one
+    event holding the error in its API's envelope, and no `[DONE]`."""
     async def text():
-        async for chunk in chunks:
-            yield next(llama32.to_sse([chunk]))
+        try:
+            async for chunk in chunks:
+                yield next(llama32.to_sse([chunk]))
+        except Exception as e:  # noqa: BLE001 - the answer has started: the error can only be an event
+            yield next(llama32.to_sse([error_body(request, e)[1]]))
+            return
         yield "data: [DONE]\n\n"
     return StreamingResponse(text(), media_type="text/event-stream", headers=SSE_HEADERS)
 

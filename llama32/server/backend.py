@@ -1,4 +1,11 @@
-"""What every route shares: the handle, the limits, adapter names, and requests read from the event loop.
+"""The back end the routes call, and what they share: the limits, adapter names, requests read from the event loop.
+
+One app, two back ends. `Backend` (here) serves from one in-process handle; `RayBackend` (server/ray.py)
+from Ray Serve replicas, each holding its own handle, and subclasses it for what touches a handle. What the
+routes and the app use of either: `llm` (the tokenizer, config and context length the routes read), `body`,
+`adapter`, `validate`, `start` (and `generate`, `collect`, `stream`, built on those two), `score` (a prompt's
+log-probabilities, for echo) and `replicas` (each replica's loop stats, for /health and /metrics). A
+started request is an `Answer`: its chunks as they come, and the record that the log and /metrics read.
 
 No thread waits on a request. A route validates its request (on a worker thread, briefly: tokenizing), then
 `Backend.start` submits it to the handle's generation loop as a `Job` whose `notify` hook (called by the loop
@@ -11,8 +18,10 @@ cancels the request, which leaves the batch at the loop's next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +29,7 @@ from starlette.requests import Request
 
 from llama32 import lora as lora_mod
 from llama32.engine import Job
+from llama32.generate import score_ids
 from llama32.output import Output
 from llama32.requests import validate
 
@@ -35,17 +45,61 @@ class ClientGone(Exception):
     """The client closed its connection before its answer was ready (logged as status 499)."""
 
 
-class Generation:
-    """One request in the loop, read from the event loop (see the module docstring)."""
+def choice_fields(fields: dict, i: int) -> dict:
+    """The fields of choice `i` of a request: a seeded request's choice i gets seed + i."""
+    if i and isinstance(fields.get("seed"), int):
+        return dict(fields, seed=(fields["seed"] - 1 + i) % SEED_RANGE + 1)
+    return fields
 
-    def __init__(self, llm, req, metrics=None):
-        self.llm, self.metrics = llm, metrics
-        self.job = Job(req, Output(llm, req))
-        self.prompt_tokens = len(req.prompt_ids)
+
+class Answer:
+    """One request being generated, read on the event loop: `chunks` as they come (leaving early cancels the
+    request), `result` the whole answer; the other attributes are its record for the log and /metrics."""
+
+    replica = "0"  # the replica generating it (the x-llama32-replica header); one process is replica 0
+    produced = 0  # tokens generated for it (also when it was cancelled)
+
+    def __init__(self, prompt_tokens: int, metrics=None):
+        self.prompt_tokens, self.metrics = prompt_tokens, metrics
         self.started = time.perf_counter()
         self.first: float | None = None  # when the first text reached us
         self.ended: float | None = None
         self.last: dict = {}  # the last chunk: usage, finish_reason, tool_calls
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.last.get("finish_reason")
+
+    def chunks(self) -> AsyncIterator[dict]:
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        self.ended = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.finished(self)
+
+    async def result(self) -> dict:
+        """The whole answer, shaped as `llama32.generate` returns it (every key of the last chunk but its piece)."""
+        text, logprobs, any_logprobs = [], [], False
+        async for chunk in self.chunks():
+            text.append(chunk["response"])
+            if "logprobs" in chunk:
+                any_logprobs = True
+                logprobs.extend(chunk["logprobs"])
+        out = {k: v for k, v in self.last.items() if k not in ("response", "logprobs")}
+        out = {"response": "".join(text), "tool_calls": out.pop("tool_calls", []), **out}
+        if any_logprobs:
+            out["logprobs"] = logprobs
+        return out
+
+
+class Generation(Answer):
+    """One request in this process's loop (see the module docstring)."""
+
+    def __init__(self, llm, req, metrics=None):
+        super().__init__(len(req.prompt_ids), metrics)
+        self.llm = llm
+        self.job = Job(req, Output(llm, req))
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self.job.notify = self._wake
@@ -65,8 +119,8 @@ class Generation:
     def finish_reason(self) -> str | None:
         return self.last.get("finish_reason") or self.job.output.finish_reason
 
-    async def chunks(self) -> AsyncIterator[dict]:
-        """The response chunks as the loop produces them; leaving early cancels the request."""
+    async def batches(self) -> AsyncIterator[list[dict]]:
+        """The loop's events for this request (each a list of chunks) as they come; leaving early cancels it."""
         events = self.job.results()  # read only when an event is queued, so `next` never blocks
         try:
             while True:
@@ -80,34 +134,26 @@ class Generation:
                     return
                 if self.first is None:
                     self.first = time.perf_counter()
+                yield batch
+        finally:
+            if not self.job.finished:
+                self.llm.loop.cancel(self.job)
+            self._ended()
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        """The response chunks as the loop produces them; leaving early cancels the request."""
+        async with aclosing(self.batches()) as batches:  # closed at once when the reader leaves
+            async for batch in batches:
                 for chunk in batch:
                     if "usage" in chunk:
                         self.last = chunk
                     yield chunk
-        finally:
-            self.ended = time.perf_counter()
-            if not self.job.finished:
-                self.llm.loop.cancel(self.job)
-            if self.metrics is not None:
-                self.metrics.finished(self)
-
-    async def result(self) -> dict:
-        """The whole answer, shaped as `llama32.generate` returns it (every key of the last chunk but its piece)."""
-        text, logprobs, any_logprobs = [], [], False
-        async for chunk in self.chunks():
-            text.append(chunk["response"])
-            if "logprobs" in chunk:
-                any_logprobs = True
-                logprobs.extend(chunk["logprobs"])
-        out = {k: v for k, v in self.last.items() if k not in ("response", "logprobs")}
-        out = {"response": "".join(text), "tool_calls": out.pop("tool_calls", []), **out}
-        if any_logprobs:
-            out["logprobs"] = logprobs
-        return out
 
 
 class Backend:
-    """The handle and the limits every route shares."""
+    """The in-process back end: one handle and the limits every route shares."""
+
+    replica = "0"  # what x-llama32-replica says on a response no generation worked on
 
     def __init__(self, llm, *, model_name: str, max_queue: int, max_body: int, lora_dir: str | Path,
                  metrics=None):
@@ -118,16 +164,24 @@ class Backend:
     async def body(self, request: Request) -> dict:
         return await json_body(request, self.max_body)
 
-    async def adapter(self, fields: dict) -> dict:
-        """`fields` with its `lora` (an adapter *name*) replaced by that adapter's folder in `lora_dir`, loaded
-        (and cached) here; anything but such a name is the one UNKNOWN_LORA 400."""
+    def adapter_dir(self, fields: dict) -> Path | None:
+        """The folder in `lora_dir` named by `fields`' `lora` (None without one); anything but such a name is
+        the one UNKNOWN_LORA 400."""
         name = fields.get("lora")
         if name is None:
-            return fields
+            return None
         path = lora_mod.named(self.lora_dir, name)
         if path is None:
             raise ApiError(400, UNKNOWN_LORA, param="lora")
-        await run_in_threadpool(lambda: lora_mod.resolve(self.llm, str(path), name=name))
+        return path
+
+    async def adapter(self, fields: dict) -> dict:
+        """`fields` with its `lora` (an adapter *name*) replaced by that adapter's folder in `lora_dir`, loaded
+        (and cached) here."""
+        path = self.adapter_dir(fields)
+        if path is None:
+            return fields
+        await run_in_threadpool(lambda: lora_mod.resolve(self.llm, str(path), name=fields["lora"]))
         return dict(fields, lora=str(path))
 
     def admit(self, n: int = 1) -> None:
@@ -137,19 +191,14 @@ class Backend:
                            headers={"Retry-After": "1"})
 
     async def validate(self, fields: dict, n: int = 1, prompt_ids: list[int] | None = None) -> list:
-        """The library's validation of `fields` (on a worker thread: it tokenizes), once per choice: choice i
-        of a seeded request gets seed + i. `prompt_ids` replaces the prompt's tokens (a prompt given as ids)."""
-        import dataclasses
-
+        """The library's validation of `fields` (on a worker thread: it tokenizes), once per choice (see
+        `choice_fields`). `prompt_ids` replaces the prompt's tokens (a prompt given as ids)."""
         def one(i: int):
-            f = dict(fields)
-            if i and f.get("seed") is not None and isinstance(f["seed"], int):
-                f["seed"] = (f["seed"] - 1 + i) % SEED_RANGE + 1
-            req = validate(self.llm, f)
+            req = validate(self.llm, choice_fields(fields, i))
             return req if prompt_ids is None else dataclasses.replace(req, prompt_ids=list(prompt_ids))
         return await run_in_threadpool(lambda: [one(i) for i in range(n)])
 
-    def start(self, request: Request, reqs: list) -> list[Generation]:
+    async def start(self, request: Request, reqs: list) -> list[Answer]:
         """Submit validated requests (all or none: 503 when the queue has no room for them)."""
         self.admit(len(reqs))
         gens = [Generation(self.llm, req, self.metrics) for req in reqs]
@@ -160,15 +209,23 @@ class Backend:
 
     async def generate(self, request: Request, fields: dict, n: int = 1) -> list[dict]:
         """Every choice's whole answer; a client that disconnects meanwhile cancels them (ClientGone)."""
-        return await self.collect(request, self.start(request, await self.validate(fields, n)))
+        return await self.collect(request, await self.start(request, await self.validate(fields, n)))
 
-    async def collect(self, request: Request, gens: list[Generation]) -> list[dict]:
+    async def collect(self, request: Request, gens: list[Answer]) -> list[dict]:
         """Each generation's whole answer, in order; a client that disconnects meanwhile cancels them."""
         return await until_disconnected(request, asyncio.gather(*(g.result() for g in gens)))
 
-    async def stream(self, request: Request, fields: dict, n: int = 1) -> list[Generation]:
+    async def stream(self, request: Request, fields: dict, n: int = 1) -> list[Answer]:
         """Validated and submitted (errors raise here, before any response starts); read each one's chunks."""
-        return self.start(request, await self.validate(fields, n))
+        return await self.start(request, await self.validate(fields, n))
+
+    async def score(self, prompt_ids: list[int], top: int) -> tuple:
+        """`score_ids` of the prompt after its first token: (logprobs, is_greedy, top ids, top logprobs)."""
+        return await run_in_threadpool(score_ids, self.llm, prompt_ids, 1, top)
+
+    async def replicas(self) -> list[dict]:
+        """Each replica's loop stats (`GenerationLoop.stats`) with its `id`; here the one loop, replica 0."""
+        return [{"id": "0", **self.llm.loop.stats()}]
 
 
 async def until_disconnected(request: Request, work: asyncio.Future):

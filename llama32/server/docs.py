@@ -216,7 +216,7 @@ def openapi(model_name: str) -> dict:
         paths[f"{prefix}/completions"] = oai(prefix, "completions", "Text completion (raw prompt)")
         paths[f"{prefix}/models"] = listing(prefix, False)
         paths[f"{prefix}/models/{{model_id}}"] = listing(prefix, True)
-    status = {"description": "Status and the loop's running/waiting counts",
+    status = {"description": "Status, the running/waiting counts and KV memory, in all and per replica",
               "content": {"application/json": {"schema": {"type": "object"}}}}
     paths["/health"] = {"get": {"tags": ["Server"], "summary": "200 once the model is loaded",
                                 "operationId": "health", "security": [], "responses": {"200": status}}}

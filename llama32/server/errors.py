@@ -20,7 +20,7 @@ log = logging.getLogger("llama32.server")
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
-                 500: "server_error"}
+                 500: "server_error", 502: "server_error"}
 
 
 class ApiError(Exception):
@@ -52,8 +52,9 @@ def is_openai(request: Request) -> bool:
     return _OPENAI_PATH.match(request.url.path) is not None
 
 
-def error_response(request: Request, e: BaseException) -> JSONResponse:
-    """`e` in the envelope of the API the request was made to (OpenAI under /v1/, Workers AI elsewhere)."""
+def error_body(request: Request, e: BaseException) -> tuple[ApiError, dict]:
+    """`e` as an ApiError and its body in the envelope of the API the request was made to (OpenAI under
+    /v1/, Workers AI elsewhere): what an error response carries, and what a stream's error event carries."""
     err = from_exception(e)
     if is_openai(request):
         body = {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.status, "invalid_request_error"),
@@ -61,6 +62,12 @@ def error_response(request: Request, e: BaseException) -> JSONResponse:
     else:
         body = {"result": None, "success": False, "errors": [{"code": err.status, "message": err.message}],
                 "messages": []}
+    return err, body
+
+
+def error_response(request: Request, e: BaseException) -> JSONResponse:
+    """`e` as an HTTP answer in its API's envelope."""
+    err, body = error_body(request, e)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 

@@ -11,17 +11,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from llama32.constrain import tool_call_schema
-from llama32.generate import score_ids
 from llama32.requests import require_tokenizer
 
 from . import Backend, event_stream, handler
-from .backend import Generation, merged
+from .backend import Answer, merged
 from .errors import ApiError
 
 PREFIXES = ("/v1", "/ai/v1", "/client/v4/accounts/{account_id}/ai/v1")
@@ -211,7 +209,7 @@ def routes(backend: Backend) -> list[Route]:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             gens = await backend.stream(request, fields, n)
-            return event_stream(_chat_stream(head, gens, usage))
+            return event_stream(request, _chat_stream(head, gens, usage))
         outs = await backend.generate(request, fields, n)
         choices = []
         for i, out in enumerate(outs):
@@ -251,14 +249,14 @@ def routes(backend: Backend) -> list[Route]:
             reqs.append(await backend.validate(dict(fields, prompt=text if text is not None else "x"), n, ids))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
-            gens = backend.start(request, [r for rs in reqs for r in rs])
-            return event_stream(_completion_stream(rid, created, backend.model_name, gens))
+            gens = await backend.start(request, [r for rs in reqs for r in rs])
+            return event_stream(request, _completion_stream(rid, created, backend.model_name, gens))
         if scoring_only:
             outs = [{"response": "", "tool_calls": [], "logprobs": [], "finish_reason": "length",
                      "usage": {"prompt_tokens": len(r.prompt_ids), "completion_tokens": 0,
                                "total_tokens": len(r.prompt_ids)}} for rs in reqs for r in rs]
         else:
-            outs = await backend.collect(request, backend.start(request, [r for rs in reqs for r in rs]))
+            outs = await backend.collect(request, await backend.start(request, [r for rs in reqs for r in rs]))
         choices = []
         for c, out in enumerate(outs):
             p = c // n
@@ -269,7 +267,7 @@ def routes(backend: Backend) -> list[Route]:
                 logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                 offset = 0
                 if echo:
-                    offset = await _echo_logprobs(llm, tok, logprobs, prompt_ids, k)
+                    offset = await _echo_logprobs(backend, tok, logprobs, prompt_ids, k)
                 for e in out["logprobs"]:
                     _add(logprobs, e["token"], e["logprob"], {t["token"]: t["logprob"] for t in e["top_logprobs"]},
                          offset)
@@ -303,13 +301,12 @@ def _check_ids(llm, ids: list[int], max_tokens: int) -> None:
                             f"model's context of {context} tokens", param="prompt")
 
 
-async def _echo_logprobs(llm, tok, logprobs: dict, prompt_ids: list[int], k: int) -> int:
+async def _echo_logprobs(backend: Backend, tok, logprobs: dict, prompt_ids: list[int], k: int) -> int:
     """The prompt's tokens and their log-probabilities (each predicted from those before it; the first has
     none), added to `logprobs`; a leading BOS is not shown. Returns the text offset after them."""
     bos = 1 if prompt_ids and prompt_ids[0] == tok.bos_id else 0
     shown = prompt_ids[bos:]
-    scored = await run_in_threadpool(score_ids, llm, prompt_ids, 1, max(k, 1)) if len(prompt_ids) > 1 \
-        else ([], [], [], [])
+    scored = await backend.score(prompt_ids, max(k, 1)) if len(prompt_ids) > 1 else ([], [], [], [])
     lps, _, top_ids, top_lps = scored
     if not bos:  # the first token has nothing before it to be predicted from
         lps, top_ids, top_lps = [None] + lps, [[]] + top_ids, [[]] + top_lps
@@ -328,7 +325,7 @@ def _add(logprobs: dict, token: str, lp: float | None, top: dict, offset: int) -
     logprobs["text_offset"].append(offset)
 
 
-async def _chat_stream(head: dict, gens: list[Generation], include_usage: bool) -> AsyncIterator[dict]:
+async def _chat_stream(head: dict, gens: list[Answer], include_usage: bool) -> AsyncIterator[dict]:
     def chunk(i: int, delta: dict, finish: str | None = None, **extra) -> dict:
         return {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": i, "delta": delta, "logprobs": extra.get("logprobs"), "finish_reason": finish}]}
@@ -349,7 +346,7 @@ async def _chat_stream(head: dict, gens: list[Generation], include_usage: bool) 
                "usage": _usage(usages, usages[0]["prompt_tokens"])}
 
 
-async def _completion_stream(rid: str, created: int, model: str, gens: list[Generation]) -> AsyncIterator[dict]:
+async def _completion_stream(rid: str, created: int, model: str, gens: list[Answer]) -> AsyncIterator[dict]:
     def chunk(i: int, text: str, logprobs: dict | None = None, finish: str | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"text": text, "index": i, "logprobs": logprobs, "finish_reason": finish}]}

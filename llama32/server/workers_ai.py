@@ -22,7 +22,7 @@ def routes(backend: Backend) -> list[Route]:
         if body.get("stream"):
             fields = {k: v for k, v in body.items() if k != "stream"}
             [gen] = await backend.stream(request, fields)
-            return event_stream(gen.chunks())
+            return event_stream(request, gen.chunks())
         [out] = await backend.generate(request, body)
         if body.get("response_format") is not None and out.get("finish_reason") == "length":
             # Workers AI's JSON mode error; the library's result keeps the partial text and finish_reason

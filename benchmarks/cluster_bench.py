@@ -1,0 +1,162 @@
+"""`serve --replicas` on Ray Serve: a multi-turn, shared-prefix chat workload against 2 replicas routed by prompt
+prefix, 2 replicas on Ray Serve's default router (pow2), 1 replica with the same CPU cores, and the plain
+single-process server.
+
+Each of `--users` (16) users has its own long system prompt and talks for `--rounds` (4) rounds: every round
+sends the whole conversation so far (system prompt, earlier questions and the server's answers) plus a new
+question, streamed from the OpenAI route, so a user's prompts grow and each starts with the one before. Users
+run at once, each waiting for its answer before its next round. Per configuration: time to first token p50 /
+p90, generated tokens per second of wall time, the share of prompt tokens whose keys and values were reused
+(`usage.prompt_tokens_details.cached_tokens`), and how many requests each replica answered.
+
+    python benchmarks/cluster_bench.py --model <checkpoint dir> --dtype float32
+
+Each configuration is its own `python -m llama32 serve [--replicas N]` (started as load_client.py starts a
+server; with --replicas it starts and stops a local Ray). One JSON report to --out, with the CPU's flags, and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from load_client import start_server  # noqa: E402
+from serve_bench import cpu_flags, percentile, words  # noqa: E402
+
+CONFIGS = {  # name: serve flags (the same 2 CPU cores in each)
+    "2 replicas, prefix": ["--replicas", "2", "--router", "prefix", "--cpus-per-replica", "1"],
+    "2 replicas, pow2": ["--replicas", "2", "--router", "pow2", "--cpus-per-replica", "1"],
+    "1 replica": ["--replicas", "1", "--cpus-per-replica", "2"],
+    "1 process, no Ray": [],  # plain `serve`: what Ray Serve's hops cost
+}
+
+
+def users(n: int, system_words: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    # random words first: two users' prompts share no more than the chat template's first line
+    return [{"system": words(system_words, rng) + f". You are assistant number {u}.",
+             "questions": [words(rng.randint(8, 20), rng) + "?" for _ in range(8)]} for u in range(n)]
+
+
+async def turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed chat request: time to first token, the answer, its usage and the replica that answered."""
+    start, first, text, usage = time.perf_counter(), None, [], {}
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        replica = r.headers.get("x-llama32-replica")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                text.append(chunk["choices"][0]["delta"]["content"])
+    return {"ttft_s": first - start if first else None, "text": "".join(text), "replica": replica,
+            "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+async def workload(url: str, people: list[dict], rounds: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+
+    async def talk(person: dict):
+        messages = [{"role": "system", "content": person["system"]}]
+        for k in range(rounds):
+            messages.append({"role": "user", "content": person["questions"][k]})
+            out = await turn(client, messages, max_tokens)
+            results.append(dict(out, round=k))
+            messages.append({"role": "assistant", "content": out["text"]})
+
+    limits = httpx.Limits(max_connections=len(people) + 4, max_keepalive_connections=len(people) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(talk(p) for p in people))
+        wall = time.perf_counter() - start
+    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
+    later = [r["ttft_s"] for r in results if r["ttft_s"] is not None and r["round"] > 0]
+    prompt = sum(r["prompt_tokens"] for r in results)
+    by_round = [[r for r in results if r["round"] == k] for k in range(rounds)]
+    return {"requests": len(results), "wall_s": wall, "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
+            "ttft_later_rounds_p50_s": percentile(later, 50) if later else None,
+            "prompt_tokens": prompt, "cached_share": sum(r["cached_tokens"] for r in results) / prompt,
+            "per_replica": dict(Counter(r["replica"] for r in results)),
+            "rounds": [{"ttft_p50_s": percentile([r["ttft_s"] for r in rs], 50),
+                        "prompt_tokens": sum(r["prompt_tokens"] for r in rs),
+                        "cached_tokens": sum(r["cached_tokens"] for r in rs)} for rs in by_round]}
+
+
+def run_config(args, name: str, flags: list[str]) -> dict:
+    server, url = start_server(args, flags)
+    try:
+        want = int(flags[flags.index("--replicas") + 1]) if flags else 1
+        deadline = time.time() + 300
+        while len(httpx.get(url + "/health").json()["replicas"]) < want:  # the last replica may still load
+            assert time.time() < deadline, "replicas did not come up"
+            time.sleep(0.5)
+        warm = users(4, 8, args.seed + 99)  # short unrelated prompts: the first forwards on every replica
+        asyncio.run(workload(url, warm, 1, 2))
+        result = asyncio.run(workload(url, users(args.users, args.system_words, args.seed), args.rounds,
+                                      args.max_tokens))
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    print(f"{name}: {result['tok_s']:.1f} tok/s, TTFT p50 {result['ttft_p50_s']:.2f} s, cached "
+          f"{result['cached_share']:.0%}, {result['per_replica']}", flush=True)
+    return dict(result, config=name, flags=flags)
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["config"]: r for r in rows}.get("2 replicas, pow2")
+    out = ["| configuration | requests | tok/s | TTFT p50 / p90 (s) | later rounds' TTFT p50 (s) | cached share of "
+           "prompt tokens | requests per replica |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f" ({r['tok_s'] / base['tok_s']:.2f}x, TTFT p50 {r['ttft_p50_s'] / base['ttft_p50_s']:.2f}x)" \
+            if base and r is not base else ""
+        out.append(f"| {r['config']} | {r['requests']} | {r['tok_s']:.1f}{ratio} | {r['ttft_p50_s']:.2f} / "
+                   f"{r['ttft_p90_s']:.2f} | {r['ttft_later_rounds_p50_s']:.2f} | {r['cached_share']:.0%} | "
+                   f"{', '.join(str(n) for n in sorted(r['per_replica'].values(), reverse=True))} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--system-words", type=int, default=300, help="words in each user's system prompt")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cluster.json")
+    args = p.parse_args(argv)
+    args.clients = [args.users]  # what load_client.start_server sizes --max-queue by
+    rows = [run_config(args, name, CONFIGS[name]) for name in args.configs]
+    report = {"machine": {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+              "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
