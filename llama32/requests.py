@@ -106,8 +106,12 @@ def prompt(tok: Any, r: dict) -> tuple[str, list[int]]:
     return r["prompt"], ids
 
 
-def validate(llm: Any, request: dict) -> Request:
-    """Check `request` against the input schema, then against the loaded model; return what the loop needs."""
+def validate(llm: Any, request: dict, *, prompt_ids: list[int] | None = None, lora_name: str | None = None) -> Request:
+    """Check `request` against the input schema, then against the loaded model; return what the loop needs.
+
+    `prompt_ids`: the prompt's tokens as given (the server's /v1/completions takes token ids), checked as a
+    rendered prompt's are (vocabulary, context, KV budget). `lora_name`: what error messages call the
+    request's adapter (a server names its adapters, never the folders behind them)."""
     r = check_input(request)  # nulls dropped, the schema's defaults filled in
     has_prompt = "prompt" in r
     stream, max_tokens = r["stream"], r["max_tokens"]
@@ -125,7 +129,7 @@ def validate(llm: Any, request: dict) -> Request:
     _, offered = _tools(r)
     lora = r.get("lora")
     tok = require_tokenizer(llm)
-    _, ids = prompt(tok, r)
+    ids = prompt(tok, r)[1] if prompt_ids is None else list(prompt_ids)
 
     vocab = llm.config.vocab_size
     outside = sorted({i for i in ids if i >= vocab})
@@ -156,6 +160,6 @@ def validate(llm: Any, request: dict) -> Request:
     if "response_format" in r:  # compiled (or found in the handle's cache) here: an unenforceable schema
         grammar = constrain.grammars(llm).compile(constrain.schema_of(r["response_format"]))  # fails now
     # Last, so a request rejected for anything else loads (and caches) no adapter.
-    adapter = lora_mod.resolve(llm, lora) if lora is not None else None
+    adapter = lora_mod.resolve(llm, lora, name=lora_name) if lora is not None else None
     return Request(ids, params, max_tokens, seed, stream, frozenset(offered), adapter, logprobs=logprobs,
                    top_logprobs=top_logprobs, stop=stop, grammar=grammar)

@@ -622,3 +622,61 @@ def test_a_checkpoint_error_does_not_show_server_paths(app_client, monkeypatch, 
     assert r.status_code == 500
     assert "/srv" not in r.text and "Permission" not in r.text, r.text
     assert secret in caplog.text  # the operator still sees it
+
+
+# --- 2f. HTTP: token-id prompts and the KV budget; an adapter loaded only for a request that is taken -------------
+
+
+@pytest.fixture(scope="module")
+def small_budget_client(make_checkpoint, llama3_tokenizer_dir, tmp_path_factory):
+    """A tiny model whose KV budget holds 64 positions per request, with one adapter in its --lora-dir, behind
+    a server that lets one request wait."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from llama32.engine.scheduler import budget_for
+    from llama32.server import create_app
+    from test_server import write_named_adapter
+
+    path = make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir)
+    probe = llama32.load(path, device="cpu", dtype="float32")
+    budget = budget_for(64, probe.loop.position_bytes, 2 * probe.config.num_hidden_layers)
+    tiny = llama32.load(path, device="cpu", dtype="float32", kv_cache_bytes=budget)
+    loras = tmp_path_factory.mktemp("loras")
+    write_named_adapter(tiny, loras / "tuned")
+    with TestClient(create_app(tiny, lora_dir=loras, max_queue=1), raise_server_exceptions=False) as client:
+        yield tiny, client
+
+
+def test_token_id_prompts_beyond_the_kv_budget_are_a_400(small_budget_client):
+    tiny, client = small_budget_client
+    assert tiny.loop.max_positions == 64
+    r = client.post("/v1/completions", json={"prompt": list(range(10, 60)), "max_tokens": 30})
+    assert r.status_code == 400, r.text  # a 500 (the loop's MemoryError) before
+    error = r.json()["error"]
+    assert error["message"].startswith("max_tokens") and "kv_cache_bytes" in error["message"]
+    assert tiny.loop.stats()["waiting"] == 0
+    r = client.post("/v1/completions", json={"prompt": list(range(10, 40)), "max_tokens": 4})
+    assert r.status_code == 200, r.text  # what fits runs
+
+
+def test_an_adapter_is_loaded_only_for_a_request_the_server_takes(small_budget_client, monkeypatch):
+    """A request refused for a bad field (400) or a full queue (503) loads no adapter; one taken does."""
+    tiny, client = small_budget_client
+    tiny._adapters.clear()
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "lora": "tuned",
+                                                  "temperature": 99, "max_tokens": 2})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"], r.text
+    assert not tiny._adapters  # loaded before validation before
+    stats = tiny.loop.stats
+
+    monkeypatch.setattr(tiny.loop, "stats", lambda: dict(stats(), waiting=1))  # the one place in the queue is taken
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "lora": "tuned",
+                                                  "max_tokens": 2})
+    assert r.status_code == 503, r.text
+    assert not tiny._adapters  # loaded before the queue check before
+    monkeypatch.undo()
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "lora": "tuned",
+                                                  "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert len(tiny._adapters) == 1

@@ -18,7 +18,6 @@ cancels the request, which leaves the batch at the loop's next step.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -176,13 +175,10 @@ class Backend:
         return path
 
     async def adapter(self, fields: dict) -> dict:
-        """`fields` with its `lora` (an adapter *name*) replaced by that adapter's folder in `lora_dir`, loaded
-        (and cached) here."""
+        """`fields` with its `lora` (an adapter *name*) replaced by that adapter's folder in `lora_dir`. Not
+        loaded here: `validate` loads it last, once the queue has room and every other check passed."""
         path = self.adapter_dir(fields)
-        if path is None:
-            return fields
-        await run_in_threadpool(lambda: lora_mod.resolve(self.llm, str(path), name=fields["lora"]))
-        return dict(fields, lora=str(path))
+        return fields if path is None else dict(fields, lora=str(path))
 
     def admit(self, n: int = 1) -> None:
         """503 when the loop already has `max_queue` requests waiting: shed load rather than queue forever."""
@@ -192,10 +188,14 @@ class Backend:
 
     async def validate(self, fields: dict, n: int = 1, prompt_ids: list[int] | None = None) -> list:
         """The library's validation of `fields` (on a worker thread: it tokenizes), once per choice (see
-        `choice_fields`). `prompt_ids` replaces the prompt's tokens (a prompt given as ids)."""
+        `choice_fields`). `prompt_ids` replaces the prompt's tokens (a prompt given as ids; checked as a text
+        prompt's are, KV budget included). In this order: the queue's room (503), the request's checks (400),
+        and last its adapter loaded, so a refused request loads none."""
+        self.admit(n)
+        name = Path(fields["lora"]).name if fields.get("lora") is not None else None  # adapter() made it a path
+
         def one(i: int):
-            req = validate(self.llm, choice_fields(fields, i))
-            return req if prompt_ids is None else dataclasses.replace(req, prompt_ids=list(prompt_ids))
+            return validate(self.llm, choice_fields(fields, i), prompt_ids=prompt_ids, lora_name=name)
         return await run_in_threadpool(lambda: [one(i) for i in range(n)])
 
     async def start(self, request: Request, reqs: list) -> list[Answer]:

@@ -149,7 +149,8 @@ class Engine:
 
     @serve.multiplexed(max_num_models_per_replica=CACHED_ADAPTERS)
     async def adapter(self, name: str) -> dict:
-        """`{"lora": its folder}` for the adapter `name`, loaded on this replica once (Serve model multiplexing)."""
+        """`{"lora": its folder}` for the adapter `name` (Serve's model multiplexing counts it as this replica's
+        from now on; `validate` loads it, once per replica, after the request's other checks)."""
         return await self.local.adapter({"lora": name})
 
     async def generate(self, call: Call):
@@ -159,8 +160,7 @@ class Engine:
             fields = call.fields
             if fields.get("lora") is not None:
                 fields = dict(fields, **await self.adapter(fields["lora"]))
-            [req] = await self.local.validate(fields, 1, call.prompt_ids if call.ids_given else None)
-            self.local.admit()
+            [req] = await self.local.validate(fields, 1, call.prompt_ids if call.ids_given else None)  # queue first
         except Exception as e:  # noqa: BLE001 - mapped (and logged, if unexpected) by the one mapping
             err = from_exception(e)
             yield {"status": err.status, "message": err.message, "param": err.param, "headers": err.headers,
