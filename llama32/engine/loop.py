@@ -236,8 +236,10 @@ class GenerationLoop:
             if not (self._rows and self._rows.live()):
                 self._gather()
             plan = self._plan()
+        # Outside inference mode, as the runner's warm-up makes its scratch rows: the cache's tensors are then
+        # ordinary ones, whose dispatch keys the compiled step's guards were made for.
+        admitted = self._apply(*plan)
         with torch.inference_mode():
-            admitted = self._apply(*plan)
             for job in admitted:
                 self._guarded([job], lambda: self._begin(job))
             rows = self._rows
