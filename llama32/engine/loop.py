@@ -47,6 +47,7 @@ from torch import Tensor
 from ..output import Output
 from ..requests import Request
 from ..sampling import sample_static, steps_used
+from .batch import step_batch
 from .memory import PrefixIndex, Rows
 from .runner import (MAX_TOP_LOGPROBS, Runner, attended_for, decode_step, static_decode_step,  # noqa: F401
                      token_logprobs)
@@ -292,7 +293,7 @@ class GenerationLoop:
             try:
                 self._pause(job)
             except Exception as e:  # noqa: BLE001 - the error goes to its caller; the loop must live
-                self._retire(job)
+                self.retire(job)
                 job.put(e)
                 continue
             paused.append(job)
@@ -302,7 +303,7 @@ class GenerationLoop:
         remaining = [j for j in running if j not in pause]
         if remaining and shape is None:  # one running row outgrew the whole budget (the scheduler's backstop)
             [job] = remaining
-            self._retire(job)
+            self.retire(job)
             job.put(MemoryError(f"kv_cache_bytes: {self.kv_cache_bytes} bytes cannot hold this request's "
                                 f"{need(job)} positions"))
         if shape is None:
@@ -334,7 +335,7 @@ class GenerationLoop:
                 self._rows = None
             return
         for job in [j for j in rows.jobs if j is not None and need(j) > rows.length]:
-            self._retire(job)
+            self.retire(job)
             job.put(error)
 
     def _fit(self, shape: tuple[int, int], admitting: int) -> None:
@@ -374,7 +375,7 @@ class GenerationLoop:
         with self._cond:
             running = [j for j in self._rows.jobs if j is not None] if self._rows is not None else []
         for job in running:
-            self._retire(job)
+            self.retire(job)
             job.put(error)
 
     def _guarded(self, jobs: list[Job], work) -> None:
@@ -383,7 +384,7 @@ class GenerationLoop:
             work()
         except BaseException as e:  # noqa: BLE001 - the error goes to the callers; the loop must live
             for job in jobs:
-                self._retire(job)
+                self.retire(job)
                 job.put(e)
 
     def _begin(self, job: Job) -> None:
@@ -481,7 +482,7 @@ class GenerationLoop:
         if job.top:
             values, ids = logp.topk(job.top, dim=-1)
             result += (ids.tolist(), values.tolist())
-        self._retire(job)
+        self.retire(job)
         job.put(result)
         job.put(_END)
 
@@ -490,7 +491,7 @@ class GenerationLoop:
         for i in rows.live():
             job = rows.jobs[i]
             if job.cancelled:  # a closed stream leaves before the step, not after it
-                self._retire(job)
+                self.retire(job)
                 job.put(_END)
         live = [i for i in rows.live() if rows.jobs[i].decoding]
         if not live:
@@ -500,16 +501,14 @@ class GenerationLoop:
             return
         # ----------------------------------------------------------------------------------------------------
         n = self.runner.rows_for(live[-1], rows.batch)
-        # A row still prefilling (or scoring) takes part as a free row does, writing at its next context
-        # position (which its next chunk overwrites); the sampler's row for it is set when it starts decoding.
-        pos = torch.tensor([0 if j is None else j.pos if j.decoding else j.prefilled for j in rows.jobs[:n]],
-                           device=self.llm.device)
+        # the rows not decoding idle (batch.py); the sampler's row for one still prefilling is set when it
+        # starts decoding
+        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live})
         jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
-        tokens = torch.tensor([j.token if j else 0 for j in jobs], device=self.llm.device)
-        attended = attended_for(rows.length, max(j.pos for j in jobs if j) + 1)
-        adapters = [j.adapter if j else None for j in jobs]
-        out = self.runner.decode(rows, n, tokens, pos, attended, self._allowed(rows, jobs), adapters,
-                                 self._steps(jobs), self._logprobs_wanted(jobs))
+        device = self.llm.device
+        out = self.runner.decode(rows, n, batch.tokens[:, 0].to(device), batch.pos[:, 0].to(device), batch.attended,
+                                 self._allowed(rows, jobs), batch.adapters, self._steps(jobs),
+                                 self._logprobs_wanted(jobs))
         for j in jobs:
             if j is not None:
                 j.pos += 1
@@ -558,16 +557,17 @@ class GenerationLoop:
         for s in slots:
             job = rows.jobs[s]
             try:
-                self._deliver_one(job, drawn[s - first], lps, tops, s - first, stop_ids)
+                self.deliver_one(job, drawn[s - first], lps, tops, s - first, stop_ids)
             except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails
-                self._retire(job)
+                self.retire(job)
                 job.put(e)
 
-    def _deliver_one(self, job: Job, token: int, lps: list | None, tops: tuple | None, k: int,
-                     stop_ids: frozenset[int]) -> None:
-        """Row `job`'s new `token` (column `k` of the step's log-probabilities) into its output."""
+    def deliver_one(self, job: Job, token: int, lps: list | None, tops: tuple | None, k: int,
+                    stop_ids: frozenset[int]) -> None:
+        """Row `job`'s new `token` (column `k` of the step's log-probabilities) into its output (the loop's
+        steps and speculation's verify forwards deliver every token through here)."""
         if job.cancelled:
-            self._retire(job)
+            self.retire(job)
             job.put(_END)
             return
         job.token = token
@@ -585,10 +585,11 @@ class GenerationLoop:
         if chunks:
             job.put(chunks)
         if done:
-            self._retire(job)
+            self.retire(job)
             job.put(_END)
 
-    def _retire(self, job: Job) -> None:
+    def retire(self, job: Job) -> None:
+        """`job` is done: it leaves its row (its caller has been or is about to be sent its last event)."""
         job.finished = True
         with self._cond:
             rows = self._rows

@@ -144,6 +144,14 @@ class Runner:
                            logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters))
         return {slot: logits[slot - lo] for slot in spans}
 
+    def verify(self, rows: Rows, n: int, batch: Any, per_position: Any) -> Tensor:
+        """Speculative decoding's verify forward over rows [0, n), fed `batch` (engine/batch.py's `StepBatch`):
+        the logits at every position fed, (n, T, V) (`per_position`: the model's per-position head option)."""
+        llm = self.llm
+        cache = rows.cache.view(slice(0, n), batch.attended)
+        return llm.model(batch.tokens.to(llm.device), cache=cache, input_pos=batch.pos.to(llm.device),
+                         lora=RowAdapters.of(llm, batch.adapters), per_position=per_position)
+
     # -- decode steps ------------------------------------------------------------------------------------
 
     def decode(self, rows: Rows, n: int, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,

@@ -6,7 +6,7 @@ step (after cancelled rows left) either runs the whole step itself, verifying pr
 returns False and the loop takes its ordinary step (the compiled one where the handle compiles). It reads a
 job's `req`, `generated`, `token`, `pos`, `produced`, `adapter`, `constraint` and `decoding`, keeps its own
 state in `job.spec`, sets `job.lookahead` (the positions past the next one its proposals may write, which the
-scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `_deliver_one` and `_retire`.
+scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `deliver_one` and `retire`.
 
 What `step` does, for the rows [0, n) of the step (a row prefilling or free takes part as in the ordinary
 step, at its next prompt position; its writes there are overwritten before anything reads them):
@@ -29,7 +29,7 @@ step, at its next prompt position; its writes there are overwritten before anyth
    the token the sampler would draw at each position, with the history and counter noise it would have
    after the earlier proposals and, for a JSON row, the matcher's mask after them (walked through the
    proposals and rolled back). Accepted proposals and the target's own token at the first mismatch are
-   delivered one by one through the loop's `_deliver_one` (stop ids, max_tokens, stop strings, logprobs, the
+   delivered one by one through the loop's `deliver_one` (stop ids, max_tokens, stop strings, logprobs, the
    JSON matcher's advance, tool-call hold-back); a row that finishes inside the run drops the rest. The
    sampler's history and counter record the delivered tokens as that many plain steps would
    (`speculative.record`). Rejected positions' keys and values stay in the cache past the row's position, to
@@ -59,10 +59,10 @@ from typing import Any
 
 import torch
 
-from ..lora import RowAdapters
 from ..sampling import steps_used
 from ..speculative import AdaptiveK, DraftProposer, NgramProposer, RowSampler, record, verify
-from .runner import attended_for, token_logprobs
+from .batch import step_batch
+from .runner import token_logprobs
 
 # What a verify forward costs, in one-position steps of one row: 1 + fixed + per_position * k for k proposals
 # (`AdaptiveK`'s model). CPU, measured with 1 thread (benchmarks/RESULTS.md, 2026-11-26): bfloat16 1.09 (k = 2)
@@ -317,32 +317,12 @@ class Speculator:
     def _verify(self, loop: Any, rows: Any, n: int, T: int, live: list[int], plan: dict[int, list[int]],
                 masks: dict[int, torch.Tensor]) -> None:
         llm = self.llm
-        device = llm.device
         jobs = rows.jobs
-        length = rows.length
-        tokens = torch.zeros(n, T, dtype=torch.long)
-        starts, fed = [], []
-        for r in range(n):
-            job = jobs[r]
-            if r in live:
-                seq = [job.token] + plan.get(r, [])
-                start = job.pos
-            else:  # free, prefilling or cancelled: written where its next write overwrites it, as in a plain step
-                seq = [0]
-                start = 0 if job is None else job.pos if job.decoding else job.prefilled
-            tokens[r, :len(seq)] = torch.tensor(seq)
-            starts.append(start)
-            fed.append(len(seq))
-        # Positions past a decoding row's own run are padding, written past its present (T - 1 is within
-        # every decoding row's room) and overwritten before anything reads them. A row not decoding writes
-        # only such garbage; its positions are kept inside the cache (clamped: which write wins there is moot).
-        pos = torch.tensor(starts)[:, None] + torch.arange(T)[None]
-        pos.clamp_(max=length - 1)
-        attended = attended_for(length, max(starts[r] + fed[r] for r in live))
-        adapters = [jobs[r].adapter if r in live else None for r in range(n)]
-        cache = rows.cache.view(slice(0, n), attended)
-        logits = llm.model(tokens.to(device), cache=cache, input_pos=pos.to(device),
-                           lora=RowAdapters.of(llm, adapters), per_position=self.per_position)
+        # each decoding row's last token and proposals from its position, the other rows idle (engine/batch.py;
+        # T - 1 positions past a decoding row's present are within its room)
+        batch = step_batch(rows, n, {r: [jobs[r].token] + plan.get(r, []) for r in live})
+        assert batch.tokens.shape[1] == T
+        logits = loop.runner.verify(rows, n, batch, self.per_position)
         stop_ids = llm.stop_ids
         for r in live:
             job = jobs[r]
@@ -350,7 +330,7 @@ class Speculator:
             try:
                 self._finish_row(loop, rows, r, job, logits[r, :len(props) + 1], props, masks.get(r), stop_ids)
             except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails (as loop._deliver)
-                loop._retire(job)
+                loop.retire(job)
                 job.put(e)
 
     def _finish_row(self, loop: Any, rows: Any, r: int, job: Any, logits: torch.Tensor, props: list[int],
@@ -374,7 +354,7 @@ class Speculator:
             lps, tops = chosen.tolist(), (ids.tolist(), values.tolist())
         for i, t in enumerate(tokens):
             job.pos += 1
-            loop._deliver_one(job, t, lps, tops, i, stop_ids)
+            loop.deliver_one(job, t, lps, tops, i, stop_ids)
             if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
                 return
         self._look_ahead(job, self.max_k if props else 0)

@@ -1,0 +1,47 @@
+"""What a step over the rows' cache is fed: one builder for the decode step and the verify forward.
+
+A step runs over rows [0, n) of the cache, not only the decoding ones (a forward takes a contiguous slice, and
+the compiled step a power of two of rows). Each decoding row feeds its run (its last token, then any proposals
+being verified) from its own position. Every other row is fed token 0 at `idle_position`: a free row at 0, a
+row still prefilling (or a text being scored) at its next context position, which its next chunk overwrites,
+so a step never writes over keys and values a row holds. Positions past a row's run are padding: written past
+its present and overwritten before anything reads them (kept inside the cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .runner import attended_for
+
+
+def idle_position(job: Any) -> int:
+    """Where a step writes a row that is not decoding (see the module docstring)."""
+    return 0 if job is None else job.prefilled
+
+
+class StepBatch(NamedTuple):
+    tokens: Tensor  # (n, T) ids, on the host
+    pos: Tensor  # (n, T) the position each is written at
+    adapters: list[Any]  # per row: its LoRA adapter (None for base rows and rows not decoding)
+    attended: int  # cache positions the step attends over
+
+
+def step_batch(rows: Any, n: int, runs: dict[int, list[int]]) -> StepBatch:
+    """The inputs of a step over rows [0, n) of `rows` in which decoding row r feeds `runs[r]` from its position
+    `pos` and every other row idles (module docstring)."""
+    T = max(len(seq) for seq in runs.values())
+    last = rows.length - 1
+    ids, pos = [], []
+    for r in range(n):
+        job, seq = rows.jobs[r], runs.get(r)
+        start = idle_position(job) if seq is None else job.pos
+        seq = seq or []
+        ids.append(seq + [0] * (T - len(seq)))
+        pos.append([min(start + i, last) for i in range(T)])
+    attended = attended_for(rows.length, max(rows.jobs[r].pos + len(seq) for r, seq in runs.items()))
+    adapters = [rows.jobs[r].adapter if r in runs else None for r in range(n)]
+    return StepBatch(torch.tensor(ids), torch.tensor(pos), adapters, attended)
