@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
+from .constrain import Grammars
 from .engine import GenerationLoop
 from .engine.loop import check_budget, position_bytes
 from .engine.speculate import Speculator
@@ -97,8 +98,6 @@ class Llama:
         vocabulary)."""
         with self._grammars_lock:
             if self._grammars is None:
-                from .constrain import Grammars
-
                 self._grammars = Grammars(self)
             return self._grammars
 
