@@ -11,6 +11,8 @@ contract is docs/API.md, "Serving".
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import hmac
 import logging
@@ -64,13 +66,14 @@ class _Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
+        started, status, responded = time.perf_counter(), [500], []
         request = Request(scope, receive)
         state = scope.setdefault("state", {})
 
         async def tracked(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                responded.append(True)
                 gens = state.get("generations", [])
                 replicas = ",".join(dict.fromkeys(g.replica for g in gens if g.replica)) or self.replica
                 if replicas:
@@ -85,6 +88,10 @@ class _Gate:
                 await response(scope, receive, tracked)
             else:
                 await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:  # the request was cancelled (Ray Serve's proxy does when its client leaves)
+            if not responded:  # before any response started: logged as nginx's "client closed request"
+                status[0] = 499
+            raise
         finally:
             gens = state.get("generations", [])
             route = state.get("route", "other")
