@@ -24,10 +24,9 @@ def oracle(smollm2_dir):
 
 @pytest.mark.parametrize("seed,max_batch,budget,fault", [
     (1, 3, "ample", None),
-    (2, 2, "tight", None),
     (3, 3, "tight", "decode"),
     (4, 3, "ample", "prefill"),
-])
+])  # an ample budget (the batch fills: issue 34's race), a tight one (pauses, chunks, reuse), both faults
 def test_a_schedule_gives_every_call_its_solo_result(smollm2_dir, oracle, seed, max_batch, budget, fault):
     llm = schedule_fuzz.handles(smollm2_dir, max_batch=max_batch, budget=budget)
     report = schedule_fuzz.run_schedule(llm, oracle, seed, calls=8, fault=fault)
