@@ -305,6 +305,11 @@ class Llama32Runner:
         self.weight_bytes = streamed_bytes(self.llm.model)
         if compile != "auto":  # default: compiled decode step (CUDA graphs) on CUDA, eager on CPU
             self.llm.compiled = compile == "on"
+        # timed once the compile-ahead that load starts has ended (its seconds apart, in warm_s)
+        started = time.perf_counter()
+        self.llm.loop.runner.warm_up()
+        self.llm.loop.runner.wait_warm()
+        self.warm_s = time.perf_counter() - started
         self.device = device
         self.prefill_method = "model.forward"
 
@@ -667,7 +672,9 @@ def run_all(runners: list, args, maker: PromptMaker, work: dict[str, list[Prompt
     """Every scenario for every runner: {scenario: {name: result}}."""
     out: dict[str, dict] = {}
     for runner in runners:
-        print(f"{runner.name}: loaded in {runner.load_s:.2f}s", file=sys.stderr, flush=True)
+        print(f"{runner.name}: loaded in {runner.load_s:.2f}s"
+              + (f", compiled ahead in {runner.warm_s:.1f}s" if getattr(runner, "warm_s", 0) > 0.5 else ""),
+              file=sys.stderr, flush=True)
     bandwidth = Bandwidth(args.device) if any(s == "decode1" for s in work) else None
     for scenario, prompts in work.items():
         if scenario.startswith("decode"):
@@ -675,7 +682,8 @@ def run_all(runners: list, args, maker: PromptMaker, work: dict[str, list[Prompt
                                          bandwidth)
         else:
             out[scenario] = bench_prefill(runners, prompts[0], args.repeats)
-        print(f"{scenario} done", file=sys.stderr, flush=True)
+        # each scenario's figures as they are made, so a run cut short still leaves them in its log
+        print(f"{scenario} done; RESULT {json.dumps({scenario: out[scenario]})}", file=sys.stderr, flush=True)
     for runner in runners:
         llm = getattr(runner, "llm", None)
         if llm is not None and llm.compiled_shapes:  # compile seconds per (batch, cache length), apart

@@ -6,10 +6,11 @@
 2. compiled against eager on the random-weight Llama 3.2 1B in bfloat16: greedy tokens of a batch of mixed
    requests; how long the compile-ahead that `load` starts took, and how many graphs serving still compiled
    (none expected);
-3. the whole benchmark: `bench.py` (decode batch 1 and 32, prefill up to 8k, load; against HF) and
-   `serve_bench.py` (8 concurrent requests; 64 Poisson arrivals against one after another);
+3. the benchmark: `bench.py` (decode batch 1 and 32, prefill up to 8k, load; against HF; `--quick`: llama32
+   alone, no load);
 4. the generation loop's rows, `loop_bench.py`: prompt-prefix reuse, a long prompt arriving while a stream
-   decodes, 8 long-max_tokens requests, and the no-regression figures.
+   decodes, 8 long-max_tokens requests, and the no-regression figures;
+5. `serve_bench.py` (8 concurrent requests; 64 Poisson arrivals against one after another).
 
 Each part's outcome goes into one JSON file, and a table of the figures that have targets into a Markdown
 file, to copy into benchmarks/RESULTS.md. A part that fails is recorded as failed and the others still run.
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,compiled,bench,serve,loop")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole check: each part gets its share, and a part past it is killed")
+    p.add_argument("--quick", action="store_true",
+                   help="bench.py without the HF baseline or the load scenario: decode batch 1 and 32 (128 tokens), "
+                        "an 8k prefill, 2 repeats (for a short lease)")
     p.add_argument("--_compiled", dest="compiled_child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     # shares of the budget, in the order the parts run; a part left time by an earlier one may use it
-    shares = {"tests": 0.15, "bench": 0.30, "compiled": 0.15, "loop": 0.25, "serve": 0.15}
+    shares = {"tests": 0.10, "compiled": 0.28, "bench": 0.30, "loop": 0.22, "serve": 0.10}
     deadline = time.perf_counter() + args.budget if args.budget else None
 
     def limit(part: str) -> float | None:
@@ -161,15 +165,11 @@ def main(argv=None) -> int:
         report["tests"] = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", *files],
                               args.out / "tests.log", limit("tests"))
         save()
-    if "bench" not in skip:
-        report["bench"] = run([py, "benchmarks/bench.py", "--device", "cuda", "--baseline", "hf",
-                               "--out", str(args.out)], args.out / "bench.log", limit("bench"))
-        found = sorted(args.out.glob("results-cuda-*.json"))
-        if found:
-            report["bench"]["results"] = json.loads(found[-1].read_text()).get("results", {})
-        save()
-    ckpt = args.out / "ckpt-1b"
-    if "compiled" not in skip and ckpt.exists():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench import build_checkpoint
+
+    ckpt = build_checkpoint(args.out, "1b", 0)  # the random-weight 1B every later part runs
+    if "compiled" not in skip:
         part = run([py, __file__, "--_compiled", str(ckpt)], args.out / "compiled.log", limit("compiled"))
         try:
             part.update(json.loads((args.out / "compiled.log").read_text().strip().splitlines()[-1]))
@@ -177,14 +177,27 @@ def main(argv=None) -> int:
             part["error"] = f"no result (rc {part['rc']}); see {part['log']}"
         report["compiled_vs_eager"] = part
         save()
-    if "loop" not in skip and ckpt.exists():
+    if "bench" not in skip:
+        quick = ["--baseline", "none", "--scenarios", "decode1,decode32,prefill", "--prefill-tokens", "8192",
+                 "--new-tokens", "128", "--repeats", "2"] if args.quick else ["--baseline", "hf"]
+        report["bench"] = run([py, "benchmarks/bench.py", "--device", "cuda", *quick, "--out", str(args.out)],
+                              args.out / "bench.log", limit("bench"))
+        found = sorted(args.out.glob("results-cuda-*.json"))
+        if found:
+            report["bench"]["results"] = json.loads(found[-1].read_text()).get("results", {})
+        else:  # cut short: the scenarios it finished, from its log
+            report["bench"]["results"] = {k: v for line in (args.out / "bench.log").read_text().splitlines()
+                                          if "RESULT " in line
+                                          for k, v in json.loads(line.split("RESULT ", 1)[1]).items()}
+        save()
+    if "loop" not in skip:
         loop_json = args.out / "loop.json"
         report["loop"] = run([py, "benchmarks/loop_bench.py", "--ckpt", str(ckpt), "--device", "cuda",
                               "--json", str(loop_json)], args.out / "loop.log", limit("loop"))
         if loop_json.exists():
             report["loop"]["results"] = json.loads(loop_json.read_text())
         save()
-    if "serve" not in skip and ckpt.exists():
+    if "serve" not in skip:
         serve_json = args.out / "serve.json"
         report["serve"] = run([py, "benchmarks/serve_bench.py", "--ckpt", str(ckpt), "--device", "cuda",
                                "--rows", "8", "--requests", "64", "--rate", "8", "--out", str(serve_json)],
