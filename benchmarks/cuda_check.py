@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="bench.py without the HF baseline or the load scenario: decode batch 1 and 32 (128 tokens), "
                         "an 8k prefill, 2 repeats (for a short lease)")
+    p.add_argument("--compile", choices=("auto", "off"), default="auto",
+                   help="off: bench.py and loop_bench.py run the eager decode step (no compile at all)")
     p.add_argument("--_compiled", dest="compiled_child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
     if "bench" not in skip:
         quick = ["--baseline", "none", "--scenarios", "decode1,decode32,prefill", "--prefill-tokens", "8192",
                  "--new-tokens", "128", "--repeats", "2"] if args.quick else ["--baseline", "hf"]
-        report["bench"] = run([py, "benchmarks/bench.py", "--device", "cuda", *quick, "--out", str(args.out)],
+        report["bench"] = run([py, "benchmarks/bench.py", "--device", "cuda", *quick, "--compile", args.compile,
+                               "--out", str(args.out)],
                               args.out / "bench.log", limit("bench"))
         found = sorted(args.out.glob("results-cuda-*.json"))
         if found:
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
     if "loop" not in skip:
         loop_json = args.out / "loop.json"
         report["loop"] = run([py, "benchmarks/loop_bench.py", "--ckpt", str(ckpt), "--device", "cuda",
-                              "--json", str(loop_json)], args.out / "loop.log", limit("loop"))
+                              "--compile", args.compile, "--json", str(loop_json)], args.out / "loop.log", limit("loop"))
         if loop_json.exists():
             report["loop"]["results"] = json.loads(loop_json.read_text())
         save()
