@@ -247,6 +247,15 @@ SPAN_ROWS = 32  # a prompt span's G * T rows
 KEY_BLOCK = 512  # see attend
 
 
+def attention_floor(device: torch.device) -> int:
+    """The fewest key positions a forward should attend over on `device`: `KEY_BLOCK` on the CPU, where fewer
+    are padded with a copy of the keys and values each layer (`attend`; 9% of a batch-1 1B decode step at 256
+    positions), 1 elsewhere. The engine's caches on the CPU hold at least this many positions and its forwards
+    attend over at least this many (engine/scheduler.py, engine/runner.py's `attended_for`), so the copy is
+    made only where a tight budget leaves the cache shorter."""
+    return KEY_BLOCK if torch.device(device).type == "cpu" else 1
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -> Tensor:
     """q [B, K, R, hd], k, v [B, K, S, hd], mask [B, 1, R, S] (True: may attend) -> [B, K, R, hd]:
     `scaled_dot_product_attention`, on the CPU with the R query rows padded to a multiple of `rows` (the

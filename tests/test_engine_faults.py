@@ -189,14 +189,15 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
 
 def _decode_to_the_cache_end(llm, loop) -> Job:
     """A job decoding alone whose next step needs a longer cache (it has written every position): its prompt
-    (241 tokens) starts it in a cache of 256 positions."""
+    (15 tokens short of it) starts it in the shortest cache (256 positions; 512 on the CPU: 241 and 496 tokens)."""
     assert not loop._waiting and not (loop._rows and loop._rows.live())
     loop._rows = None  # as an idle loop thread leaves it (tests drive `_run_once` themselves)
-    a = _job(llm, prompt=" ".join(["red green blue"] * 80), raw=True, max_tokens=40)
+    shortest = loop.scheduler.min_length
+    a = _job(llm, prompt=" ".join(["red green blue"] * ((shortest - 16) // 3)), raw=True, max_tokens=40)
     _add(loop, a)
     for _ in range(40):
         loop._run_once(0)
-        assert not a.finished and loop._rows.length == 256
+        assert not a.finished and loop._rows.length == shortest
         if a.decoding and a.pos == loop._rows.length:
             return a
     raise AssertionError("never reached the end of its cache")

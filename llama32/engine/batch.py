@@ -30,9 +30,10 @@ class StepBatch(NamedTuple):
     attended: int  # cache positions the step attends over
 
 
-def step_batch(rows: Any, n: int, runs: dict[int, list[int]]) -> StepBatch:
+def step_batch(rows: Any, n: int, runs: dict[int, list[int]], floor: int | None = None) -> StepBatch:
     """The inputs of a step over rows [0, n) of `rows` in which decoding row r feeds `runs[r]` from its position
-    `pos` and every other row idles (module docstring)."""
+    `pos` and every other row idles (module docstring). `floor`: the fewest positions attended, the rows' own
+    (`Rows.floor`) unless given (the compiled step, CUDA's, is given 1 on the CPU too: its shapes stay CUDA's)."""
     T = max(len(seq) for seq in runs.values())
     last = rows.length - 1
     ids, pos = [], []
@@ -42,6 +43,7 @@ def step_batch(rows: Any, n: int, runs: dict[int, list[int]]) -> StepBatch:
         seq = seq or []
         ids.append(seq + [0] * (T - len(seq)))
         pos.append([min(start + i, last) for i in range(T)])
-    attended = attended_for(rows.length, max(rows.jobs[r].pos + len(seq) for r, seq in runs.items()))
+    attended = attended_for(rows.length, max(rows.jobs[r].pos + len(seq) for r, seq in runs.items()),
+                            rows.floor if floor is None else floor)
     adapters = [rows.jobs[r].adapter if r in runs else None for r in range(n)]
     return StepBatch(torch.tensor(ids), torch.tensor(pos), adapters, attended)

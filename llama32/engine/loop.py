@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..model import attention_floor
 from ..output import Output
 from ..requests import Request
 from ..sampling import sample_static, steps_used
@@ -51,7 +52,7 @@ from .batch import step_batch
 from .memory import PrefixIndex, Rows
 from .runner import (MAX_TOP_LOGPROBS, Runner, attended_for, decode_step, static_decode_step,  # noqa: F401
                      token_logprobs)
-from .scheduler import MIN_POSITIONS, Scheduler, _pow2, budget_for, need, rows_budget
+from .scheduler import MIN_LENGTH, MIN_POSITIONS, Scheduler, _pow2, budget_for, need, rows_budget
 
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
@@ -140,7 +141,8 @@ class GenerationLoop:
         self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
         self.scheduler = Scheduler(max_batch=self.max_batch, capacity=self.capacity, budget=self.kv_cache_bytes,
                                    position_bytes=self.position_bytes, context=llm.context_length,
-                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64), tensors=tensors)
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64), tensors=tensors,
+                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)))
         self.runner = Runner(llm)
         self.prefixes = PrefixIndex(self.position_bytes)  # reusable prompt prefixes (memory.py)
         # On by default: a reused prefix changes only usage.cached_tokens (tokens exact, log-probabilities to
@@ -503,7 +505,7 @@ class GenerationLoop:
         n = self.runner.rows_for(live[-1], rows.batch)
         # the rows not decoding idle (batch.py); the sampler's row for one still prefilling is set when it
         # starts decoding
-        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live})
+        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live}, 1 if self.runner.compiled else None)
         jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
         device = self.llm.device
         out = self.runner.decode(rows, n, batch.tokens[:, 0].to(device), batch.pos[:, 0].to(device), batch.attended,

@@ -121,13 +121,14 @@ class Rows:
     """
 
     def __init__(self, llm: Any, capacity: int, length: int, batch: int | None = None):
-        from ..model import KVCache, keep_address
+        from ..model import KVCache, attention_floor, keep_address
         from ..sampling import StepKnobs
 
         self.shape = (llm.config, llm.device, llm.dtype)  # what a new cache is made of (no reference to llm)
         self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
         self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Any] = [None] * capacity
+        self.floor = attention_floor(llm.device)  # the fewest positions a forward attends over (runner.attended_for)
         keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
 
     def live(self) -> list[int]:

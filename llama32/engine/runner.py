@@ -49,10 +49,11 @@ MAX_TOP_LOGPROBS = 20  # the contract's top_logprobs range is 0..20; the compile
 _MIN_ATTENDED = 16  # the fewest cache positions a step attends over (rounded up to powers of two from here)
 
 
-def attended_for(length: int, end: int) -> int:
+def attended_for(length: int, end: int, floor: int = _MIN_ATTENDED) -> int:
     """Positions a forward attends over when its furthest position is `end - 1`: a power of two (so the
-    compiled step meets few shapes), at most the cache's length."""
-    return min(length, max(_MIN_ATTENDED, _pow2(end)))
+    compiled step meets few shapes), at least `floor` (the rows' `floor`: model.py's `attention_floor`), at
+    most the cache's length."""
+    return min(length, max(_MIN_ATTENDED, floor, _pow2(end)))
 
 
 class Runner:
@@ -98,7 +99,7 @@ class Runner:
         if start == 0 and not self.one_attention:  # from position 0: the plain causal prefill
             cache = rows.cache.view(slice(slot, slot + 1))
             return llm.model(chunk, cache=cache, logits_at=at, lora=lora)[0]
-        cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end))
+        cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end, rows.floor))
         pos = torch.arange(start, end, device=llm.device)[None]
         return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora)[0]
 
@@ -139,7 +140,7 @@ class Runner:
             pos[r, n:] = start + n
             last[r], adapters[r] = n - 1, adapter
         end = max(start + len(span) for span, start, _ in spans.values()) + 1
-        cache = rows.cache.view(slice(lo, hi), attended_for(rows.length, end))
+        cache = rows.cache.view(slice(lo, hi), attended_for(rows.length, end, rows.floor))
         logits = llm.model(ids.to(llm.device), cache=cache, input_pos=pos.to(llm.device),
                            logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters))
         return {slot: logits[slot - lo] for slot in spans}

@@ -5,7 +5,8 @@ prompt + max_tokens: a request is admitted when the rows' cache, grown to hold i
 of the budget `kv_cache_bytes` (`rows_budget`: all of it but room for one layer's tensor, so that growing
 the cache never holds more than the budget; the prefix index gives way first). The cache is `batch` x
 `length`: a power of two of rows covering every live row, and positions from 256 up in powers of two (at
-the budget's edge, as many as fit).
+the budget's edge, as many as fit); from 512 on the CPU, where attention over fewer keys pads them with a copy
+(model.py's `attention_floor`).
 As rows produce tokens the cache grows; when it cannot, the most recently arrived running requests are
 paused (their rows released; memory.py may keep their keys and values in the prefix index) until the rest
 fit, and go back to the head of the queue. A resumed request recomputes its context (prompt and the tokens
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-MIN_LENGTH = 256  # the shortest cache the rows get (positions)
+MIN_LENGTH = 256  # the shortest cache the rows get (positions); on the CPU model.py's KEY_BLOCK (512)
 MIN_POSITIONS = 16  # the fewest positions a budget must hold for one row
 
 
@@ -63,8 +64,9 @@ class Scheduler:
     loop applies them."""
 
     def __init__(self, *, max_batch: int, capacity: int, budget: int, position_bytes: int, context: int,
-                 prefill_chunk: int, tensors: int):
+                 prefill_chunk: int, tensors: int, min_length: int = MIN_LENGTH):
         self.max_batch, self.capacity = max_batch, capacity
+        self.min_length = min_length  # the shortest cache (positions), at the budget's edge fewer
         self.budget, self.position_bytes, self.context = budget, position_bytes, context
         self.prefill_chunk = prefill_chunk
         self.rows_budget = rows_budget(budget, tensors)
@@ -80,7 +82,7 @@ class Scheduler:
         when that does not fit the budget."""
         batch = min(_pow2(max(rows, 1)), self.capacity)
         room = min(self.context, self.rows_budget // (batch * self.position_bytes))
-        length = min(max(MIN_LENGTH, _pow2(positions)), room)
+        length = min(max(self.min_length, _pow2(positions)), room)
         return (batch, length) if length >= positions else None
 
     def bytes(self, shape: tuple[int, int]) -> int:
