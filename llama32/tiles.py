@@ -93,8 +93,9 @@ def run(product: Product, x: Tensor, tiles: RowTiles) -> Tensor:
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, x.shape[-1])
     calls = tiles.calls(rows)
-    if len(calls) == 1 and calls[0] == rows:
-        return product(flat).reshape(*x.shape[:-1], -1)
+    if not calls or (len(calls) == 1 and calls[0] == rows):  # no rows (a prompt chunk needing no logits): one call
+        y = product(flat)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     outs, start = [], 0
     for size in calls:
         part = flat[start:start + size]

@@ -133,3 +133,34 @@ def test_every_product_shape_every_row_every_row_count(smollm2_dir, smol_bf16, m
                 got = module(x[None, :m])[0]
                 bad = (got != alone[:m]).any(-1).nonzero().flatten().tolist()
                 assert not bad, f"{name}: {m} rows, rows {bad[:10]} differ from the rows alone"
+
+
+def test_no_rows_is_one_call():
+    """A product over no rows (a prompt chunk that needs no logits runs the head on none) is one call of none."""
+    tiles = RowTiles((4, 8), fixed=8.0)
+    weight = torch.randn(6, 5)
+    got = run(lambda x: x @ weight.T, torch.randn(1, 0, 5), tiles)
+    assert got.shape == (1, 0, 6)
+
+
+def test_a_prompt_chunked_beside_a_stream_is_answered(smol_bf16):
+    """A prompt arriving while a stream decodes is prefilled in chunks, and its early chunks compute no logits:
+    the head ran on no rows and the bfloat16 row tiles raised (torch.cat of nothing), failing the request.
+    Both answers must equal their solo ones."""
+    import threading
+
+    llm = smol_bf16
+    late = dict(prompt=" ".join(["alpha beta gamma delta"] * 60), raw=True, temperature=0, max_tokens=3)
+    early = dict(prompt="Count on: one two three", raw=True, temperature=0, max_tokens=24)
+    got = {}
+    chunks = []
+    for i, chunk in enumerate(llama32.generate(llm, stream=True, **early)):
+        chunks.append(chunk)
+        if i == 2:
+            thread = threading.Thread(target=lambda: got.setdefault("late", llama32.generate(llm, **late)))
+            thread.start()
+    thread.join()
+    assert llm.loop.scheduler.prefill_chunk < 200  # so the late prompt (~240 tokens) went in several chunks
+    solo = llama32.generate(llm, **late)
+    assert got["late"]["response"] == solo["response"]
+    assert "".join(c.get("response", "") for c in chunks) == llama32.generate(llm, **early)["response"]

@@ -115,7 +115,7 @@ class Rows:
 
     The cache is sized to what the rows hold now, not to what they may come to hold: it grows (longer
     rows, more rows) as prompts arrive and tokens are produced, and shrinks when rows leave, always a power
-    of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from 256;
+    of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from 256, 512 on the CPU;
     at the budget's edge, as many as fit). `resize` moves the live rows into a new cache (between steps, by
     the loop), packing them into the lowest slots so a smaller batch can hold them.
     """
