@@ -17,8 +17,8 @@ text is a prefix of the solo answer; with a fault injected, a call either equals
 the injected error. At the end nobody hangs and `stats()` is back to zero running, waiting and paused, the
 KV bytes those the prefix index keeps.
 
-SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) in float32 on the CPU. tests/test_schedules.py
-runs a few schedules in the suite.
+SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) on the CPU, in float32 or (`--dtype bfloat16`)
+bfloat16. tests/test_schedules.py runs a few schedules in the suite.
 """
 
 from __future__ import annotations
@@ -250,18 +250,24 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
         problem = check(oracle, call, value)
         if problem:
             report.mismatches.append(f"{where}: {problem}")
-    # the loop settles: nothing running, waiting or paused; KV memory is the prefix index's
+    # the loop settles: nothing running, waiting or paused; KV memory is the prefix index's (an idle loop on
+    # the CPU gives its rows' cache back on its next turn, a moment after the last row leaves)
     settle = time.monotonic() + 10
     while time.monotonic() < settle:
         stats = llm.loop.stats()
-        if not (stats["running"] or stats["waiting"] or stats.get("paused")):
+        if not (stats["running"] or stats["waiting"] or stats.get("paused")) and not _held(llm, stats):
             break
         time.sleep(0.02)
     stats = llm.loop.stats()
     if stats["running"] or stats["waiting"] or stats.get("paused"):
         report.errors.append(f"seed {seed}: the loop did not settle: {stats}")
-    report.leaked_bytes = max(0, stats["kv_bytes"] - llm.loop.prefixes.bytes - _idle_rows_bytes(llm))
+    report.leaked_bytes = _held(llm, stats)
     return report
+
+
+def _held(llm, stats: dict) -> int:
+    """KV bytes in use beyond the prefix index's and an idle loop's rows."""
+    return max(0, stats["kv_bytes"] - llm.loop.prefixes.bytes - _idle_rows_bytes(llm))
 
 
 def _idle_rows_bytes(llm) -> int:
@@ -308,16 +314,18 @@ def inject(llm, fault: str, rng: random.Random):
     return lambda: setattr(runner, name, real)
 
 
-def handles(smollm2_dir, *, max_batch: int, budget: str):
-    """A SmolLM2 float32 handle to fuzz. budget: "tight" (1,800 positions in all) or "ample" (the default)."""
+def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32"):
+    """A SmolLM2 handle to fuzz. budget: "tight" (1,800 positions in all) or "ample" (the default). In bfloat16
+    the oracle must be bfloat16 too: a row's answer alone and beside others is the same to the bit there as
+    well (the CPU's row tiles and attention padding, model.py)."""
     from llama32.engine.loop import position_bytes
     from llama32.config import LlamaConfig
     import torch
 
     config = LlamaConfig.from_file(Path(smollm2_dir) / "config.json")
-    per = position_bytes(config, torch.float32)
+    per = position_bytes(config, getattr(torch, dtype))
     kv = {"tight": 1800 * per, "ample": None}[budget]
-    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu", max_batch=max_batch, kv_cache_bytes=kv)
+    llm = llama32.load(smollm2_dir, dtype=dtype, device="cpu", max_batch=max_batch, kv_cache_bytes=kv)
     return llm
 
 
@@ -326,13 +334,15 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0, help="run schedules until this much time has passed")
     ap.add_argument("--schedules", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default=str(HERE / "out" / "schedule_fuzz.json"))
     args = ap.parse_args()
     import fixtures
 
     ckpt = fixtures.build_smollm2_checkpoint()
-    oracle = Oracle(llama32.load(ckpt, dtype="float32", device="cpu", max_batch=1))
-    under = {(b, budget): handles(ckpt, max_batch=b, budget=budget) for b in (2, 3) for budget in ("tight", "ample")}
+    oracle = Oracle(llama32.load(ckpt, dtype=args.dtype, device="cpu", max_batch=1))
+    under = {(b, budget): handles(ckpt, max_batch=b, budget=budget, dtype=args.dtype)
+             for b in (2, 3) for budget in ("tight", "ample")}
     total, started, seed = Report(), time.monotonic(), args.seed
     while (time.monotonic() - started < args.minutes * 60) if args.minutes else (total.schedules < args.schedules):
         rng = random.Random(seed)
