@@ -305,10 +305,13 @@ class Llama32Runner:
         self.weight_bytes = streamed_bytes(self.llm.model)
         if compile != "auto":  # default: compiled decode step (CUDA graphs) on CUDA, eager on CPU
             self.llm.compiled = compile == "on"
-        # timed once the compile-ahead that load starts has ended (its seconds apart, in warm_s)
+        # timed once the compile-ahead has ended (its seconds apart, in warm_s): load starts it when the step is
+        # compiled by default; a step compiled by --compile on starts it here
         started = time.perf_counter()
-        self.llm.loop.runner.warm_up()
-        self.llm.loop.runner.wait_warm()
+        runner = self.llm.loop.runner
+        if not runner.warmed:
+            runner.warm_up()
+        runner.wait_warm()
         self.warm_s = time.perf_counter() - started
         self.device = device
         self.prefill_method = "model.forward"

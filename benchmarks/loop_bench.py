@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         llm.loop.reuse_prefixes = True
     result = {"machine": machine_info(torch.device(args.device)), "checkpoint": str(ckpt), "dtype": args.dtype,
               "llama32": str(Path(llama32.__file__).parent),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compiled": llm.compiled, "warm_wait_s": warm_s, "rows": {}}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compiled": llm.compiled,
+              "warm_wait_s": warm_s, "rows": {}}
     rows = {"reuse": reuse_row, "long_prompt": long_prompt_row, "long_max_tokens": long_max_tokens_row,
             "no_regression": no_regression_rows}
     for name in args.rows.split(","):

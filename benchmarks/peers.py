@@ -231,6 +231,12 @@ def offline(workers: list[Worker], maker, scenario: str, seed: int) -> dict[str,
     return out
 
 
+def count_cpus(spec: str) -> int:
+    """How many CPUs a taskset list names ("0-1", "0,2-3")."""
+    spans = [part.partition("-") for part in spec.split(",")]
+    return sum(int(b or a) - int(a) + 1 for a, _, b in spans)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -329,9 +335,7 @@ def main(argv=None) -> int:
 
     ckpt = (args.ckpt or build_checkpoint(REPO / "benchmarks" / "out", "1b", 0)).resolve()
     maker = PromptMaker(ckpt)
-    n_cores = len(os.sched_getaffinity(0)) if not args.cores else sum(
-        (int(b) - int(a) + 1) if "-" in part else 1
-        for part in args.cores.split(",") for a, _, b in [part.partition("-")])
+    n_cores = count_cpus(args.cores)
     vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": args.cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     vllm_torch = subprocess.run([str(args.vllm_python), "-c", "import torch, vllm; print(torch.__version__, vllm.__version__)"],
@@ -349,7 +353,8 @@ def main(argv=None) -> int:
         workers = [Worker("llama32", sys.executable, ckpt, args.cores, 32, {"OMP_NUM_THREADS": str(n_cores)}),
                    Worker("vllm", str(args.vllm_python), ckpt, args.cores, 32, vllm_env)]
         report["load_s"] = {w.name: w.load_s for w in workers}
-        bad = [pr for pr in (dataclasses.asdict(maker.make(n, 7)) for n in (128, 2000)) if not workers[0].ask("check", prompt=pr)["ok"]]
+        probes = [dataclasses.asdict(maker.make(n, 7)) for n in (128, 2000)]
+        bad = [pr for pr in probes if not workers[0].ask("check", prompt=pr)["ok"]]
         if bad:
             raise RuntimeError("llama32 tokenises the benchmark prompts differently from the ids vLLM is given")
         try:

@@ -531,7 +531,8 @@ def test_a_prefix_is_never_reused_across_adapters(make_checkpoint, llama3_tokeni
 
 def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
     roomy = llama32.load(smollm2_dir, dtype="float32", device="cpu")
-    rows = roomy.loop.scheduler.min_length * roomy.loop.position_bytes  # the rows' allocation for one such request (memory on demand)
+    # the rows' allocation for one such request (memory on demand)
+    rows = roomy.loop.scheduler.min_length * roomy.loop.position_bytes
     llm = llama32.load(smollm2_dir, dtype="float32", device="cpu",
                        kv_cache_bytes=rows + 8 * 32 * roomy.loop.position_bytes)  # and 8 blocks beside
     prompts = [dict(prompt=f"{i} " + "alpha beta gamma delta " * 40, raw=True, temperature=0, max_tokens=2)

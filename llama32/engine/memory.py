@@ -115,8 +115,8 @@ class Rows:
 
     The cache is sized to what the rows hold now, not to what they may come to hold: it grows (longer
     rows, more rows) as prompts arrive and tokens are produced, and shrinks when rows leave, always a power
-    of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from 256, 512 on the CPU;
-    at the budget's edge, as many as fit). `resize` moves the live rows into a new cache (between steps, by
+    of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from
+    256, 512 on the CPU; at the budget's edge, as many as fit). `resize` moves the live rows into a new cache (between steps, by
     the loop), packing them into the lowest slots so a smaller batch can hold them.
     """
 
@@ -128,7 +128,8 @@ class Rows:
         self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
         self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Any] = [None] * capacity
-        self.floor = attention_floor(llm.device)  # the fewest positions a forward attends over (runner.attended_for)
+        # the fewest positions a forward attends over (runner.attended_for)
+        self.floor = attention_floor(llm.device)
         keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
 
     def live(self) -> list[int]:

@@ -12,7 +12,6 @@ contract is docs/API.md, "Serving".
 from __future__ import annotations
 
 import asyncio
-
 import contextlib
 import hmac
 import logging
