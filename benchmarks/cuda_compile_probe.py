@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama32  # noqa: E402
-from llama32.engine.loop import _Rows, static_decode_step  # noqa: E402
-from llama32.sampling import SamplingParams  # noqa: E402
+from llama32.engine import Rows, static_decode_step  # noqa: E402
+from llama32.sampling import SamplingParams, StepKnobs  # noqa: E402
 
 
 def probe(llm, dynamic, shapes):
@@ -26,14 +26,15 @@ def probe(llm, dynamic, shapes):
     cfg = torch._dynamo.config
     cfg.recompile_limit = cfg.accumulated_recompile_limit = 256
     step = torch.compile(static_decode_step, mode="reduce-overhead", dynamic=dynamic)
-    rows = _Rows(llm, 8, 2048)
+    rows = Rows(llm, 8, 2048)
+    knobs = StepKnobs(8, llm.config.vocab_size, llm.device)
     for i in range(8):
-        rows.knobs.set_row(i, SamplingParams(temperature=0.0), i, [1, 2, 3])
+        knobs.set_row(i, SamplingParams(temperature=0.0), i, [1, 2, 3])
     out = {}
     for n, attended in shapes:
         tokens = torch.arange(n, device="cuda") + 100
         pos = torch.full((n,), attended - 1, device="cuda")
-        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, None, None)
+        args = (llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, knobs, None, None)
         torch.cuda.synchronize()
         t = time.perf_counter()
         step(*args)

@@ -9,7 +9,7 @@
   decode step (1 position per row) and of a verify step scoring k + 1 positions per row (forward +
   `target_tokens`), k = 2..8, each round running every k once, for each `--batch` (rows at once). In
   bfloat16 the verify forward attends one position at a time, as the loop runs it (`per_position`, which makes
-  its logits those of one-position steps, engine/speculate.py); the fused form is timed beside it.
+  its logits those of one-position steps, llama32/engine/speculative/); the fused form is timed beside it.
   The ratio is what the loop's cost model assumes: verify(k) / plain = 1 + c * k at batch 1, and a forward of
   n rows x T positions costs 1 + c (n T - 1) one-position steps.
 - api: `llama32.generate` on a handle loaded with `speculative="ngram"` against one loaded without, batch 1,
@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import llama32  # noqa: E402
+from llama32.engine.speculative import AdaptiveK, NgramProposer, record, target_tokens, verify  # noqa: E402
 from llama32.model import KVCache  # noqa: E402
 from llama32.sampling import SamplingParams, StepKnobs, sample_static  # noqa: E402
-from llama32.speculative import AdaptiveK, NgramProposer, record, target_tokens, verify  # noqa: E402
 
 TEXT = ("Invoice 4471 was issued on 12 March 2024 by Harbor Lane Supplies to Meridian Foods Ltd. The order "
         "covers 40 crates of olive oil at 18.50 euros each and 12 crates of vinegar at 9.75 euros each. Payment "
@@ -177,7 +177,7 @@ def bench_verify(args) -> list[dict]:
     rows = []
     for dtype in args.dtype:
         llm = llama32.load(ckpt, dtype=dtype, device="cpu")
-        split = dtype != "float32"  # the loop's choice (engine/speculate.py, Speculator.per_position)
+        split = dtype != "float32"  # the loop's choice (engine/speculative/, Speculator.per_position)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, min(120000, llm.config.vocab_size), (args.context,), generator=g).tolist()
         for batch in args.batch:

@@ -12,8 +12,8 @@ import torch
 from .config import LlamaConfig
 from .constrain import Grammars
 from .engine import GenerationLoop
-from .engine.loop import check_budget, position_bytes
-from .engine.speculate import Speculator
+from .engine.scheduler import check_budget, position_bytes
+from .engine.speculative import Speculator
 from .errors import CheckpointError
 from .generate import generate
 from .hub import resolve
@@ -130,7 +130,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     `quantize="int8"`: weight-only int8 for every projection and the head (quant.py), quantized while loading.
     `speculative`: None, "ngram" (prompt lookup) or a draft checkpoint (path or hub repo id of a smaller model
     with the same tokenizer, loaded on the same device and dtype): the generation loop then verifies proposed
-    tokens several at a time (engine/speculate.py). It changes speed, not the tokens: greedy and seeded results
+    tokens several at a time (engine/speculative/). It changes speed, not the tokens: greedy and seeded results
     are token for token those without it in float32, and in bfloat16 on CPUs whose bfloat16 products give a
     row the same bits whatever the row count (the AVX-512 BF16 EPYC measured; elsewhere an answer may part from
     the plain one at a near tie). docs/API.md, "Speculative decoding".

@@ -124,7 +124,8 @@ class Matcher:
 
     def rollback(self, n: int) -> None:
         """Undo the last `n` accepted tokens (speculative decoding walks proposals through the matcher for
-        their masks, then rolls back: engine/speculate.py). A stop token does not count: never roll one back."""
+        their masks, then rolls back: engine/speculative/speculator.py). A stop token does not count: never roll
+        one back."""
         if n > 0 and not self._m.rollback(n):
             raise RuntimeError(f"the JSON matcher could not roll back {n} tokens: {self._m.get_error()}")
 

@@ -417,7 +417,7 @@ class Transformer(nn.Module):
         written out, `explicit_attention`, for its probabilities); without either, the logits tensor alone.
         `per_position` (with input_pos): attention runs one query position at a time, so that each position's
         attention rounds exactly as a one-position decode step's does (speculative decoding's verify forward,
-        engine/speculate.py: on a CPU in bfloat16 one fused call over several positions rounds differently).
+        engine/speculative/: on a CPU in bfloat16 one fused call over several positions rounds differently).
         """
         B, T = input_ids.shape
         if input_pos is None:

@@ -1,6 +1,7 @@
 """One request's output stage: tokens in, response chunks out (text, tool calls, log-probabilities, usage).
 
-The generation loop pushes each row's tokens here; `generate`, streams and `generate_batch` read the chunks.
+The handle's output thread (engine/deliver.py) pushes each row's tokens here; `generate`, streams and
+`generate_batch` read the chunks.
 The last chunk carries `usage` (with `cached_tokens`: prompt tokens whose keys and values were reused),
 `finish_reason` ("stop", "length" or "tool_calls") and any `tool_calls`.
 Text is released as soon as nothing can still change it, and held back while it might:
@@ -88,8 +89,8 @@ class Output:
         """Take the row's next token (`done`: the loop's last for this row: a stop id or max_tokens).
 
         `logprob` is the token's (logprob, [(id, logprob) of the most likely alternatives]) when the request
-        asked for log-probabilities. Returns True when this output is complete (the loop then retires the
-        row and pushes nothing more): `done`, or a stop string appeared.
+        asked for log-probabilities. Returns True when this output is complete (nothing more is pushed; on a
+        stop string the row is cancelled): `done`, or a stop string appeared.
         """
         assert not self.finished, "push after the output was complete"
         self.completion_tokens += 1

@@ -19,9 +19,9 @@ from torch._inductor.utils import run_and_get_code
 
 import llama32
 from fixtures import without_cached
-from llama32.engine import _Rows, static_decode_step
+from llama32.engine import Rows, static_decode_step
 from llama32.lora import GatheredAdapters
-from llama32.sampling import SamplingParams
+from llama32.sampling import SamplingParams, StepKnobs
 from test_lora import write_adapter
 
 MAX_BATCH = 4
@@ -169,18 +169,19 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
 
 def step_args(llm, rows=MAX_BATCH, attended=256, adapters=True):
     """One decode step's arguments over a fresh cache of `attended` positions, rows with mixed settings."""
-    state = _Rows(llm, rows, attended)
+    state = Rows(llm, rows, attended)
+    knobs = StepKnobs(rows, llm.config.vocab_size, llm.device)
     settings = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9),
                 SamplingParams(temperature=1.2, top_k=40, top_p=0.5, repetition_penalty=1.3),
                 SamplingParams(temperature=0.8, top_k=5, frequency_penalty=0.2, presence_penalty=0.1)]
     for i in range(rows):
-        state.knobs.set_row(i, settings[i % len(settings)], seed=i, prompt_ids=[1, 2, 3])
+        knobs.set_row(i, settings[i % len(settings)], seed=i, prompt_ids=[1, 2, 3])
     loaded = list(llm._adapters.values())
     lora = GatheredAdapters.of(llm, [loaded[i % len(loaded)] if i % 2 else None for i in range(rows)]) \
         if adapters else None
     tokens = torch.arange(rows) + 5
     pos = torch.arange(rows) + 3
-    return (llm.model, tokens, pos, state.cache.k, state.cache.v, attended, state.knobs, None, lora)
+    return (llm.model, tokens, pos, state.cache.k, state.cache.v, attended, knobs, None, lora)
 
 
 def test_the_step_has_no_graph_break(handle):

@@ -225,8 +225,8 @@ def test_a_request_that_outgrows_memory_is_paused_and_resumed_unchanged(smollm2_
     assert all(len(roomy.tokenizer.encode(r["prompt"])) + 150 > 128 for r in reqs)  # both outgrow a half
     want = [run(roomy, r) for r in reqs]
     assert all(w["usage"]["completion_tokens"] == 150 for w in want)
-    paused, real = [], tight.loop._pause
-    monkeypatch.setattr(tight.loop, "_pause", lambda job: paused.append(job.produced) or real(job))
+    paused, real = [], tight.loop.memory.pause
+    monkeypatch.setattr(tight.loop.memory, "pause", lambda job: paused.append(job.produced) or real(job))
     got = in_threads(run, [(tight, r) for r in reqs])
     assert paused and all(0 < p < 150 for p in paused)  # paused mid-generation, then resumed
     assert same(got, want)
@@ -363,17 +363,17 @@ def test_a_failed_kv_allocation_fails_its_request_and_the_loop_lives(smollm2_dir
     import llama32.engine as engine
 
     llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
-    real = engine._Rows.__init__
+    real = engine.Rows.__init__
 
     def no_memory(self, *args, **kwargs):
         raise MemoryError("no room for the KV cache")
 
-    monkeypatch.setattr(engine._Rows, "__init__", no_memory)
+    monkeypatch.setattr(engine.Rows, "__init__", no_memory)
     with pytest.raises(MemoryError, match="KV cache"):
         _within(60, run, llm, MIXED[0])
     with pytest.raises(MemoryError, match="KV cache"):  # and the next caller is answered too
         _within(60, run, llm, MIXED[0])
-    monkeypatch.setattr(engine._Rows, "__init__", real)
+    monkeypatch.setattr(engine.Rows, "__init__", real)
     assert _within(120, run, llm, MIXED[0]) == run(llm, MIXED[0])
 
 
@@ -505,7 +505,7 @@ def test_a_shared_prefix_is_reused_exactly(smollm2_dir):
     assert again["usage"]["cached_tokens"] == (again["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK >= cached
     assert again["text"] == want["response"]
     assert run(fresh, ask("Name a large ocean."))["usage"]["cached_tokens"] == 0  # off: nothing reused
-    assert not fresh.loop.prefixes.blocks  # nor stored
+    assert not fresh.loop.memory.prefixes.blocks  # nor stored
     stats = llm.loop.stats()
     assert 0 < stats["kv_bytes"] <= stats["kv_bytes_total"] == llm.loop.kv_cache_bytes
 
@@ -541,7 +541,7 @@ def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
         run(llm, p)
         stats = llm.loop.stats()
         assert stats["kv_bytes"] <= stats["kv_bytes_total"]
-    assert len(llm.loop.prefixes.blocks) == 8
+    assert len(llm.loop.memory.prefixes.blocks) == 8
     assert run(llm, prompts[3])["usage"]["cached_tokens"] > 0  # the most recent is kept
     assert run(llm, prompts[0])["usage"]["cached_tokens"] == 0  # the oldest went first
 

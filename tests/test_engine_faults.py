@@ -29,12 +29,18 @@ def _add(loop, *jobs: Job) -> None:
         loop._waiting.extend(jobs)
 
 
-def _drain(job: Job) -> list:
-    """Everything `job` was sent so far (it must have ended)."""
+def _events(job: Job) -> list:
+    """Every event `job`'s caller is sent, to its last (an ended job's reach it through the output thread)."""
     items = []
-    while not job.events.empty():
-        items.append(job.events.get())
-    assert items and items[-1] is _END, items
+    while not items or not (items[-1] is _END or isinstance(items[-1], BaseException)):
+        items.append(job.events.get(timeout=60))
+    return items
+
+
+def _drain(job: Job) -> list:
+    """Everything `job` was sent (it must have ended without an error)."""
+    items = _events(job)
+    assert items[-1] is _END, items
     return items[:-1]
 
 
@@ -132,12 +138,9 @@ def _iterate(loop, jobs: list[Job], limit: int = 200) -> None:
 
 def _outcome(job: Job):
     """The text `job` produced, or the exception it got."""
-    items = []
-    while not job.events.empty():
-        items.append(job.events.get())
-    if items and isinstance(items[-1], BaseException):
+    items = _events(job)
+    if isinstance(items[-1], BaseException):
         return items[-1]
-    assert items and items[-1] is _END, items
     return "".join(c["response"] for batch in items[:-1] for c in batch)
 
 
@@ -159,7 +162,7 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
     assert all(j.decoding for j in jobs)
     # Memory runs short (as the scheduler would say): the latest arrivals, C then B, are paused; keeping B's
     # blocks in the prefix index fails (out of memory while cloning them).
-    plan, store, calls = loop.scheduler.plan, loop.prefixes.store, []
+    plan, store, calls = loop.scheduler.plan, loop.memory.prefixes.store, []
 
     def short_once(running, waiting):
         admit, pause, refuse, shape = plan(running, waiting)
@@ -175,13 +178,13 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
         return store(adapter, ids, *args)
 
     monkeypatch.setattr(loop.scheduler, "plan", short_once)
-    monkeypatch.setattr(loop.prefixes, "store", failing_store)
+    monkeypatch.setattr(loop.memory.prefixes, "store", failing_store)
     _iterate(loop, jobs)
     assert calls[:3] == ["plan", "store", "store"]
     got = [_outcome(j) if j.finished else "never finished" for j in jobs]
     assert isinstance(got[1], MemoryError), got  # B's caller gets the error
     assert got[0] == solo[0] and got[2] == solo[2], got  # A went on; C was paused, resumed, and finished
-    assert not loop._waiting and not loop._rows.live()
+    assert not loop._waiting and not loop.memory.rows.live()
 
 
 # --- 2a'. a failed resize, the resize's peak, copies under the lock ---------------------------------------------------
@@ -190,15 +193,15 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
 def _decode_to_the_cache_end(llm, loop) -> Job:
     """A job decoding alone whose next step needs a longer cache (it has written every position): its prompt
     (15 tokens short of it) starts it in the shortest cache (256 positions; 512 on the CPU: 241 and 496 tokens)."""
-    assert not loop._waiting and not (loop._rows and loop._rows.live())
-    loop._rows = None  # as an idle loop thread leaves it (tests drive `_run_once` themselves)
+    assert not loop._waiting and not (loop.memory.rows and loop.memory.rows.live())
+    loop.memory.rows = None  # as an idle loop thread leaves it (tests drive `_run_once` themselves)
     shortest = loop.scheduler.min_length
     a = _job(llm, prompt=" ".join(["red green blue"] * ((shortest - 16) // 3)), raw=True, max_tokens=40)
     _add(loop, a)
     for _ in range(40):
         loop._run_once(0)
-        assert not a.finished and loop._rows.length == shortest
-        if a.decoding and a.pos == loop._rows.length:
+        assert not a.finished and loop.memory.rows.length == shortest
+        if a.decoding and a.pos == loop.memory.rows.length:
             return a
     raise AssertionError("never reached the end of its cache")
 
@@ -207,9 +210,9 @@ def _watch_decode_positions(loop, monkeypatch) -> list[tuple[int, int]]:
     """Every decode step's (highest position written, cache length)."""
     seen, decode = [], loop.runner.decode
 
-    def watched(rows, n, tokens, pos, *args, **kwargs):
+    def watched(rows, knobs, n, tokens, pos, *args, **kwargs):
         seen.append((int(pos.max()), rows.length))
-        return decode(rows, n, tokens, pos, *args, **kwargs)
+        return decode(rows, knobs, n, tokens, pos, *args, **kwargs)
 
     monkeypatch.setattr(loop.runner, "decode", watched)
     return seen
@@ -244,7 +247,7 @@ def test_a_resize_failing_while_admitting_fails_the_rows_that_needed_it(smol3, m
     _add(loop, again)
     _iterate(loop, [again])
     assert _outcome(again) == solo
-    assert not loop._waiting and not loop._rows.live()
+    assert not loop._waiting and not loop.memory.rows.live()
 
 
 def test_a_resize_failing_part_way_fails_every_running_row_and_leaves_the_loop_usable(smol3, monkeypatch):
@@ -270,7 +273,7 @@ def test_a_resize_failing_part_way_fails_every_running_row_and_leaves_the_loop_u
     nxt = _job(llm, prompt=PROMPTS[2], max_tokens=6)
     _add(loop, nxt)
     _iterate(loop, [nxt])
-    assert isinstance(_outcome(nxt), str) and loop._rows.intact
+    assert isinstance(_outcome(nxt), str) and loop.memory.rows.intact
 
 
 class _KVBytes:
@@ -333,23 +336,23 @@ def test_growing_the_cache_holds_no_more_than_the_budget(smollm2_dir):
 
     def fit(length: int) -> None:
         kv = _KVBytes()  # (no local name may hold a tracked tensor: it would not be freed)
-        if loop._rows is not None:
-            kv.track_all(loop._rows.cache.k + loop._rows.cache.v)
-        kv.track_all([t for k, v in loop.prefixes.blocks.values() for t in k + v])
+        if loop.memory.rows is not None:
+            kv.track_all(loop.memory.rows.cache.k + loop.memory.rows.cache.v)
+        kv.track_all([t for k, v in loop.memory.prefixes.blocks.values() for t in k + v])
         with kv.on(), torch.inference_mode():
-            loop._fit((1, length), 0)
+            loop.memory.fit((1, length), 0)
         peaks.append(kv.peak)
 
     fit(256)
-    rows = loop._rows
+    rows = loop.memory.rows
     rows.jobs[0] = SimpleNamespace(slot=0)  # a live row: its keys and values are moved at each resize
     for i in range(6):  # the index takes what the rows leave of the budget
-        loop.prefixes.store(None, [i] + list(range(255)), [t[0] for t in rows.cache.k], [t[0] for t in rows.cache.v],
+        loop.memory.prefixes.store(None, [i] + list(range(255)), [t[0] for t in rows.cache.k], [t[0] for t in rows.cache.v],
                             budget - rows.bytes(per))
-    assert loop.prefixes.bytes + rows.bytes(per) > budget - 32 * per
+    assert loop.memory.prefixes.bytes + rows.bytes(per) > budget - 32 * per
     fit(512)
     fit(1024)
-    assert loop._rows.length == 1024 and loop._rows.jobs[0].slot == 0
+    assert loop.memory.rows.length == 1024 and loop.memory.rows.jobs[0].slot == 0
     assert max(peaks) <= budget, (peaks, budget)
 
 
@@ -362,7 +365,7 @@ def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monk
 
     llm, loop = smol3, smol3.loop
     inside, release = threading.Event(), threading.Event()
-    resize, store = Rows.resize, loop.prefixes.store
+    resize, store = Rows.resize, loop.memory.prefixes.store
 
     def slow(real):
         def held(*args, **kwargs):
@@ -415,13 +418,13 @@ def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monk
         return admit, pause, refuse, shape
 
     monkeypatch.setattr(loop.scheduler, "plan", pause_c)
-    monkeypatch.setattr(loop.prefixes, "store", slow(store))
+    monkeypatch.setattr(loop.memory.prefixes, "store", slow(store))
     worker = threading.Thread(target=_iterate, args=(loop, [b, c]), daemon=True)
     worker.start()
     callers_do_not_wait()
     worker.join(60)
     assert isinstance(_outcome(b), str) and isinstance(_outcome(c), str)
-    assert not loop._waiting and not loop._rows.live()
+    assert not loop._waiting and not loop.memory.rows.live()
 
 
 # --- 2b, 2c. what names a stored prefix, and an adapter ----------------------------------------------------------

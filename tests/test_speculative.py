@@ -1,4 +1,4 @@
-"""Speculative decoding's pieces (llama32/speculative.py): the n-gram and draft proposers, the verification
+"""Speculative decoding's pieces (llama32/engine/speculative/): the n-gram and draft proposers, the verification
 rule (equal to sequential sampling token for token, greedy and seeded, penalties on) on hand-made logits and
 on tiny random checkpoints, and the adaptive number of proposals."""
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import llama32
+from llama32.engine.speculative import (AdaptiveK, DraftProposer, NgramProposer, record, target_tokens, verify,
+                                        verify_rows)
 from llama32.sampling import SamplingParams, StepKnobs, sample_static
-from llama32.speculative import AdaptiveK, DraftProposer, NgramProposer, record, target_tokens, verify, verify_rows
 
 
 

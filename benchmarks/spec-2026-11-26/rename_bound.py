@@ -2,7 +2,7 @@
 and the speedup an oracle would get proposing exactly the tokens to be accepted (benchmarks/RESULTS.md)."""
 import sys, json
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]; sys.path.insert(0, str(REPO))
-from llama32.speculative import NgramProposer
+from llama32.engine.speculative import NgramProposer
 d = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "rename_gen.json"))
 for name in d:
     p, g = d[name]["prompt"], d[name]["gen"]

@@ -1,4 +1,6 @@
-"""What a step over the rows' cache is fed: one builder for the decode step and the verify forward.
+"""What a step over the rows' cache is fed: one builder for the decode step and the verify forward (ids,
+positions, adapters), and the sampler's inputs for a step's rows (the allowed-token mask, the sampler steps
+used, the log-probabilities asked for).
 
 A step runs over rows [0, n) of the cache, not only the decoding ones (a forward takes a contiguous slice, and
 the compiled step a power of two of rows). Each decoding row feeds its run (its last token, then any proposals
@@ -15,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..sampling import StepKnobs, steps_used
 from .runner import attended_for
 
 
@@ -47,3 +50,25 @@ def step_batch(rows: Any, n: int, runs: dict[int, list[int]], floor: int | None 
                             rows.floor if floor is None else floor)
     adapters = [rows.jobs[r].adapter if r in runs else None for r in range(n)]
     return StepBatch(torch.tensor(ids), torch.tensor(pos), adapters, attended)
+
+
+def allowed_mask(knobs: StepKnobs, jobs: list[Any], first: int = 0) -> Tensor | None:
+    """The allowed-token mask for rows [first, first + len(jobs)) (None for a row not in the step): each
+    JSON-constrained row's filled by its matcher, the others all True; None when no row is constrained."""
+    if not any(j is not None and j.constraint is not None for j in jobs):
+        return None
+    for i, j in enumerate(jobs, start=first):
+        if j is not None and j.constraint is not None:
+            j.constraint.fill(knobs.allowed[i])
+    return knobs.allowed[first: first + len(jobs)]
+
+
+def steps_of(jobs: list[Any]) -> frozenset[str]:
+    """The sampler steps some row of `jobs` uses (the eager step skips the others)."""
+    return steps_used([j.req.params for j in jobs if j is not None])
+
+
+def logprobs_wanted(jobs: list[Any]) -> int | None:
+    """None when no row asks for log-probabilities, else the most alternatives any row asks for."""
+    asks = [j.req.top_logprobs for j in jobs if j is not None and j.req.logprobs]
+    return max(asks) if asks else None

@@ -1,4 +1,5 @@
-"""The KV memory: the running rows' cache (`Rows`) and, beside it, the prompt-prefix index (`PrefixIndex`).
+"""The KV memory (`KVMemory`): the running rows' cache (`Rows`) and, beside it, the prompt-prefix index
+(`PrefixIndex`).
 
 A prompt's keys and values, in whole blocks of `BLOCK` tokens, stay after its request ends, so that a later
 request whose prompt starts with the same tokens (the same system prompt, tool list or chat history) copies
@@ -110,27 +111,24 @@ class PrefixIndex:
 
 
 class Rows:
-    """The running rows' KV memory: one cache of `batch` rows of `length` positions, the sampler's per-row
-    settings and history (`knobs`, `capacity` rows) and the job in each row ("slot").
+    """The running rows' KV memory: one cache of `batch` rows of `length` positions, and the job in each row
+    ("slot", `capacity` of them). (The sampler's per-row state is the loop's: `GenerationLoop.knobs`.)
 
     The cache is sized to what the rows hold now, not to what they may come to hold: it grows (longer
     rows, more rows) as prompts arrive and tokens are produced, and shrinks when rows leave, always a power
     of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from
-    256, 512 on the CPU; at the budget's edge, as many as fit). `resize` moves the live rows into a new cache (between steps, by
-    the loop), packing them into the lowest slots so a smaller batch can hold them.
+    256, 512 on the CPU; at the budget's edge, as many as fit). `resize` moves the live rows into a new
+    cache (between steps, by the loop), packing them into the lowest slots so a smaller batch can hold them.
     """
 
     def __init__(self, llm: Any, capacity: int, length: int, batch: int | None = None):
         from ..model import KVCache, attention_floor, keep_address
-        from ..sampling import StepKnobs
 
-        self.shape = (llm.config, llm.device, llm.dtype)  # what a new cache is made of (no reference to llm)
         self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
-        self.knobs = StepKnobs(capacity, llm.config.vocab_size, llm.device)
         self.jobs: list[Any] = [None] * capacity
         # the fewest positions a forward attends over (runner.attended_for)
         self.floor = attention_floor(llm.device)
-        keep_address(self.cache.k + self.cache.v + list(self.knobs.tensors().values()))
+        keep_address(self.cache.k + self.cache.v)
 
     def live(self) -> list[int]:
         return [i for i, j in enumerate(self.jobs) if j is not None]
@@ -146,9 +144,9 @@ class Rows:
     def length(self) -> int:
         return self.cache.length
 
-    def resize(self, batch: int, length: int) -> None:
-        """A cache of `batch` x `length`, the live rows' keys and values (and sampler rows) moved into its
-        lowest slots in slot order.
+    def resize(self, batch: int, length: int) -> list[tuple[int, int]]:
+        """A cache of `batch` x `length`, the live rows' keys and values moved into its lowest slots in slot
+        order. Returns the moves, (new slot, old slot), for the state kept per slot elsewhere (the sampler's).
 
         One layer's tensor at a time: each new tensor is made, filled, and takes the old one's place, which
         is freed before the next is made. So the two caches never exist whole at once: the most held is the
@@ -169,15 +167,12 @@ class Rows:
                     new[dst, :, :keep] = old[src, :, :keep]
                 layers[i] = new
                 del old, new  # the old tensor goes now, before the next layer's is made
-        for dst, src in moved:
-            if dst != src:
-                for t in self.knobs.tensors().values():
-                    t[dst] = t[src]
         jobs = [self.jobs[s] for s in live]
         self.jobs = jobs + [None] * (len(self.jobs) - len(jobs))
         for slot, job in enumerate(jobs):
             job.slot = slot
         keep_address(self.cache.k + self.cache.v)
+        return [(dst, src) for dst, src in moved if dst != src]
 
     @property
     def intact(self) -> bool:
@@ -193,3 +188,90 @@ class Rows:
 
     def bytes(self, position_bytes: int) -> int:
         return self.cache.batch * self.cache.length * position_bytes
+
+    def row(self, slot: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Row `slot`'s keys and values: per layer, (K, S, hd) views."""
+        return [t[slot] for t in self.cache.k], [t[slot] for t in self.cache.v]
+
+
+class KVMemory:
+    """All of one loop's KV memory, within its budget of `budget` bytes: the running rows' cache (`rows`,
+    made on demand) and the prefix index (`prefixes`). The scheduler (scheduler.py) applies its plans to it;
+    the loop thread alone changes it (`bytes` may be read from any thread)."""
+
+    def __init__(self, llm: Any, *, capacity: int, budget: int, position_bytes: int, rows_budget: int):
+        import weakref
+
+        self._llm = weakref.ref(llm)  # the handle owns the loop, which owns this
+        self.capacity, self.budget, self.position_bytes = capacity, budget, position_bytes
+        self.rows_budget = rows_budget  # the most the rows' cache may take (scheduler.py's `rows_budget`)
+        self.rows: Rows | None = None
+        self.prefixes = PrefixIndex(position_bytes)
+        # On by default: a reused prefix changes only usage.cached_tokens (tokens exact, log-probabilities to
+        # float32 rounding). False computes every prompt in full and stores nothing (a no-reuse reference).
+        self.reuse_prefixes = True
+
+    def rows_bytes(self) -> int:
+        rows = self.rows
+        return rows.bytes(self.position_bytes) if rows is not None else 0
+
+    @property
+    def bytes(self) -> int:
+        """KV memory in use: the rows' cache and the prefix index."""
+        return self.rows_bytes() + self.prefixes.bytes
+
+    def fit(self, shape: tuple[int, int], admitting: int) -> list[tuple[int, int]]:
+        """The rows' cache made at least `shape` = (batch, length) with `admitting` free slots below batch
+        (the scheduler's shape already counts the live rows and those admitted); returns the rows moved (as
+        `Rows.resize`). Before it is allocated, the prefix index gives up what the allocation holds at its
+        peak (a resize: the larger cache and one tensor of the other), so KV memory stays within the budget
+        throughout."""
+        batch, length = shape
+        rows, per = self.rows, self.position_bytes
+        if rows is not None:
+            free_below = sum(1 for s in range(rows.batch) if rows.jobs[s] is None)
+            if (rows.batch >= batch and rows.length >= length and free_below >= admitting
+                    and rows.bytes(per) <= self.rows_budget):
+                return []
+        peak = batch * length * per if rows is None else rows.transient_bytes(batch, length, per)
+        self.prefixes.fit(self.budget - peak)
+        if rows is None:
+            self.rows = Rows(self._llm(), self.capacity, length, batch)
+            return []
+        return rows.resize(batch, length)
+
+    def place(self, job: Any) -> None:
+        """`job` takes the lowest free row (`fit` made room for it)."""
+        slot = self.rows.free_slot()
+        self.rows.jobs[slot] = job
+        job.slot = slot
+
+    def pause(self, job: Any) -> None:
+        """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
+        With prefix reuse on, its context's whole blocks are kept in the index first, if they fit."""
+        if job.req is not None and job.decoding:
+            context = job.req.prompt_ids + job.generated[:-1]  # the positions its cache holds: [0, job.pos)
+            self.keep(job, context)
+            job.context, job.resuming = context, True
+        self.rows.jobs[job.slot] = None
+        job.slot, job.prefilled, job.decoding = None, 0, False
+        if job.scoring is not None:
+            job.scoring.logits = []
+
+    def keep(self, job: Any, ids: list[int]) -> None:
+        """Store the whole blocks of `ids`, the start of `job`'s row, in the prefix index (with reuse on), in
+        what the rows leave of the budget."""
+        if self.reuse_prefixes:
+            k, v = self.rows.row(job.slot)
+            self.prefixes.store(job.adapter, ids, k, v, self.budget - self.rows_bytes())
+
+    def begin(self, job: Any) -> None:
+        """A generation new to its row: the keys and values of its context's longest stored prefix copied
+        in (`job.prefilled` says how many positions; the prefill computes the rest)."""
+        blocks = self.prefixes.lookup(job.adapter, job.context) if self.reuse_prefixes else []
+        job.prefilled = self.prefixes.copy_into(blocks, *self.rows.row(job.slot))
+
+    def outgrown(self, need) -> list[Any]:
+        """The running jobs whose `need(job)` the cache as it is cannot hold."""
+        rows = self.rows
+        return [] if rows is None else [j for j in rows.jobs if j is not None and need(j) > rows.length]

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..lora import GatheredAdapters, RowAdapters
-from ..model import KVCache
+from ..model import KVCache, keep_address
 from ..sampling import SamplingParams, StepKnobs, sample_static
 from .memory import Rows
 from .scheduler import _pow2
@@ -155,25 +155,26 @@ class Runner:
 
     # -- decode steps ------------------------------------------------------------------------------------
 
-    def decode(self, rows: Rows, n: int, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
-               adapters: list[Any], steps: frozenset[str], logprobs: int | None):
-        """One decode step for rows [0, n) of `rows`: (tokens, logprob, top) as `token_logprobs`."""
+    def decode(self, rows: Rows, knobs: StepKnobs, n: int, tokens: Tensor, pos: Tensor, attended: int,
+               allowed: Tensor | None, adapters: list[Any], steps: frozenset[str], logprobs: int | None):
+        """One decode step for rows [0, n) of `rows`, sampled with rows [0, n) of `knobs`: (tokens, logprob,
+        top) as `token_logprobs`."""
         llm = self.llm
         if self.compiled and not self.warming:
-            return self._compiled(rows, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
+            return self._compiled(rows, knobs, tokens, pos, attended, allowed, GatheredAdapters.of(llm, adapters))
         cache = rows.cache.view(slice(0, n), attended)
-        return decode_step(llm.model, tokens, pos, cache, rows.knobs.view(0, n), steps, allowed,
+        return decode_step(llm.model, tokens, pos, cache, knobs.view(0, n), steps, allowed,
                            RowAdapters.of(llm, adapters), logprobs)
 
     def rows_for(self, last: int, batch: int) -> int:
         """How many rows a step over slots [0, last] runs: all of them eagerly, a power of two compiled."""
         return min(_pow2(last + 1), batch) if self.compiled else last + 1
 
-    def _compiled(self, rows: Rows, tokens: Tensor, pos: Tensor, attended: int, allowed: Tensor | None,
-                  lora: GatheredAdapters | None):
+    def _compiled(self, rows: Rows, knobs: StepKnobs, tokens: Tensor, pos: Tensor, attended: int,
+                  allowed: Tensor | None, lora: GatheredAdapters | None):
         """`static_decode_step` through torch.compile (graphs with symbolic sizes: the module docstring), per set
         of loaded adapters, whatever the requests' settings. If compiling fails: warn once, run it eagerly."""
-        args = (self.llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, rows.knobs, allowed, lora)
+        args = (self.llm.model, tokens, pos, rows.cache.k, rows.cache.v, attended, knobs, allowed, lora)
         shape = (tokens.shape[0], attended)
         started = time.perf_counter()
         try:
@@ -240,20 +241,21 @@ class Runner:
             for rows, batch, length, attended in self.warm_shapes():
                 # made as the loop makes its rows (outside inference mode: a tensor's dispatch keys are guarded)
                 scratch = Rows(llm, llm.loop.capacity, length, batch)
+                knobs = StepKnobs(llm.loop.capacity, llm.config.vocab_size, llm.device)
+                keep_address(list(knobs.tensors().values()))
                 for r in range(rows):
-                    scratch.knobs.set_row(r, SamplingParams(temperature=0), seed=0, prompt_ids=[0])
+                    knobs.set_row(r, SamplingParams(temperature=0), seed=0, prompt_ids=[0])
                 started = time.perf_counter()
                 with torch.inference_mode():  # as the loop's thread makes its inputs and runs its steps
                     tokens, pos = (torch.zeros(rows, dtype=torch.long, device=llm.device) for _ in range(2))
                     # the adapters input the loop passes (the stacks of the adapters loaded now, if any)
                     lora = GatheredAdapters.of(llm, [None] * rows)
-                    args = (llm.model, tokens, pos, scratch.cache.k, scratch.cache.v, attended, scratch.knobs,
-                            None, lora)
+                    args = (llm.model, tokens, pos, scratch.cache.k, scratch.cache.v, attended, knobs, None, lora)
                     self._step()(*args)
                 if llm.device.type == "cuda":
                     torch.cuda.synchronize(llm.device)
                 self.warmed[(rows, batch, length, attended)] = time.perf_counter() - started
-                del scratch, args, tokens, pos, lora
+                del scratch, knobs, args, tokens, pos, lora
         except Exception as e:  # noqa: BLE001 - a compile failure: eager from now on, as on first sight
             self._compile_failed(e)
 

@@ -22,6 +22,7 @@ goes whole. Scoring (`score`, `score_batch`) takes a row and goes through the sa
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 MIN_LENGTH = 256  # the shortest cache the rows get (positions); on the CPU model.py's KEY_BLOCK (512)
@@ -49,22 +50,51 @@ def budget_for(positions: int, position_bytes: int, tensors: int) -> int:
     return budget
 
 
+def position_bytes(config: Any, dtype: Any) -> int:
+    """KV memory per cached position: k and v, every layer, every key/value head."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def check_budget(kv_cache_bytes: int, per_position: int, tensors: int) -> None:
+    """A budget too small to hold any request is refused where it is given (load), not found out later.
+    `tensors`: how many the rows' cache is made of (2 per layer; see scheduler.py's `rows_budget`)."""
+    if rows_budget(kv_cache_bytes, tensors) < MIN_POSITIONS * per_position:
+        held = rows_budget(kv_cache_bytes, tensors) // per_position
+        raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold {held} positions of this model's keys and "
+                         f"values ({per_position} bytes each, with room kept for one layer's tensor while the "
+                         f"cache grows); give at least {budget_for(MIN_POSITIONS, per_position, tensors)} "
+                         f"({MIN_POSITIONS} positions)")
+
+
 def need(job: Any) -> int:
     """Positions the job's row must hold now: everything its forwards have written or will write before
     the next check (a prompt or context in full, plus the position of its first decode step)."""
-    if job.req is None:  # scoring
-        return len(job.ids)
+    if job.scoring is not None:
+        return len(job.scoring.ids)
     if job.decoding:
         return job.pos + 1 + job.lookahead
     return len(job.context) + 1
 
 
+@dataclass
+class Applied:
+    """What applying a plan did: the jobs that took rows, those paused (for the head of the queue), those
+    that failed with their errors (out of their rows; the loop tells their callers), and the rows the cache
+    moved, as (new slot, old slot) (the loop moves their sampler rows with them)."""
+    admitted: list = field(default_factory=list)
+    paused: list = field(default_factory=list)
+    failed: list[tuple[Any, BaseException]] = field(default_factory=list)
+    moved: list[tuple[int, int]] = field(default_factory=list)
+
+
 class Scheduler:
-    """Admission, memory shapes and pausing for one loop (see the module docstring). Pure decisions: the
-    loop applies them."""
+    """Admission, memory shapes and pausing for one loop (see the module docstring): `plan` decides (a pure
+    function of the jobs), `apply` carries a plan out on the KV memory the scheduler owns (`memory`, memory.py's
+    `KVMemory`)."""
 
     def __init__(self, *, max_batch: int, capacity: int, budget: int, position_bytes: int, context: int,
-                 prefill_chunk: int, tensors: int, min_length: int = MIN_LENGTH):
+                 prefill_chunk: int, tensors: int, min_length: int = MIN_LENGTH, memory: Any = None):
+        self.memory = memory
         self.max_batch, self.capacity = max_batch, capacity
         self.min_length = min_length  # the shortest cache (positions), at the budget's edge fewer
         self.budget, self.position_bytes, self.context = budget, position_bytes, context
@@ -114,6 +144,51 @@ class Scheduler:
                 admit.append(job)
         shape = self.shape(len(live), max(map(need, live))) if live else None
         return admit, pause, refuse, shape
+
+    def apply(self, running: list, admit: list, pause: list, shape: tuple[int, int] | None) -> Applied:
+        """Carry out a plan (`plan`'s, with `running` the jobs it was made for) on `memory`: pause, size the
+        cache, give the admitted jobs their rows. On the loop thread, outside its lock (the copies and clones
+        here never hold up `submit`, `stats` or `cancel`: issue 34). Each failure fails only the jobs it
+        was for, and leaves none of them in a row or in neither the rows nor the queue."""
+        memory, out = self.memory, Applied()
+        for job in pause:
+            # Pausing copies the row's blocks into the prefix index, which may fail (out of memory). Each job
+            # is paused on its own: one that fails fails alone, and those paused before it still go back to
+            # the queue (issue 34).
+            try:
+                memory.pause(job)
+            except Exception as e:  # noqa: BLE001 - the error goes to its caller; the loop must live
+                self._fail(out, [job], e)
+                continue
+            out.paused.append(job)
+        remaining = [j for j in running if j not in pause]
+        if remaining and shape is None:  # one running row outgrew the whole budget (`plan`'s backstop)
+            self._fail(out, remaining, MemoryError(f"kv_cache_bytes: {self.budget} bytes cannot hold this "
+                                                   f"request's {need(remaining[0])} positions"))
+        if shape is None:
+            return out
+        try:  # KV memory is allocated here: if that fails, the requests it was for fail, and the loop goes on
+            out.moved = memory.fit(shape, len(admit))
+        except Exception as e:  # noqa: BLE001 - out of memory, most likely
+            rows = memory.rows
+            if rows is not None and not rows.intact:  # a resize failed part way: every row's keys are lost
+                self._fail(out, admit + [j for j in rows.jobs if j is not None], e)
+                memory.rows = None
+            else:  # the running rows the cache as it is cannot hold would write past its end
+                self._fail(out, admit + memory.outgrown(need), e)
+            return out
+        for job in admit:
+            memory.place(job)
+        out.admitted = list(admit)
+        return out
+
+    def _fail(self, out: Applied, jobs: list, error: BaseException) -> None:
+        for job in jobs:
+            rows = self.memory.rows
+            if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
+                rows.jobs[job.slot] = None
+            job.slot = None
+            out.failed.append((job, error))
 
     def prefill_budget(self, rows: Sequence[Any]) -> int | None:
         """Prompt tokens to compute this iteration: `prefill_chunk` while some row decodes, else no limit."""

@@ -1,4 +1,5 @@
-"""Speculative decoding inside the generation loop: `llama32.load(..., speculative="ngram" | <draft checkpoint>)`.
+"""Speculative decoding inside the generation loop: the `Speculator`, its per-request state (`RowSpec`) and
+its totals (`SpecStats`).
 
 A handle loaded with `speculative` gets a `Speculator` (`llm.loop.speculator`). The loop (engine/loop.py)
 calls it in one place, marked "speculative decoding" in `_step`: `step(loop, rows)` at the start of a decode
@@ -6,7 +7,7 @@ step (after cancelled rows left) either runs the whole step itself, verifying pr
 returns False and the loop takes its ordinary step (the compiled one where the handle compiles). It reads a
 job's `req`, `generated`, `token`, `pos`, `produced`, `adapter`, `constraint` and `decoding`, keeps its own
 state in `job.spec`, sets `job.lookahead` (the positions past the next one its proposals may write, which the
-scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `deliver_one` and `retire`.
+scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `delivery.token` and `retire`.
 
 What `step` does, for the rows [0, n) of the step (a row prefilling or free takes part as in the ordinary
 step, at its next prompt position; its writes there are overwritten before anything reads them):
@@ -25,30 +26,18 @@ step, at its next prompt position; its writes there are overwritten before anyth
    is made again with what the rows got. No proposal, or a plain step that pays better: return False.
 3. verify: one eager forward over [n, T] (row r's token and its k_r proposals at its own positions
    pos..pos+k_r, the rest of the T positions padding written past the row's present, T - 1 never more than
-   any decoding row has room for), each row with its LoRA adapter; then for each row `speculative.verify`:
+   any decoding row has room for), each row with its LoRA adapter; then for each row `verify` (verification.py):
    the token the sampler would draw at each position, with the history and counter noise it would have
    after the earlier proposals and, for a JSON row, the matcher's mask after them (walked through the
    proposals and rolled back). Accepted proposals and the target's own token at the first mismatch are
-   delivered one by one through the loop's `deliver_one` (stop ids, max_tokens, stop strings, logprobs, the
-   JSON matcher's advance, tool-call hold-back); a row that finishes inside the run drops the rest. The
-   sampler's history and counter record the delivered tokens as that many plain steps would
-   (`speculative.record`). Rejected positions' keys and values stay in the cache past the row's position, to
+   delivered one by one through the loop's `delivery.token` (engine/deliver.py: stop ids, max_tokens, the
+   JSON matcher's advance; the text work, stop strings included, on the output thread, which drops what
+   follows a stop string); a row that finishes inside the run drops the rest. The sampler's history and counter record the delivered tokens as that many plain steps would
+   (`record`). Rejected positions' keys and values stay in the cache past the row's position, to
    be overwritten by its next step.
 
-Exactness: the delivered tokens are those the plain loop delivers provided the verify forward's logits at each
-position equal a one-position step's.
-- float32: they agree to rounding (~6e-5 on SmolLM2's logits: oneDNN's float32 products sum in another order
-  for another row count, exactly as a bigger batch does in the plain loop), so float32 results, greedy or
-  seeded, are the plain loop's token for token, as batched results are (tests/test_speculate.py), and
-  log-probabilities agree within 1e-4.
-- bfloat16 on the CPU: one fused attention call over k + 1 query positions rounds differently from k + 1
-  one-position calls (a tie in the last bit, once in SmolLM2's 30 layers, flips a token now and then:
-  benchmarks/RESULTS.md). The products do not: this CPU's bfloat16 kernels give a row the same bits whatever
-  the row count (1 to 9 positions, batches of 1, 2 and 8 measured on SmolLM2). So the verify forward attends one
-  position at a time (`per_position`), and its logits are then bit for bit those of one-position steps:
-  bfloat16 results are token for token the plain loop's too, on CPUs whose kernels are row-invariant (the
-  AVX-512 BF16 EPYC measured here; a CPU or a library version whose kernels are not would part at near ties).
-- CUDA: not measured (the attention is not split there).
+Exactness (the delivered tokens are the plain loop's), and why the verify forward attends one position at a
+time in bfloat16 on the CPU (`per_position`): the package docstring.
 """
 
 from __future__ import annotations
@@ -59,20 +48,13 @@ from typing import Any
 
 import torch
 
-from ..sampling import steps_used
-from ..speculative import AdaptiveK, DraftProposer, NgramProposer, RowSampler, record, verify
-from .batch import step_batch
-from .runner import token_logprobs
+from ...sampling import steps_used
+from ..batch import step_batch
+from ..runner import token_logprobs
+from .adaptive import DEFAULT_COST, AdaptiveK
+from .proposers import DraftProposer, NgramProposer, RowSampler
+from .verification import record, verify
 
-# What a verify forward costs, in one-position steps of one row: 1 + fixed + per_position * k for k proposals
-# (`AdaptiveK`'s model). CPU, measured with 1 thread (benchmarks/RESULTS.md, 2026-11-26): bfloat16 1.09 (k = 2)
-# to 1.80 (k = 8) on the Llama 3.2 1B shape, 1.27 to 2.04 on SmolLM2-135M; float32 1.57 to 2.30 on the 1B shape
-# and 1.41 to 2.07 on SmolLM2 (a one-row float32 product has a faster kernel of its own: a fixed part of
-# 0.2-0.35). The float32 default's fixed part is lower than measured on purpose: with 0.35, n-gram rows stopped
-# proposing after moderate matches and SmolLM2's "repeat" gained 2.2x instead of 2.8x with 0.15. A batch of n
-# rows: 1 + per_position * (n T - 1), no fixed part (its plain step already multiplies several rows). CUDA: a
-# guess (a forward of a few dozen positions reads the weights once, as a one-position step does), not measured.
-DEFAULT_COST = {("cpu", torch.float32): (0.15, 0.11), ("cpu", None): (0.0, 0.1), ("cuda", None): (0.0, 0.02)}
 MAX_PROPOSALS = 8
 # "ngram": each row's acceptance is learnt per length of the n-gram matched, starting from these rates (near the
 # acceptance measured on SmolLM2, 13%, 21%, 50%, 77%: RowSpec). With the CPU's cost, a 1-token match is not worth
@@ -128,7 +110,7 @@ class Speculator:
         self.cost_fixed, self.cost_per_token = cost
         # The verify forward's attention one position at a time where that makes its logits those of one-position
         # steps: in bfloat16 (and float16) on the CPU, whose product kernels give each row the same bits
-        # whatever the row count (measured: module docstring). In float32 the products already differ in the last
+        # whatever the row count (measured: package docstring). In float32 the products already differ in the last
         # bits with the row count (as in a bigger batch), so splitting would cost without making anything exact;
         # on CUDA it is not measured.
         self.per_position = llm.device.type == "cpu" and llm.dtype != torch.float32
@@ -175,7 +157,7 @@ class Speculator:
         masks: dict[int, torch.Tensor] = {}
         if T > 1:
             for i, k in wanted.items():
-                props, mask = self._propose(jobs[i], min(k, T - 1), rows.knobs, i)
+                props, mask = self._propose(jobs[i], min(k, T - 1), loop.knobs, i)
                 if props:
                     plan[i] = props
                     if mask is not None:
@@ -316,28 +298,26 @@ class Speculator:
 
     def _verify(self, loop: Any, rows: Any, n: int, T: int, live: list[int], plan: dict[int, list[int]],
                 masks: dict[int, torch.Tensor]) -> None:
-        llm = self.llm
         jobs = rows.jobs
         # each decoding row's last token and proposals from its position, the other rows idle (engine/batch.py;
         # T - 1 positions past a decoding row's present are within its room)
         batch = step_batch(rows, n, {r: [jobs[r].token] + plan.get(r, []) for r in live})
         assert batch.tokens.shape[1] == T
         logits = loop.runner.verify(rows, n, batch, self.per_position)
-        stop_ids = llm.stop_ids
         for r in live:
             job = jobs[r]
             props = plan.get(r, [])
             try:
-                self._finish_row(loop, rows, r, job, logits[r, :len(props) + 1], props, masks.get(r), stop_ids)
-            except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails (as loop._deliver)
+                self._finish_row(loop, r, job, logits[r, :len(props) + 1], props, masks.get(r))
+            except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails (as in Delivery.step)
                 loop.retire(job)
-                job.put(e)
+                loop.delivery.fail(job, e)
 
-    def _finish_row(self, loop: Any, rows: Any, r: int, job: Any, logits: torch.Tensor, props: list[int],
-                    mask: torch.Tensor | None, stop_ids: frozenset[int]) -> None:
-        verdict = verify(logits, rows.knobs, r, props, mask, steps_used([job.req.params]))
+    def _finish_row(self, loop: Any, r: int, job: Any, logits: torch.Tensor, props: list[int],
+                    mask: torch.Tensor | None) -> None:
+        verdict = verify(logits, loop.knobs, r, props, mask, steps_used([job.req.params]))
         tokens = verdict.tokens
-        record(rows.knobs, r, tokens)
+        record(loop.knobs, r, tokens)
         state = job.spec
         if props:
             state.current.observe(len(props), verdict.accepted)
@@ -354,7 +334,7 @@ class Speculator:
             lps, tops = chosen.tolist(), (ids.tolist(), values.tolist())
         for i, t in enumerate(tokens):
             job.pos += 1
-            loop.deliver_one(job, t, lps, tops, i, stop_ids)
+            loop.delivery.token(job, t, lps, tops, i)
             if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
                 return
         self._look_ahead(job, self.max_k if props else 0)

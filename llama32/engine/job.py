@@ -1,0 +1,93 @@
+"""A request in the generation loop: what was asked, how its caller hears back, and how far it has got.
+
+A `Job` is made on the caller's thread (after the request is validated) and submitted to the loop. From then
+on the loop thread alone writes its progress; the caller reads `events` (chunk lists, a result, then `_END`
+or an exception) and may set `cancelled` (through the loop's `cancel`, under its lock).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from ..output import Output
+from ..requests import Request
+
+_END = object()  # a job's last event
+_ARRIVAL = itertools.count()  # submission order: pausing takes the latest arrivals first
+
+
+@dataclass
+class Scoring:
+    """A text to score (`score`, `score_batch`): all its ids, how many of them are context, how many of the
+    most likely alternatives to report, and the log-softmax rows computed so far."""
+    ids: list[int]
+    n_context: int
+    top: int = 0
+    logits: list[Tensor] = field(default_factory=list)
+
+
+class Job:
+    """One request: a generation (`req` and its `Output`) or a scoring forward (`scoring`).
+
+    The progress fields are the loop's (engine/loop.py): where the request's keys and values are
+    (`slot`, `prefilled`), what its next decode step feeds (`token` at `pos`), and what it has drawn."""
+
+    def __init__(self, req: Request | None = None, output: Output | None = None, ids: list[int] | None = None,
+                 n_context: int = 0, top: int = 0):
+        self.req, self.output = req, output
+        self.scoring = Scoring(ids, n_context, top) if req is None else None
+        # JSON mode: a matcher of the request's compiled grammar (constrain.py) fills this row's allowed-token
+        # mask before each draw (`fill(row)`) and follows each token delivered (`advance(token)`)
+        self.constraint: Any = req.grammar.matcher() if req is not None and req.grammar is not None else None
+        # -- the caller's side
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # Called (on the loop thread) after each event put on `events`: lets an asyncio caller (the server) be
+        # woken with call_soon_threadsafe instead of parking a thread on the queue. Must be quick, never raise.
+        self.notify: Callable[[], None] | None = None
+        self.cancelled = False
+        self.finished = False  # out of the loop (set on the loop thread; its last event may still be on the way)
+        self.answered = False  # its caller has been sent its last event (set on the output thread: deliver.py)
+        self.arrival = next(_ARRIVAL)
+        # -- progress, kept by the loop
+        self.slot: int | None = None  # its row, while it has one
+        self.context: list[int] = req.prompt_ids if req is not None else ids  # what its prefill computes
+        self.prefilled = 0  # context positions whose keys and values are in the cache (copied or computed)
+        self.resuming = False  # the prefill is a paused row's context: no token is drawn at its end
+        self.decoding = False  # the prompt is done and the first token drawn: the row takes decode steps
+        self.adapter = None  # its LoRA adapter (the request's or the handle's default)
+        self.seed = 0  # the request's seed, or a random one: the sampler's noise (counter_noise)
+        self.token = 0  # the last drawn token, fed to the next step
+        self.pos = 0  # where that token goes
+        self.lookahead = 0  # positions beyond the next one a step may write (speculation's proposals)
+        self.generated: list[int] = []  # the tokens drawn so far (a resumed row recomputes them)
+        self.spec: Any = None  # speculative decoding's state for this request (engine/speculative/)
+
+    @property
+    def produced(self) -> int:
+        return len(self.generated)
+
+    def put(self, item: Any) -> None:
+        """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it (on the output
+        thread: deliver.py)."""
+        self.events.put(item)
+        if self.notify is not None:
+            try:
+                self.notify()
+            except Exception:  # noqa: BLE001 - a caller's wake-up hook must not take the loop down
+                pass
+
+    def results(self) -> Iterator[Any]:
+        """What the loop sends this job, as it comes; raises the loop's error for it, if any."""
+        while True:
+            item = self.events.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
