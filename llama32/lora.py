@@ -163,10 +163,33 @@ class RowAdapters:
         """y (the base product of `linear` on x [B, T, in]) plus each row's adapter, if any."""
         for rows, a, b, scale in self.by_module.get(id(linear), ()):
             if rows is None:
-                y = y + F.linear(F.linear(x, a), b) * scale
+                y = y + adapter_term(linear, x, a, b) * scale
             else:
-                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b) * scale)
+                y = y.index_add(0, rows, adapter_term(linear, x.index_select(0, rows), a, b) * scale)
         return y
+
+
+def adapter_term(linear: Linear, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """B (A x) for x [..., in], in x's dtype.
+
+    Where `linear`'s own product runs in row tiles (bfloat16 on the CPU: tiles.py), a row's term must not
+    depend on how many rows share the product either. The rank-r products are too narrow for the tiles'
+    check to see it (r outputs a row: a sum that rounds one way in a call of 3 rows and another in a call of
+    1 reaches the bfloat16 result once in a few thousand values), and it happened: bfloat16 LoRA answers sent
+    together parted from their solo ones (found by benchmarks/schedule_fuzz.py). So there both products sum
+    in float64, in which a bfloat16 product is exact and a sum of a few thousand of them is exact or within
+    2^-53 of it, so the order the kernel picks for a row count cannot reach the bfloat16 result; each is rounded
+    to the dtype as the plain product would be (A x first, as `F.linear(F.linear(x, a), b)` rounds it)."""
+    if linear.tiles is None or torch.compiler.is_compiling():
+        return F.linear(F.linear(x, a), b)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0], b.shape[0], dtype=x.dtype, device=x.device)
+    a64, b64 = a.double(), b.double()
+    for start in range(0, rows.shape[0], 256):  # bounded float64 scratch
+        part = rows[start:start + 256].double()
+        inner = F.linear(part, a64).to(x.dtype).double()
+        out[start:start + 256] = F.linear(inner, b64).to(x.dtype)
+    return out.reshape(*x.shape[:-1], b.shape[0])
 
 
 class GatheredAdapters:

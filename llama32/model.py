@@ -62,8 +62,10 @@ class Linear(nn.Linear):
         if lora is not None:
             return lora.add(self, x, y)
         if self.adapter is not None:
+            from .lora import adapter_term  # (lora.py imports this module)
+
             a, b, scale = self.adapter
-            y = y + F.linear(F.linear(x, a), b) * scale
+            y = y + adapter_term(self, x, a, b) * scale
         return y
 
     def product(self, x: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,30 @@ def test_bfloat16_answers_sent_together_are_their_solo_answers(smol_bf16_solo, c
                [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
                 for e in want["logprobs"]]
     assert all((r["usage"]["cached_tokens"] >= 32) == reuse for r in together)  # 32: one block (engine/memory.py)
+
+
+def test_bfloat16_lora_answers_sent_together_are_their_solo_answers(smol_bf16_solo, smollm2_dir):
+    """The same to the bit for rows with a LoRA adapter: its rank-4 products sum in float64 where the base
+    products run in row tiles (lora.adapter_term). In one bfloat16 call their sums rounded otherwise for 3 or 4
+    rows than for 1 (too rarely for the tiles' check to see: r outputs a row), and the second and fourth of these
+    answers parted from their solo ones, by 0.057 in a log-probability and in a token (found by the schedule
+    fuzzer, benchmarks/schedule_fuzz.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from schedule_fuzz import build_adapter, chatml
+
+    llm = smol_bf16_solo[0]
+    lora = str(build_adapter(smollm2_dir))
+    requests = [dict(prompt=chatml(None, t), raw=True, max_tokens=30, temperature=0, logprobs=True, lora=lora)
+                for t in ("What is a brigantine?", "Describe a storm at sea.", "Why do ships have bells?",
+                          "List three knots.")]
+    alone = [llama32.generate(llm, **r) for r in requests]
+    assert alone[0]["response"] != llama32.generate(llm, **dict(requests[0], lora=None))["response"]
+    together = llama32.generate_batch(llm, requests)
+    for got, want in zip(together, alone):
+        assert got["response"] == want["response"]
+        assert [(e["id"], e["logprob"]) for e in got["logprobs"]] == [(e["id"], e["logprob"]) for e in want["logprobs"]]
 
 
 def test_threads_get_their_solo_answers(smol, monkeypatch):
