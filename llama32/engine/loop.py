@@ -273,7 +273,7 @@ class GenerationLoop:
         n = self.runner.rows_for(live[-1], rows.batch)
         # the rows not decoding idle (batch.py); the sampler's row for one still prefilling is set when it
         # starts decoding
-        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live}, 1 if self.runner.compiled else None)
+        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live}, self.runner.decode_floor)
         jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
         device = self.llm.device
         out = self.runner.decode(rows, self.knobs, n, batch.tokens[:, 0].to(device), batch.pos[:, 0].to(device),

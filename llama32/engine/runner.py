@@ -166,6 +166,12 @@ class Runner:
         return decode_step(llm.model, tokens, pos, cache, knobs.view(0, n), steps, allowed,
                            RowAdapters.of(llm, adapters), logprobs)
 
+    @property
+    def decode_floor(self) -> int | None:
+        """The fewest positions a decode step attends over: the rows' own (`Rows.floor`, None here) eagerly; 1
+        for the compiled step (CUDA's: its shapes stay CUDA's on the CPU too)."""
+        return 1 if self.compiled else None
+
     def rows_for(self, last: int, batch: int) -> int:
         """How many rows a step over slots [0, last] runs: all of them eagerly, a power of two compiled."""
         return min(_pow2(last + 1), batch) if self.compiled else last + 1
