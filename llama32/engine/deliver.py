@@ -109,7 +109,10 @@ class Delivery:
         self._send(job, error)
 
     def _send(self, job: Job, item: Any) -> None:
-        self._out.submit(self._handle, job, item)
+        try:
+            self._out.submit(self._handle, job, item)
+        except RuntimeError:  # the interpreter is exiting and takes no new work for the thread: handle it here
+            self._handle(job, item)
 
     # -- the output thread ----------------------------------------------------------------------------------
 
