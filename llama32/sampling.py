@@ -263,6 +263,13 @@ class StepKnobs:
                                      torch.zeros_like(counts))
         self.counters[row] = len(generated)
 
+    def move(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Row `dst` takes row `src`'s settings and history, for each (dst, src) in order (the rows' cache
+        packing its live rows into its lowest slots: engine/memory.py, `Rows.resize`)."""
+        for dst, src in moves:
+            for t in self.tensors().values():
+                t[dst] = t[src]
+
     def view(self, start: int, stop: int) -> "StepKnobs":
         """Rows [start, stop), sharing this one's memory."""
         out = StepKnobs.__new__(StepKnobs)

@@ -197,9 +197,7 @@ class GenerationLoop:
         if applied.paused:
             with self._cond:
                 self._waiting.extendleft(reversed(applied.paused))  # the paused go first, in arrival order
-        for dst, src in applied.moved:  # the sampler's rows follow their rows' keys and values
-            for t in self.knobs.tensors().values():
-                t[dst] = t[src]
+        self.knobs.move(applied.moved)  # the sampler's rows follow their rows' keys and values
         with torch.inference_mode():
             for job in applied.admitted:
                 self.guarded([job], lambda: self.prefill.begin(job))
@@ -288,10 +286,7 @@ class GenerationLoop:
         """`job` is done: it leaves its row (its caller has been or is about to be sent its last event)."""
         job.finished = True
         with self._cond:
-            rows = self.memory.rows
-            if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
-                rows.jobs[job.slot] = None
-            job.slot = None
+            self.memory.leave(job)
 
 
 _LOOPS: weakref.WeakSet = weakref.WeakSet()

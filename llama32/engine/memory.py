@@ -271,6 +271,13 @@ class KVMemory:
         blocks = self.prefixes.lookup(job.adapter, job.context) if self.reuse_prefixes else []
         job.prefilled = self.prefixes.copy_into(blocks, *self.rows.row(job.slot))
 
+    def leave(self, job: Any) -> None:
+        """`job` gives up its row, if it holds one."""
+        rows = self.rows
+        if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
+            rows.jobs[job.slot] = None
+        job.slot = None
+
     def outgrown(self, need) -> list[Any]:
         """The running jobs whose `need(job)` the cache as it is cannot hold."""
         rows = self.rows

@@ -184,10 +184,7 @@ class Scheduler:
 
     def _fail(self, out: Applied, jobs: list, error: BaseException) -> None:
         for job in jobs:
-            rows = self.memory.rows
-            if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
-                rows.jobs[job.slot] = None
-            job.slot = None
+            self.memory.leave(job)
             out.failed.append((job, error))
 
     def prefill_budget(self, rows: Sequence[Any]) -> int | None:
