@@ -32,9 +32,9 @@ step, at its next prompt position; its writes there are overwritten before anyth
    proposals and rolled back). Accepted proposals and the target's own token at the first mismatch are
    delivered one by one through the loop's `delivery.token` (engine/deliver.py: stop ids, max_tokens, the
    JSON matcher's advance; the text work, stop strings included, on the output thread, which drops what
-   follows a stop string); a row that finishes inside the run drops the rest. The sampler's history and counter record the delivered tokens as that many plain steps would
-   (`record`). Rejected positions' keys and values stay in the cache past the row's position, to
-   be overwritten by its next step.
+   follows a stop string); a row that finishes inside the run drops the rest. The sampler's history and
+   counter record the delivered tokens as that many plain steps would (`record`). Rejected positions' keys
+   and values stay in the cache past the row's position, to be overwritten by its next step.
 
 Exactness (the delivered tokens are the plain loop's), and why the verify forward attends one position at a
 time in bfloat16 on the CPU (`per_position`): the package docstring.
