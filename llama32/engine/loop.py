@@ -78,7 +78,8 @@ class GenerationLoop:
         check_budget(self.kv_cache_bytes, self.position_bytes, tensors)
         self.capacity = _pow2(self.max_batch)  # compiled steps run power-of-two batches of the first rows
         self.memory = KVMemory(llm, capacity=self.capacity, budget=self.kv_cache_bytes,
-                               position_bytes=self.position_bytes, rows_budget=rows_budget(self.kv_cache_bytes, tensors))
+                               position_bytes=self.position_bytes,
+                               rows_budget=rows_budget(self.kv_cache_bytes, tensors))
         self.scheduler = Scheduler(max_batch=self.max_batch, capacity=self.capacity, budget=self.kv_cache_bytes,
                                    position_bytes=self.position_bytes, context=llm.context_length,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64), tensors=tensors,
