@@ -254,7 +254,7 @@ def attention_floor(device: torch.device) -> int:
     are padded with a copy of the keys and values each layer (`attend`; 9% of a batch-1 1B decode step at 256
     positions), 1 elsewhere. The engine's caches on the CPU hold at least this many positions and its forwards
     attend over at least this many (engine/scheduler.py, engine/runner.py's `attended_for`), so the copy is
-    made only where a tight budget leaves the cache shorter."""
+    made only at a tight budget's edge, where the cache holds as many positions as fit."""
     return KEY_BLOCK if torch.device(device).type == "cpu" else 1
 
 
@@ -288,21 +288,26 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """`scaled_dot_product_attention` over at least `KEY_BLOCK` key positions: fewer are padded with masked
-    zero keys. The CPU kernel walks the keys in blocks of min(512, S), so with S below 512 a position's sum
-    was split as S decided, and S (the attended length, a power of two past the furthest position in the
-    forward) depends on what else is in the batch: in float32 a 639-token text scored in 64-token chunks
-    (S 256, 512, 1024) parted from the text scored whole by up to 9e-5, and beside decoding rows by up to
-    1e-3 after 600 tokens (benchmarks/schedule_fuzz.py), in bfloat16 by up to 0.56. At 512 and above the
-    blocks are the same 512. The padding is a copy of the keys and values below 512 positions: a batch-1 1B
-    decode step at 64 cached positions took 115 ms against 110 ms without it; from 512 on it costs nothing.
-    (Attending over 512 cache positions at least, with no copy, measured no slower, 86 against 90 ms, but
-    changes the compiled CUDA step's shapes: left for a change to the engine.)"""
-    S = k.shape[2]
-    if S < KEY_BLOCK and not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
-        pad = k.new_zeros(*k.shape[:2], KEY_BLOCK - S, k.shape[3])
+    """`scaled_dot_product_attention` over a multiple of `KEY_BLOCK` key positions: the rest are padded with masked
+    zero keys. The CPU kernel walks the keys in blocks of min(512, S), the last one shorter where S is not a
+    multiple of 512, and a short block sums otherwise than a full one with the same keys and more masked. S (the
+    attended length) depends on what else is in the batch, so without the padding a row's bits did too:
+    - below 512 (S a power of two past the furthest position in the forward): in float32 a 639-token text scored
+      in 64-token chunks (S 256, 512, 1024) parted from the text scored whole by up to 9e-5, and beside decoding
+      rows by up to 1e-3 after 600 tokens (benchmarks/schedule_fuzz.py), in bfloat16 by up to 0.56;
+    - above 512, at a tight budget's edge, where the cache holds as many positions as fit (engine/scheduler.py):
+      a text scored in an 885-position cache (a last block of 373) parted from the text scored in 1,024 by up
+      to 0.0018 in float32 and 0.25 in bfloat16 (tests/test_engine.py).
+    Blocks that hold only masked keys add exactly nothing, so padded, every S agrees. The padding is a copy of
+    the keys and values, made only where S is not a multiple of 512: a batch-1 1B decode step at 64 cached
+    positions took 115 ms against 110 ms without it. (Attending over 512 cache positions at least, with no copy,
+    measured no slower, 86 against 90 ms, but changes the compiled CUDA step's shapes: left for a change to the
+    engine.)"""
+    extra = -k.shape[2] % KEY_BLOCK
+    if extra and not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
+        pad = k.new_zeros(*k.shape[:2], extra, k.shape[3])
         k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], KEY_BLOCK - S)], dim=3)
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], extra)], dim=3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
