@@ -31,8 +31,8 @@ caused by it), and no more calls fail than the fault's occasion concerned (one f
 prefill, `max_batch` otherwise). At the end nobody hangs and `stats()` is back to zero running, waiting and
 paused, the KV bytes those the prefix index keeps.
 
-SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) on the CPU, in float32 or (`--dtype bfloat16`)
-bfloat16; the LoRA adapter is made by PEFT (random, from a fixed seed) and cached beside the checkpoint.
+SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) on the CPU, in float32, (`--dtype bfloat16`)
+bfloat16 or (`--dtype both`) each in turn, schedule by schedule, the report counting each apart; the LoRA adapter is made by PEFT (random, from a fixed seed) and cached beside the checkpoint.
 tests/test_schedules.py runs a few schedules in the suite.
 """
 
@@ -500,33 +500,41 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=0, help="run schedules until this much time has passed")
     ap.add_argument("--schedules", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "both"),
+                    help="both: float32 and bfloat16 schedules in turn")
     ap.add_argument("--out", default=str(HERE / "out" / "schedule_fuzz.json"))
     args = ap.parse_args()
     import fixtures
 
     ckpt = fixtures.build_smollm2_checkpoint()
     adapter = str(build_adapter(ckpt))
-    oracle = Oracle(llama32.load(ckpt, dtype=args.dtype, device="cpu", max_batch=1))
+    dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+    oracles = {d: Oracle(llama32.load(ckpt, dtype=d, device="cpu", max_batch=1)) for d in dtypes}
     under: OrderedDict[tuple, Any] = OrderedDict()  # handles under test, the 4 most recently used
     total, started, seed = Report(), time.monotonic(), args.seed
+    by_dtype = {d: Report() for d in dtypes}
     while (time.monotonic() - started < args.minutes * 60) if args.minutes else (total.schedules < args.schedules):
+        dtype = dtypes[seed % len(dtypes)]
         kind, fault, mix = draw(random.Random(seed), adapter)
-        if kind not in under:
+        key = (*kind, dtype)
+        if key not in under:
             if len(under) >= 4:
                 under.popitem(last=False)
             batch, budget, spec = kind
-            under[kind] = handles(ckpt, max_batch=batch, budget=budget, dtype=args.dtype, speculative=spec)
-        under.move_to_end(kind)
-        one = run_schedule(under[kind], oracle, seed, fault=fault, mix=mix)
+            under[key] = handles(ckpt, max_batch=batch, budget=budget, dtype=dtype, speculative=spec)
+        under.move_to_end(key)
+        one = run_schedule(under[key], oracles[dtype], seed, fault=fault, mix=mix)
         total.add(one)
-        handle = {"max_batch": kind[0], "budget": kind[1], "speculative": kind[2], "lora": bool(mix.lora),
-                  "fault": fault}
+        by_dtype[dtype].add(one)
+        handle = {"dtype": dtype, "max_batch": kind[0], "budget": kind[1], "speculative": kind[2],
+                  "lora": bool(mix.lora), "fault": fault}
         print(f"seed {seed}: {json.dumps(dict(handle, **one.as_dict()))}", flush=True)
         seed += 1
         if one.hangs:
             break  # a hung loop leaves the handle unusable for the next schedules
     result = dict(total.as_dict(), minutes=(time.monotonic() - started) / 60)
+    if len(dtypes) > 1:
+        result["by_dtype"] = {d: r.as_dict() for d, r in by_dtype.items()}
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
