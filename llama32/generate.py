@@ -108,7 +108,7 @@ def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list
     results = []
     try:
         for job, (ids, n) in zip(jobs, prepared):
-            logprobs, greedy = next(iter(job.results()))
+            logprobs, greedy = next(iter(job.reply.results()))
             total = sum(logprobs)
             results.append({"tokens": [tok.decode([t]) for t in ids[n:]], "ids": ids[n:], "logprobs": logprobs,
                             "is_greedy": greedy, "sum_logprob": total,
@@ -121,7 +121,7 @@ def score_batch(llm: Llama, items: list[dict], *, _where: str = "items") -> list
 def score_ids(llm: Llama, ids: list[int], n_context: int, top: int = 0) -> tuple:
     """The loop's scoring forward on raw ids: (logprobs, is_greedy[, top ids, top logprobs]) of ids[n_context:],
     each token predicted from the ids before it (for the server's echoed prompts)."""
-    return next(iter(llm.loop.submit(Job(ids=ids, n_context=n_context, top=top)).results()))
+    return next(iter(llm.loop.submit(Job(ids=ids, n_context=n_context, top=top)).reply.results()))
 
 
 def to_sse(chunks: Iterable[dict] | dict) -> Iterator[str]:
@@ -155,7 +155,7 @@ class Stream:
                 self._submitted = True
                 self._loop.submit(self._job)
         while not self._pending:
-            item = self._job.events.get()
+            item = self._job.reply.events.get()
             if item is _END:
                 self._closed = True
                 raise StopIteration
@@ -195,7 +195,7 @@ def _cancel_unfinished(llm: Llama, jobs: list[Job]) -> None:
 
 def _chunks(llm: Llama, job: Job) -> Iterator[dict]:
     try:
-        for chunks in job.results():
+        for chunks in job.reply.results():
             yield from chunks
     finally:
         if not job.finished:

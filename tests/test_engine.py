@@ -347,9 +347,9 @@ def test_notify_is_called_after_every_event(smol):
     req = validate(smol, dict(prompt=chatml("Count to five."), max_tokens=6, **GREEDY))
     job = Job(req, Output(smol, req))
     seen = []
-    job.notify = lambda: seen.append(job.events.qsize())
+    job.reply.notify = lambda: seen.append(job.reply.events.qsize())
     smol.loop.submit(job)
-    events = list(job.results())
+    events = list(job.reply.results())
     assert len(seen) == len(events) + 1  # every chunk list, then the end
     assert all(n >= 1 for n in seen)  # the event was on the queue before the caller was woken
 
@@ -468,7 +468,7 @@ def test_a_job_submitted_as_the_loop_thread_ends_is_served(smollm2_dir, monkeypa
 
     monkeypatch.setattr(GenerationLoop, "_run_once", run_once)
     llm.loop.close()
-    chunks = _within(120, lambda: [c for batch in job.results() for c in batch])
+    chunks = _within(120, lambda: [c for batch in job.reply.results() for c in batch])
     assert sent and "".join(c["response"] for c in chunks) == want["response"]
 
 

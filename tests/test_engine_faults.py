@@ -33,7 +33,7 @@ def _events(job: Job) -> list:
     """Every event `job`'s caller is sent, to its last (an ended job's reach it through the output thread)."""
     items = []
     while not items or not (items[-1] is _END or isinstance(items[-1], BaseException)):
-        items.append(job.events.get(timeout=60))
+        items.append(job.reply.events.get(timeout=60))
     return items
 
 

@@ -118,25 +118,23 @@ class Delivery:
 
     def _handle(self, job: Job, item: Any) -> None:
         """One event for `job`'s caller; after its last one, the rest are dropped."""
-        if job.answered:
+        reply = job.reply
+        if reply.answered:
             return
         if not isinstance(item, Drawn):
-            job.answered = item is _END or isinstance(item, BaseException)
-            job.put(item)
+            reply.put(item)
             return
         try:
             done = job.output.push(item.token, item.last, item.logprob)
             chunks = list(job.output.chunks())
         except Exception as e:  # noqa: BLE001 - this request's output failed: it alone fails
-            job.answered = True
-            job.put(e)
+            reply.put(e)
             self._cancel(job)
             return
         if chunks:
-            job.put(chunks)
+            reply.put(chunks)
         if done:
-            job.answered = True
-            job.put(_END)
+            reply.put(_END)
             if not item.last:  # a stop string: the row is still in the batch
                 self._cancel(job)
 

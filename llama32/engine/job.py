@@ -1,8 +1,9 @@
-"""A request in the generation loop: what was asked, how its caller hears back, and how far it has got.
+"""A request in the generation loop: what was asked, how far it has got, and (`Reply`) how its caller hears back.
 
 A `Job` is made on the caller's thread (after the request is validated) and submitted to the loop. From then
-on the loop thread alone writes its progress; the caller reads `events` (chunk lists, a result, then `_END`
-or an exception) and may set `cancelled` (through the loop's `cancel`, under its lock).
+on the loop thread alone writes its progress; the caller may set `cancelled` (through the loop's `cancel`,
+under its lock). Its `reply` is written by the loop's output thread alone (deliver.py) and read by the caller:
+chunk lists or a result, then `_END` or an exception.
 """
 
 from __future__ import annotations
@@ -32,6 +33,40 @@ class Scoring:
     logits: list[Tensor] = field(default_factory=list)
 
 
+class Reply:
+    """The caller's side of a job: the events sent to it in order, a hook to wake the caller after each, and
+    whether its last event (`_END` or an exception) has gone; anything sent after that is dropped."""
+
+    def __init__(self):
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # Called after each event: lets an asyncio caller (the server) be woken with call_soon_threadsafe
+        # instead of parking a thread on the queue. Must be quick, never raise.
+        self.notify: Callable[[], None] | None = None
+        self.answered = False
+
+    def put(self, item: Any) -> None:
+        """Send the caller an event (chunk list, result, _END or an exception), then `notify` it."""
+        if self.answered:
+            return
+        self.answered = item is _END or isinstance(item, BaseException)
+        self.events.put(item)
+        if self.notify is not None:
+            try:
+                self.notify()
+            except Exception:  # noqa: BLE001 - a caller's wake-up hook must not take the loop down
+                pass
+
+    def results(self) -> Iterator[Any]:
+        """The events as they come; raises the error sent, if any."""
+        while True:
+            item = self.events.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 class Job:
     """One request: a generation (`req` and its `Output`) or a scoring forward (`scoring`).
 
@@ -45,14 +80,9 @@ class Job:
         # JSON mode: a matcher of the request's compiled grammar (constrain.py) fills this row's allowed-token
         # mask before each draw (`fill(row)`) and follows each token delivered (`advance(token)`)
         self.constraint: Any = req.grammar.matcher() if req is not None and req.grammar is not None else None
-        # -- the caller's side
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        # Called (on the loop thread) after each event put on `events`: lets an asyncio caller (the server) be
-        # woken with call_soon_threadsafe instead of parking a thread on the queue. Must be quick, never raise.
-        self.notify: Callable[[], None] | None = None
+        self.reply = Reply()  # the caller's side (written on the output thread: deliver.py)
         self.cancelled = False
         self.finished = False  # out of the loop (set on the loop thread; its last event may still be on the way)
-        self.answered = False  # its caller has been sent its last event (set on the output thread: deliver.py)
         self.arrival = next(_ARRIVAL)
         # -- progress, kept by the loop
         self.slot: int | None = None  # its row, while it has one
@@ -71,23 +101,3 @@ class Job:
     @property
     def produced(self) -> int:
         return len(self.generated)
-
-    def put(self, item: Any) -> None:
-        """Hand the caller an event (chunk list, result, _END or an exception), then `notify` it (on the output
-        thread: deliver.py)."""
-        self.events.put(item)
-        if self.notify is not None:
-            try:
-                self.notify()
-            except Exception:  # noqa: BLE001 - a caller's wake-up hook must not take the loop down
-                pass
-
-    def results(self) -> Iterator[Any]:
-        """What the loop sends this job, as it comes; raises the loop's error for it, if any."""
-        while True:
-            item = self.events.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item

@@ -101,7 +101,7 @@ class Generation(Answer):
         self.job = Job(req, Output(llm, req))
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self.job.notify = self._wake
+        self.job.reply.notify = self._wake
 
     def _wake(self) -> None:  # on the loop thread: must not raise
         try:
@@ -120,11 +120,11 @@ class Generation(Answer):
 
     async def batches(self) -> AsyncIterator[list[dict]]:
         """The loop's events for this request (each a list of chunks) as they come; leaving early cancels it."""
-        events = self.job.results()  # read only when an event is queued, so `next` never blocks
+        events = self.job.reply.results()  # read only when an event is queued, so `next` never blocks
         try:
             while True:
                 self._ready.clear()
-                if self.job.events.empty():
+                if self.job.reply.events.empty():
                     await self._ready.wait()
                     continue
                 try:
