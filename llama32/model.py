@@ -224,6 +224,8 @@ class Attention(nn.Module):
         if probs is not None:
             y, p = explicit_attention(q, k, v, mask, self.n_heads // self.n_kv)
             probs.append(p)
+        elif mask is None and input_pos is not None:  # spans from position 0, over the cache (`causal`)
+            y = causal_attention(q, k, v, self.n_kv != self.n_heads)
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -285,6 +287,30 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
         q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
         mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
     return attend(q, k, v, mask)[:, :, :R]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
+    """q [B, H, T, hd] at positions 0..T-1 of each row, k, v [B, K, S, hd] the rows' cache (S >= T; keys past a
+    query's position are ignored) -> [B, H, T, hd]: each position attends to the keys at or before it.
+
+    The same bits as `masked_attention` under the causal mask, at about half its work and with no mask made (at
+    2,048 positions the mask is 32 MiB of float per layer): the CPU kernel, given the causal flag (top-left
+    aligned: query i sees keys 0..i), skips the key blocks past each block of queries, which under a mask add
+    exactly nothing, and fills the rest of a query's block with -inf where the mask adds -inf. As there, on the
+    CPU the query rows are padded to a multiple of `SPAN_ROWS` (a short last block of queries rounds otherwise)
+    and the keys to a multiple of `KEY_BLOCK` (`attend`). tests/test_model.py checks the agreement bit for bit
+    across lengths and dtypes."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    T = q.shape[2]
+    extra = -T % SPAN_ROWS
+    if extra:
+        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
+    extra = -k.shape[2] % KEY_BLOCK
+    if extra:
+        pad = k.new_zeros(*k.shape[:2], extra, k.shape[3])
+        k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[:, :, :T]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -410,7 +436,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                 logits_at: Tensor | None = None, lora=None, output_hidden_states: bool = False,
-                output_attentions: bool = False, per_position: bool = False) -> Tensor | ModelOutput:
+                output_attentions: bool = False, per_position: bool = False,
+                causal: bool = False) -> Tensor | ModelOutput:
         """Logits for `input_ids` [B, T].
 
         - no cache: a plain causal forward over positions 0..T-1.
@@ -425,6 +452,9 @@ class Transformer(nn.Module):
         `per_position` (with input_pos): attention runs one query position at a time, so that each position's
         attention rounds exactly as a one-position decode step's does (speculative decoding's verify forward,
         engine/speculative/: on a CPU in bfloat16 one fused call over several positions rounds differently).
+        `causal` (with input_pos): every row's span starts at position 0 (its i-th token at position i; a row's
+        padding, if any, after its tokens), so attention runs `causal_attention` over the cache instead of
+        under a mask: the same bits, about half the work (engine/runner.py's prompt spans).
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -434,7 +464,8 @@ class Transformer(nn.Module):
             assert cache is not None, "input_pos needs a cache"
             positions = input_pos
             key_pos = torch.arange(cache.length, device=input_ids.device)
-            mask = (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
+            mask = None if causal else (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
+            assert not (causal and output_attentions), "output_attentions needs the mask"
         dtype = self.model.norm.weight.dtype  # the embedding may be mapped from the file, in its dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
 

@@ -214,3 +214,27 @@ def test_bf16_without_native_bf16_widens_prompt_products(make_checkpoint, monkey
     err_widened = (got.float() - want).abs().mean().item()
     assert err_widened < 0.05 * want.abs().mean().item()
     assert err_widened <= (low.float() - want).abs().mean().item() * 1.5  # as close to float32 as plain bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", [(32, 8), (9, 3)], ids=["1B", "SmolLM2"])
+def test_causal_attention_gives_the_masked_attentions_bits(dtype, heads):
+    """A span from position 0 takes the causal kernel over the cache (`causal_attention`), any other span the
+    masked one: for a position's bits not to depend on how its prompt was cut, the two must agree bit for bit,
+    whatever the span's length (short query blocks, lengths just past a key block) and however long the cache
+    is (keys past the span hold other values). Without its query-row padding, 2-, 3- and 513-position spans
+    parted."""
+    from llama32.model import KEY_BLOCK, SPAN_ROWS, causal_attention, masked_attention
+
+    H, K = heads
+    G, hd = H // K, 64
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, 2, 3, 37, 300, 512, 513, 777, 1500):
+        for S in sorted({max(KEY_BLOCK, 1 << (T - 1).bit_length()), 2048, 885 if T < 885 else 2048}):
+            q = torch.randn(1, H, T, hd, generator=gen).to(dtype)
+            k = torch.randn(1, K, S, hd, generator=gen).to(dtype)
+            v = torch.randn(1, K, S, hd, generator=gen).to(dtype)
+            mask = torch.zeros(T, S, dtype=torch.bool)
+            mask[:, :T] = torch.ones(T, T, dtype=torch.bool).tril()
+            masked = masked_attention(q.reshape(1, K, G * T, hd), k, v, mask.repeat(G, 1)[None, None], SPAN_ROWS)
+            assert torch.equal(causal_attention(q, k, v, gqa=True), masked.reshape(1, H, T, hd)), (T, S)

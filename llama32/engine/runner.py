@@ -73,12 +73,13 @@ class Runner:
         # (ids of the loaded adapters, their GatheredAdapters stacks): the compiled step's LoRA input (lora.py)
         self.adapter_stacks: tuple | None = None
         self._warned = False
-        # On the CPU every prompt span takes the attention with explicit positions (a mask), even a whole prompt
-        # from position 0, which the causal kernel would take ~10% faster (1,024 tokens of the 1B): that kernel
-        # rounds otherwise, while the masked one gives a position the same bits however its prompt is chunked,
-        # grouped with others' or padded (measured in bfloat16, where the difference flipped SmolLM2's greedy
-        # answer to a request sent with others: benchmarks/RESULTS.md). So a request's result is the one it
-        # has alone, whatever arrives with it. On CUDA the causal (flash) kernel is kept: not measured there.
+        # On the CPU every prompt span attends over the rows' cache, never over its own fresh keys alone: a span
+        # from position 0 with the causal kernel (`model.causal_attention`), any other under a mask
+        # (`model.masked_attention`), the two padded alike so that they give a position the same bits. The
+        # causal kernel over the fresh keys alone rounds otherwise (a short last key block), which flipped
+        # SmolLM2's greedy answer in bfloat16 to a request sent with others (benchmarks/RESULTS.md). So a
+        # position's bits do not depend on how its prompt is chunked, grouped with others' or padded, and a
+        # request's result is the one it has alone. On CUDA the fresh-key causal (flash) kernel is kept.
         self.one_attention = llm.device.type == "cpu"
 
     @property
@@ -101,7 +102,7 @@ class Runner:
             return llm.model(chunk, cache=cache, logits_at=at, lora=lora)[0]
         cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end, rows.floor))
         pos = torch.arange(start, end, device=llm.device)[None]
-        return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora)[0]
+        return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora, causal=start == 0)[0]
 
     def prefill_rows(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
         """Several rows' spans: `spans` maps a slot to (ids, start, adapter); each row's ids go at its own
@@ -141,8 +142,10 @@ class Runner:
             last[r], adapters[r] = n - 1, adapter
         end = max(start + len(span) for span, start, _ in spans.values()) + 1
         cache = rows.cache.view(slice(lo, hi), attended_for(rows.length, end, rows.floor))
+        # every span from position 0, on the CPU: `model.causal_attention` (the masked attention's bits, less work)
+        causal = self.one_attention and all(start == 0 for _, start, _ in spans.values())
         logits = llm.model(ids.to(llm.device), cache=cache, input_pos=pos.to(llm.device),
-                           logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters))
+                           logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters), causal=causal)
         return {slot: logits[slot - lo] for slot in spans}
 
     def verify(self, rows: Rows, n: int, batch: Any, per_position: Any) -> Tensor:
