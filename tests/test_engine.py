@@ -613,3 +613,25 @@ def test_bfloat16_score_at_the_budgets_edge_is_its_solo_score(smol_bf16_solo, sm
     assert 700 < n < 880 and tight.loop.scheduler.shape(1, n) == (1, 885)  # the budget's edge
     got, want = llama32.score(tight, text, context=context), llama32.score(ample, text, context=context)
     assert (got["ids"], got["logprobs"], got["is_greedy"]) == (want["ids"], want["logprobs"], want["is_greedy"])
+
+
+def test_a_process_leaving_a_stream_open_exits_cleanly(smollm2_dir, tmp_path):
+    """A script that stops reading a stream and ends (the stream still referenced, so never closed) exits with 0.
+    The loop thread was still generating while the interpreter finalised, and the process aborted ("terminate
+    called without an active exception", exit 134): at exit every loop now cancels its requests and stops."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys, llama32\n"
+        "llm = llama32.load(sys.argv[1], dtype='float32', device='cpu')\n"
+        "stream = llama32.generate(llm, prompt='Tell me a long story about the sea.', max_tokens=3000, stream=True)\n"
+        "for i, chunk in enumerate(stream):\n"
+        "    if i == 3:\n"
+        "        break\n"
+        "print('left', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script), str(smollm2_dir)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert "left" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and "terminate called" not in done.stderr, (done.returncode, done.stderr[-2000:])

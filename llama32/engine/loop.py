@@ -151,6 +151,18 @@ class GenerationLoop:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
+    def shutdown(self) -> None:
+        """Cancel every request, queued or running, and stop the loop thread (at interpreter exit: a thread still
+        inside torch while the interpreter finalises aborts the process, "terminate called without an active
+        exception", and a stream its caller left open would keep the loop busy past `close`'s wait)."""
+        with self._cond:
+            rows = self.memory.rows
+            for job in [*self._waiting, *(rows.jobs if rows is not None else [])]:
+                if job is not None:
+                    job.cancelled = True
+            self._cond.notify_all()
+        self.close()
+
     def cancel(self, job: Job) -> None:
         """Stop `job`: it leaves the batch (or the queue) at the next step."""
         with self._cond:
@@ -320,4 +332,4 @@ def _serve(ref: weakref.ref) -> None:
 def _close_all() -> None:
     # Threads still inside torch when the interpreter finalises can abort the process: end them first.
     for loop in list(_LOOPS):
-        loop.close()
+        loop.shutdown()
