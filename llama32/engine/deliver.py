@@ -59,14 +59,12 @@ class Delivery:
             try:
                 self.token(job, drawn[s - first], lps, tops, s - first)
             except Exception as e:  # noqa: BLE001 - this row's token failed: it alone fails
-                self.loop.retire(job)
                 self.fail(job, e)
 
     def token(self, job: Job, token: int, lps: list | None, tops: tuple | None, k: int) -> None:
         """`job`'s new `token` (column `k` of the forward's log-probabilities `lps`, `tops`)."""
         loop = self.loop
         if job.cancelled:
-            loop.retire(job)
             self.end(job)
             return
         job.token = token
@@ -94,18 +92,20 @@ class Delivery:
         if scoring.top:
             values, ids = logp.topk(scoring.top, dim=-1)
             result += (ids.tolist(), values.tolist())
-        self.loop.retire(job)
-        self._send(job, result)
-        self.end(job)
+        self.end(job, result)
 
-    def end(self, job: Job) -> None:
-        """The caller's last event: the end of its results (the job is out of the loop)."""
-        job.finished = True
+    def end(self, job: Job, *results: Any) -> None:
+        """`job` is done: it leaves its row (if it holds one) and the loop, and its caller is sent `results`, if
+        any, then the end."""
+        self.loop.retire(job)
+        for item in results:
+            self._send(job, item)
         self._send(job, _END)
 
     def fail(self, job: Job, error: BaseException) -> None:
-        """The caller's last event: `error` (the job is out of the loop)."""
-        job.finished = True
+        """`job` failed: it leaves its row (if it holds one) and the loop, and its caller's last event is `error`.
+        The one way a job fails, whichever part of the loop found the error."""
+        self.loop.retire(job)
         self._send(job, error)
 
     def _send(self, job: Job, item: Any) -> None:

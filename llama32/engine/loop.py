@@ -80,10 +80,9 @@ class GenerationLoop:
         self.memory = KVMemory(llm, capacity=self.capacity, budget=self.kv_cache_bytes,
                                position_bytes=self.position_bytes,
                                rows_budget=rows_budget(self.kv_cache_bytes, tensors))
-        self.scheduler = Scheduler(max_batch=self.max_batch, capacity=self.capacity, budget=self.kv_cache_bytes,
-                                   position_bytes=self.position_bytes, context=llm.context_length,
-                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64), tensors=tensors,
-                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)), memory=self.memory)
+        self.scheduler = Scheduler(self.memory, max_batch=self.max_batch, context=llm.context_length,
+                                   prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64),
+                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)))
         self.runner = Runner(llm)
         # The sampler's per-row state (settings, seed counter, history), one row per slot of the rows' cache
         # (a step over rows [0, n) samples with rows [0, n) of it).
@@ -205,7 +204,6 @@ class GenerationLoop:
         # were made for.
         applied = self.scheduler.apply(*plan)
         for job, error in applied.failed:
-            self.retire(job)
             self.delivery.fail(job, error)
         if applied.paused:
             with self._cond:
@@ -255,7 +253,6 @@ class GenerationLoop:
             rows = self.memory.rows
             running = [j for j in rows.jobs if j is not None] if rows is not None else []
         for job in running:
-            self.retire(job)
             self.delivery.fail(job, error)
 
     def guarded(self, jobs: list[Job], work) -> None:
@@ -264,7 +261,6 @@ class GenerationLoop:
             work()
         except BaseException as e:  # noqa: BLE001 - the error goes to the callers; the loop must live
             for job in jobs:
-                self.retire(job)
                 self.delivery.fail(job, e)
 
     def _step(self, rows: Any) -> None:
@@ -272,7 +268,6 @@ class GenerationLoop:
         for i in rows.live():
             job = rows.jobs[i]
             if job.cancelled:  # a closed stream leaves before the step, not after it
-                self.retire(job)
                 self.delivery.end(job)
         live = [i for i in rows.live() if rows.jobs[i].decoding]
         if not live:
@@ -296,7 +291,8 @@ class GenerationLoop:
         self.delivery.step(rows, [i for i in range(n) if jobs[i] is not None], *out)
 
     def retire(self, job: Job) -> None:
-        """`job` is done: it leaves its row (its caller has been or is about to be sent its last event)."""
+        """`job` is done: it leaves its row (its caller has been or is about to be sent its last event: deliver.py's
+        `end` and `fail` call this; `token` too, for a row's last token)."""
         job.finished = True
         with self._cond:
             self.memory.leave(job)

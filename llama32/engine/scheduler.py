@@ -92,14 +92,26 @@ class Scheduler:
     function of the jobs), `apply` carries a plan out on the KV memory the scheduler owns (`memory`, memory.py's
     `KVMemory`)."""
 
-    def __init__(self, *, max_batch: int, capacity: int, budget: int, position_bytes: int, context: int,
-                 prefill_chunk: int, tensors: int, min_length: int = MIN_LENGTH, memory: Any = None):
-        self.memory = memory
-        self.max_batch, self.capacity = max_batch, capacity
+    def __init__(self, memory: Any, *, max_batch: int, context: int, prefill_chunk: int, min_length: int = MIN_LENGTH):
+        self.memory = memory  # its budget, its rows' share of it, the bytes of a position, the rows it may hold
+        self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         self.min_length = min_length  # the shortest cache (positions), at the budget's edge fewer
-        self.budget, self.position_bytes, self.context = budget, position_bytes, context
-        self.prefill_chunk = prefill_chunk
-        self.rows_budget = rows_budget(budget, tensors)
+
+    @property
+    def budget(self) -> int:
+        return self.memory.budget
+
+    @property
+    def rows_budget(self) -> int:
+        return self.memory.rows_budget
+
+    @property
+    def position_bytes(self) -> int:
+        return self.memory.position_bytes
+
+    @property
+    def capacity(self) -> int:
+        return self.memory.capacity
 
     @property
     def max_positions(self) -> int:

@@ -310,7 +310,6 @@ class Speculator:
             try:
                 self._finish_row(loop, r, job, logits[r, :len(props) + 1], props, masks.get(r))
             except Exception as e:  # noqa: BLE001 - this row's output failed: it alone fails (as in Delivery.step)
-                loop.retire(job)
                 loop.delivery.fail(job, e)
 
     def _finish_row(self, loop: Any, r: int, job: Any, logits: torch.Tensor, props: list[int],
