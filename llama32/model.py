@@ -289,6 +289,17 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
     return attend(q, k, v, mask)[:, :, :R]
 
 
+def causal_spans(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the engine's prompt spans from position 0 take `causal_attention` (else `masked_attention`): on the
+    CPU but for bfloat16 / float16 on one with AMX. There PyTorch's kernel may run its products on keys and values
+    it packs first, deciding per call from the query count and the causal flag (a 32-row causal span would not
+    pack where the same span masked, 4 x 32 rows, would), so the two calls could round otherwise; the masked
+    path alone keeps a position's bits there. Elsewhere both calls run the same products."""
+    if torch.device(device).type != "cpu":
+        return False
+    return dtype == torch.float32 or not _cpu_has("amx_tile")
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
     """q [B, H, T, hd] at positions 0..T-1 of each row, k, v [B, K, S, hd] the rows' cache (S >= T; keys past a
     query's position are ignored) -> [B, H, T, hd]: each position attends to the keys at or before it.
@@ -299,7 +310,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
     exactly nothing, and fills the rest of a query's block with -inf where the mask adds -inf. As there, on the
     CPU the query rows are padded to a multiple of `SPAN_ROWS` (a short last block of queries rounds otherwise)
     and the keys to a multiple of `KEY_BLOCK` (`attend`). tests/test_model.py checks the agreement bit for bit
-    across lengths and dtypes."""
+    across lengths and dtypes, where the engine uses it (`causal_spans`)."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     T = q.shape[2]

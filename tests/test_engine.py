@@ -635,3 +635,18 @@ def test_a_process_leaving_a_stream_open_exits_cleanly(smollm2_dir, tmp_path):
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert "left" in done.stdout, done.stderr[-2000:]
     assert done.returncode == 0 and "terminate called" not in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+def test_a_prompt_from_position_0_takes_the_causal_kernel(smol, monkeypatch):
+    """A prompt prefilled whole from position 0 attends with `model.causal_attention` (about half the masked
+    attention's work, the same bits: tests/test_model.py), every layer over its whole span; its decode steps keep
+    the mask."""
+    import llama32.model as model
+
+    spans, real = [], model.causal_attention
+    monkeypatch.setattr(model, "causal_attention", lambda q, *rest: spans.append(q.shape[2]) or real(q, *rest))
+    prompt = chatml("Which causal kernel is this? A question asked once, so that no prefix is reused.")
+    n = len(smol.tokenizer.encode(prompt))
+    out = llama32.generate(smol, prompt=prompt, raw=True, temperature=0, max_tokens=3)
+    assert smol.loop.runner.causal_spans and out["usage"]["completion_tokens"] == 3
+    assert spans == [n] * smol.config.num_hidden_layers

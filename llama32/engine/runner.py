@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..lora import GatheredAdapters, RowAdapters
-from ..model import KVCache, keep_address
+from ..model import KVCache, causal_spans, keep_address
 from ..sampling import SamplingParams, StepKnobs, sample_static
 from .memory import Rows
 from .scheduler import _pow2
@@ -74,13 +74,15 @@ class Runner:
         self.adapter_stacks: tuple | None = None
         self._warned = False
         # On the CPU every prompt span attends over the rows' cache, never over its own fresh keys alone: a span
-        # from position 0 with the causal kernel (`model.causal_attention`), any other under a mask
-        # (`model.masked_attention`), the two padded alike so that they give a position the same bits. The
+        # from position 0 with the causal kernel (`model.causal_attention`, where `model.causal_spans`), any
+        # other under a mask (`model.masked_attention`), the two padded alike so that they give a position the
+        # same bits. The
         # causal kernel over the fresh keys alone rounds otherwise (a short last key block), which flipped
         # SmolLM2's greedy answer in bfloat16 to a request sent with others (benchmarks/RESULTS.md). So a
         # position's bits do not depend on how its prompt is chunked, grouped with others' or padded, and a
         # request's result is the one it has alone. On CUDA the fresh-key causal (flash) kernel is kept.
         self.one_attention = llm.device.type == "cpu"
+        self.causal_spans = causal_spans(llm.device, llm.dtype)
 
     @property
     def llm(self) -> Any:
@@ -102,7 +104,8 @@ class Runner:
             return llm.model(chunk, cache=cache, logits_at=at, lora=lora)[0]
         cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end, rows.floor))
         pos = torch.arange(start, end, device=llm.device)[None]
-        return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora, causal=start == 0)[0]
+        return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora,
+                         causal=start == 0 and self.causal_spans)[0]
 
     def prefill_rows(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
         """Several rows' spans: `spans` maps a slot to (ids, start, adapter); each row's ids go at its own
@@ -143,7 +146,7 @@ class Runner:
         end = max(start + len(span) for span, start, _ in spans.values()) + 1
         cache = rows.cache.view(slice(lo, hi), attended_for(rows.length, end, rows.floor))
         # every span from position 0, on the CPU: `model.causal_attention` (the masked attention's bits, less work)
-        causal = self.one_attention and all(start == 0 for _, start, _ in spans.values())
+        causal = self.causal_spans and all(start == 0 for _, start, _ in spans.values())
         logits = llm.model(ids.to(llm.device), cache=cache, input_pos=pos.to(llm.device),
                            logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters), causal=causal)
         return {slot: logits[slot - lo] for slot in spans}
