@@ -284,9 +284,14 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
     R = q.shape[2]
     extra = -R % rows
     if extra:
-        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
+        q = _pad_positions(q, extra)
         mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
     return attend(q, k, v, mask)[:, :, :R]
+
+
+def _pad_positions(t: Tensor, extra: int) -> Tensor:
+    """t [B, heads, positions, hd] with `extra` zero positions appended (query rows or keys and values)."""
+    return torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
 
 
 def causal_spans(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -316,11 +321,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
     T = q.shape[2]
     extra = -T % SPAN_ROWS
     if extra:
-        q = torch.cat([q, q.new_zeros(*q.shape[:2], extra, q.shape[3])], dim=2)
+        q = _pad_positions(q, extra)
     extra = -k.shape[2] % KEY_BLOCK
     if extra:
-        pad = k.new_zeros(*k.shape[:2], extra, k.shape[3])
-        k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+        k, v = _pad_positions(k, extra), _pad_positions(v, extra)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)[:, :, :T]
 
 
@@ -342,8 +346,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     engine.)"""
     extra = -k.shape[2] % KEY_BLOCK
     if extra and not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
-        pad = k.new_zeros(*k.shape[:2], extra, k.shape[3])
-        k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+        k, v = _pad_positions(k, extra), _pad_positions(v, extra)
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], extra)], dim=3)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

@@ -76,9 +76,8 @@ class Runner:
         # On the CPU every prompt span attends over the rows' cache, never over its own fresh keys alone: a span
         # from position 0 with the causal kernel (`model.causal_attention`, where `model.causal_spans`), any
         # other under a mask (`model.masked_attention`), the two padded alike so that they give a position the
-        # same bits. The
-        # causal kernel over the fresh keys alone rounds otherwise (a short last key block), which flipped
-        # SmolLM2's greedy answer in bfloat16 to a request sent with others (benchmarks/RESULTS.md). So a
+        # same bits. The causal kernel over the fresh keys alone rounds otherwise (a short last key block), which
+        # flipped SmolLM2's greedy answer in bfloat16 to a request sent with others (benchmarks/RESULTS.md). So a
         # position's bits do not depend on how its prompt is chunked, grouped with others' or padded, and a
         # request's result is the one it has alone. On CUDA the fresh-key causal (flash) kernel is kept.
         self.one_attention = llm.device.type == "cpu"
