@@ -81,23 +81,24 @@ def test_prefill_together_leaves_a_scoring_row_between_its_rows_untouched(smol3)
     a = _job(llm, prompt="Count from one to a hundred:", max_tokens=200)
     _add(loop, a)
     loop._run_once(0)
-    assert a.decoding and a.slot == 0
+    assert a.progress.decoding and a.progress.slot == 0
     s = Job(ids=ids, n_context=1)
     _add(loop, s)
     loop._run_once(0)
-    assert s.slot == 1 and s.prefilled == 64
+    assert s.progress.slot == 1 and s.progress.prefilled == 64
     b = _job(llm, prompt="Name three colours.", max_tokens=4)
     _add(loop, b)
     loop._run_once(0)
-    assert b.slot == 2 and b.prefilled == 0 and s.prefilled == 128  # B waits for the prefill budget
+    # B waits for the prefill budget
+    assert b.progress.slot == 2 and b.progress.prefilled == 0 and s.progress.prefilled == 128
     c = _job(llm, prompt="Say hello.", max_tokens=4)
     _add(loop, c)
     loop.cancel(a)
     loop._run_once(0)  # A leaves after this iteration's step; S gets another 64 tokens, C still waits
-    assert c.slot is None and a.finished and s.prefilled == 192
+    assert c.progress.slot is None and a.finished and s.progress.prefilled == 192
     # The next iteration: C takes row 0, nothing decodes: B and C are prefilled in one go, S beside them.
     loop._run_once(0)
-    assert c.slot == 0 and b.decoding and c.decoding
+    assert c.progress.slot == 0 and b.progress.decoding and c.progress.decoding
     while not (s.finished and b.finished and c.finished):
         loop._run_once(0)
     [(got, _greedy)] = _drain(s)
@@ -159,7 +160,7 @@ def test_a_failed_pause_fails_only_its_request_and_orphans_none(smol3, monkeypat
     a, b, c = jobs = [_job(llm, prompt=p, max_tokens=6) for p in PROMPTS]
     _add(loop, *jobs)
     loop._run_once(0)
-    assert all(j.decoding for j in jobs)
+    assert all(j.progress.decoding for j in jobs)
     # Memory runs short (as the scheduler would say): the latest arrivals, C then B, are paused; keeping B's
     # blocks in the prefix index fails (out of memory while cloning them).
     plan, store, calls = loop.scheduler.plan, loop.memory.prefixes.store, []
@@ -201,7 +202,7 @@ def _decode_to_the_cache_end(llm, loop) -> Job:
     for _ in range(40):
         loop._run_once(0)
         assert not a.finished and loop.memory.rows.length == shortest
-        if a.decoding and a.pos == loop.memory.rows.length:
+        if a.progress.decoding and a.progress.pos == loop.memory.rows.length:
             return a
     raise AssertionError("never reached the end of its cache")
 
@@ -345,14 +346,15 @@ def test_growing_the_cache_holds_no_more_than_the_budget(smollm2_dir):
 
     fit(256)
     rows = loop.memory.rows
-    rows.jobs[0] = SimpleNamespace(slot=0)  # a live row: its keys and values are moved at each resize
+    # a live row: its keys and values are moved at each resize
+    rows.jobs[0] = SimpleNamespace(progress=SimpleNamespace(slot=0))
     for i in range(6):  # the index takes what the rows leave of the budget
         loop.memory.prefixes.store(None, [i] + list(range(255)), [t[0] for t in rows.cache.k], [t[0] for t in rows.cache.v],
                             budget - rows.bytes(per))
     assert loop.memory.prefixes.bytes + rows.bytes(per) > budget - 32 * per
     fit(512)
     fit(1024)
-    assert loop.memory.rows.length == 1024 and loop.memory.rows.jobs[0].slot == 0
+    assert loop.memory.rows.length == 1024 and loop.memory.rows.jobs[0].progress.slot == 0
     assert max(peaks) <= budget, (peaks, budget)
 
 
@@ -407,7 +409,7 @@ def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monk
     b, c = _job(llm, prompt=PROMPTS[0], max_tokens=8), _job(llm, prompt=PROMPTS[1], max_tokens=8)
     _add(loop, b, c)
     loop._run_once(0)
-    assert b.decoding and c.decoding
+    assert b.progress.decoding and c.progress.decoding
     plan, once = loop.scheduler.plan, []
 
     def pause_c(running, waiting):

@@ -23,7 +23,7 @@ from .runner import attended_for
 
 def idle_position(job: Any) -> int:
     """Where a step writes a row that is not decoding (see the module docstring)."""
-    return 0 if job is None else job.prefilled
+    return 0 if job is None else job.progress.prefilled
 
 
 class StepBatch(NamedTuple):
@@ -42,11 +42,11 @@ def step_batch(rows: Any, n: int, runs: dict[int, list[int]], floor: int | None 
     ids, pos = [], []
     for r in range(n):
         job, seq = rows.jobs[r], runs.get(r)
-        start = idle_position(job) if seq is None else job.pos
+        start = idle_position(job) if seq is None else job.progress.pos
         seq = seq or []
         ids.append(seq + [0] * (T - len(seq)))
         pos.append([min(start + i, last) for i in range(T)])
-    attended = attended_for(rows.length, max(rows.jobs[r].pos + len(seq) for r, seq in runs.items()),
+    attended = attended_for(rows.length, max(rows.jobs[r].progress.pos + len(seq) for r, seq in runs.items()),
                             rows.floor if floor is None else floor)
     adapters = [rows.jobs[r].adapter if r in runs else None for r in range(n)]
     return StepBatch(torch.tensor(ids), torch.tensor(pos), adapters, attended)

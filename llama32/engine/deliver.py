@@ -67,8 +67,8 @@ class Delivery:
         if job.cancelled:
             self.end(job)
             return
-        job.token = token
-        job.generated.append(token)
+        job.progress.token = token
+        job.progress.generated.append(token)
         if job.constraint is not None:
             job.constraint.advance(token)
         lp = None

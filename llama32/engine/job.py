@@ -67,11 +67,25 @@ class Reply:
             yield item
 
 
-class Job:
-    """One request: a generation (`req` and its `Output`) or a scoring forward (`scoring`).
+@dataclass
+class Progress:
+    """How far a job has got, kept by the loop thread alone (engine/loop.py and the modules it drives): where its
+    keys and values are, what its next decode step feeds, and what it has drawn."""
+    context: list[int]  # what its prefill computes: the prompt (or scored text), or a paused row's whole history
+    slot: int | None = None  # its row, while it has one
+    prefilled: int = 0  # context positions whose keys and values are in the cache (copied or computed)
+    resuming: bool = False  # the prefill is a paused row's context: no token is drawn at its end
+    decoding: bool = False  # the prompt is done and the first token drawn: the row takes decode steps
+    token: int = 0  # the last drawn token, fed to the next step
+    pos: int = 0  # where that token goes
+    lookahead: int = 0  # positions beyond the next one a step may write (speculation's proposals)
+    generated: list[int] = field(default_factory=list)  # the tokens drawn so far (a resumed row recomputes them)
 
-    The progress fields are the loop's (engine/loop.py): where the request's keys and values are
-    (`slot`, `prefilled`), what its next decode step feeds (`token` at `pos`), and what it has drawn."""
+
+class Job:
+    """One request: a generation (`req` and its `Output`) or a scoring forward (`scoring`), how it is drawn
+    (`adapter`, `seed`, `constraint`, `spec`), how its caller hears back (`reply`), and how far it has got
+    (`progress`, the loop's)."""
 
     def __init__(self, req: Request | None = None, output: Output | None = None, ids: list[int] | None = None,
                  n_context: int = 0, top: int = 0):
@@ -80,24 +94,15 @@ class Job:
         # JSON mode: a matcher of the request's compiled grammar (constrain.py) fills this row's allowed-token
         # mask before each draw (`fill(row)`) and follows each token delivered (`advance(token)`)
         self.constraint: Any = req.grammar.matcher() if req is not None and req.grammar is not None else None
+        self.adapter = None  # its LoRA adapter (the request's or the handle's default)
+        self.seed = 0  # the request's seed, or a random one: the sampler's noise (counter_noise)
+        self.spec: Any = None  # speculative decoding's state for this request (engine/speculative/)
         self.reply = Reply()  # the caller's side (written on the output thread: deliver.py)
         self.cancelled = False
         self.finished = False  # out of the loop (set on the loop thread; its last event may still be on the way)
         self.arrival = next(_ARRIVAL)
-        # -- progress, kept by the loop
-        self.slot: int | None = None  # its row, while it has one
-        self.context: list[int] = req.prompt_ids if req is not None else ids  # what its prefill computes
-        self.prefilled = 0  # context positions whose keys and values are in the cache (copied or computed)
-        self.resuming = False  # the prefill is a paused row's context: no token is drawn at its end
-        self.decoding = False  # the prompt is done and the first token drawn: the row takes decode steps
-        self.adapter = None  # its LoRA adapter (the request's or the handle's default)
-        self.seed = 0  # the request's seed, or a random one: the sampler's noise (counter_noise)
-        self.token = 0  # the last drawn token, fed to the next step
-        self.pos = 0  # where that token goes
-        self.lookahead = 0  # positions beyond the next one a step may write (speculation's proposals)
-        self.generated: list[int] = []  # the tokens drawn so far (a resumed row recomputes them)
-        self.spec: Any = None  # speculative decoding's state for this request (engine/speculative/)
+        self.progress = Progress(req.prompt_ids if req is not None else ids)
 
     @property
     def produced(self) -> int:
-        return len(self.generated)
+        return len(self.progress.generated)

@@ -175,7 +175,7 @@ class GenerationLoop:
         with self._cond:
             rows = self.memory.rows
             running = len(rows.live()) if rows is not None else 0
-            paused = sum(1 for j in self._waiting if j.resuming)
+            paused = sum(1 for j in self._waiting if j.progress.resuming)
             return {"running": running, "waiting": len(self._waiting), "paused": paused,
                     "kv_bytes": self.memory.bytes, "kv_bytes_total": self.kv_cache_bytes}
 
@@ -269,7 +269,7 @@ class GenerationLoop:
             job = rows.jobs[i]
             if job.cancelled:  # a closed stream leaves before the step, not after it
                 self.delivery.end(job)
-        live = [i for i in rows.live() if rows.jobs[i].decoding]
+        live = [i for i in rows.live() if rows.jobs[i].progress.decoding]
         if not live:
             return
         # -- speculative decoding (engine/speculative/): a step verifying proposals, run there in full --------
@@ -279,15 +279,15 @@ class GenerationLoop:
         n = self.runner.rows_for(live[-1], rows.batch)
         # the rows not decoding idle (batch.py); the sampler's row for one still prefilling is set when it
         # starts decoding
-        batch = step_batch(rows, n, {i: [rows.jobs[i].token] for i in live}, self.runner.decode_floor)
-        jobs = [j if j is not None and j.decoding else None for j in rows.jobs[:n]]
+        batch = step_batch(rows, n, {i: [rows.jobs[i].progress.token] for i in live}, self.runner.decode_floor)
+        jobs = [j if j is not None and j.progress.decoding else None for j in rows.jobs[:n]]
         device = self.llm.device
         out = self.runner.decode(rows, self.knobs, n, batch.tokens[:, 0].to(device), batch.pos[:, 0].to(device),
                                  batch.attended, allowed_mask(self.knobs, jobs), batch.adapters, steps_of(jobs),
                                  logprobs_wanted(jobs))
         for j in jobs:
             if j is not None:
-                j.pos += 1
+                j.progress.pos += 1
         self.delivery.step(rows, [i for i in range(n) if jobs[i] is not None], *out)
 
     def retire(self, job: Job) -> None:

@@ -170,7 +170,7 @@ class Rows:
         jobs = [self.jobs[s] for s in live]
         self.jobs = jobs + [None] * (len(self.jobs) - len(jobs))
         for slot, job in enumerate(jobs):
-            job.slot = slot
+            job.progress.slot = slot
         keep_address(self.cache.k + self.cache.v)
         return [(dst, src) for dst, src in moved if dst != src]
 
@@ -244,17 +244,18 @@ class KVMemory:
         """`job` takes the lowest free row (`fit` made room for it)."""
         slot = self.rows.free_slot()
         self.rows.jobs[slot] = job
-        job.slot = slot
+        job.progress.slot = slot
 
     def pause(self, job: Any) -> None:
         """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
         With prefix reuse on, its context's whole blocks are kept in the index first, if they fit."""
-        if job.req is not None and job.decoding:
-            context = job.req.prompt_ids + job.generated[:-1]  # the positions its cache holds: [0, job.pos)
+        p = job.progress
+        if job.req is not None and p.decoding:
+            context = job.req.prompt_ids + p.generated[:-1]  # the positions its cache holds: [0, p.pos)
             self.keep(job, context)
-            job.context, job.resuming = context, True
-        self.rows.jobs[job.slot] = None
-        job.slot, job.prefilled, job.decoding = None, 0, False
+            p.context, p.resuming = context, True
+        self.rows.jobs[p.slot] = None
+        p.slot, p.prefilled, p.decoding = None, 0, False
         if job.scoring is not None:
             job.scoring.logits = []
 
@@ -262,21 +263,22 @@ class KVMemory:
         """Store the whole blocks of `ids`, the start of `job`'s row, in the prefix index (with reuse on), in
         what the rows leave of the budget."""
         if self.reuse_prefixes:
-            k, v = self.rows.row(job.slot)
+            k, v = self.rows.row(job.progress.slot)
             self.prefixes.store(job.adapter, ids, k, v, self.budget - self.rows_bytes())
 
     def begin(self, job: Any) -> None:
         """A generation new to its row: the keys and values of its context's longest stored prefix copied
-        in (`job.prefilled` says how many positions; the prefill computes the rest)."""
-        blocks = self.prefixes.lookup(job.adapter, job.context) if self.reuse_prefixes else []
-        job.prefilled = self.prefixes.copy_into(blocks, *self.rows.row(job.slot))
+        in (`job.progress.prefilled` says how many positions; the prefill computes the rest)."""
+        blocks = self.prefixes.lookup(job.adapter, job.progress.context) if self.reuse_prefixes else []
+        job.progress.prefilled = self.prefixes.copy_into(blocks, *self.rows.row(job.progress.slot))
 
     def leave(self, job: Any) -> None:
         """`job` gives up its row, if it holds one."""
         rows = self.rows
-        if rows is not None and job.slot is not None and rows.jobs[job.slot] is job:
-            rows.jobs[job.slot] = None
-        job.slot = None
+        slot = job.progress.slot
+        if rows is not None and slot is not None and rows.jobs[slot] is job:
+            rows.jobs[slot] = None
+        job.progress.slot = None
 
     def outgrown(self, need) -> list[Any]:
         """The running jobs whose `need(job)` the cache as it is cannot hold."""

@@ -37,17 +37,17 @@ class Prefill:
     def begin(self, job: Job) -> None:
         """A job new to its row: its adapter and seed (kept when resuming), and the keys and values of its
         context's longest stored prefix copied in (the chunks compute the rest)."""
-        job.prefilled = 0
+        job.progress.prefilled = 0
         if job.scoring is not None:  # scoring: always computed in full
             job.scoring.logits = []
             return
         llm, req = self.loop.llm, job.req
-        if not job.resuming:
+        if not job.progress.resuming:
             job.adapter = req.adapter if req.adapter is not None else llm._default_adapter
             job.seed = req.seed if req.seed is not None else secrets.randbits(63)
         self.loop.memory.begin(job)
-        if not job.resuming:
-            job.output.cached_tokens = job.prefilled
+        if not job.progress.resuming:
+            job.output.cached_tokens = job.progress.prefilled
 
     def run(self, rows: Any) -> None:
         """Prefill the contexts not yet done, in slot order, within the scheduler's budget for this
@@ -55,15 +55,16 @@ class Prefill:
         loop = self.loop
         budget = loop.scheduler.prefill_budget(rows.jobs)
         if budget is None:  # nothing decodes: the waiting prompts go whole, several in one forward
-            spans = [j for j in rows.jobs if j is not None and not j.decoding and not j.cancelled and j.req]
+            spans = [j for j in rows.jobs
+                     if j is not None and not j.progress.decoding and not j.cancelled and j.req]
             if len(spans) > 1:
                 loop.guarded(spans, lambda: self._together(rows, spans))
         for slot, job in enumerate(rows.jobs):
-            if job is None or job.decoding or job.cancelled:
+            if job is None or job.progress.decoding or job.cancelled:
                 continue
             if budget is not None and budget <= 0:
                 break
-            left = len(job.context) - job.prefilled
+            left = len(job.progress.context) - job.progress.prefilled
             take = left if budget is None else min(budget, left)
             if budget is not None:
                 budget -= take
@@ -72,45 +73,46 @@ class Prefill:
     def _together(self, rows: Any, jobs: list[Job]) -> None:
         """The rest of several contexts in one forward (none decoding; see `Runner.prefill_rows`), then
         each as its last chunk would end."""
-        spans = {j.slot: (j.context[j.prefilled:], j.prefilled, j.adapter) for j in jobs}
+        progress = [j.progress for j in jobs]
+        spans = {p.slot: (p.context[p.prefilled:], p.prefilled, j.adapter) for j, p in zip(jobs, progress)}
         logits = self.loop.runner.prefill_rows(rows, spans)
-        for job in jobs:
-            job.prefilled = len(job.context)
-            self._done(rows, job.slot, job, logits[job.slot])
+        for job, p in zip(jobs, progress):
+            p.prefilled = len(p.context)
+            self._done(rows, p.slot, job, logits[p.slot])
 
     def _chunk(self, rows: Any, slot: int, job: Job, take: int) -> None:
         """Compute context positions [prefilled, prefilled + take) of `job` at `slot`."""
-        runner = self.loop.runner
-        start, n = job.prefilled, len(job.context)
+        runner, p = self.loop.runner, job.progress
+        start, n = p.prefilled, len(p.context)
         end = start + take
-        span = job.context[start:end]
+        span = p.context[start:end]
         if job.scoring is not None:  # the head only at the positions predicting a text token
             lo, hi = max(start, job.scoring.n_context - 1, 0), min(end, n - 1)
             logits = runner.prefill(rows, slot, span, start, None, list(range(lo - start, hi - start)))
             if hi > lo:
                 job.scoring.logits.append(logits.float())
-            job.prefilled = end
+            p.prefilled = end
             if end == n:
                 self.loop.delivery.scored(job)
             return
-        draw = end == n and not job.resuming
+        draw = end == n and not p.resuming
         logits = runner.prefill(rows, slot, span, start, job.adapter, [take - 1] if draw else [])
-        job.prefilled = end
+        p.prefilled = end
         if end == n:
             self._done(rows, slot, job, logits)
 
     def _done(self, rows: Any, slot: int, job: Job, logits: Tensor) -> None:
         """`job`'s context is in the cache: a prompt draws its first token from `logits` (1, V) and keeps
         its whole blocks in the prefix index; a resumed row takes decode steps again."""
-        loop, req = self.loop, job.req
-        if job.resuming:  # its cache is back to [0, job.pos); the same token, counter and history go on
-            loop.knobs.restore_row(slot, req.params, job.seed, req.prompt_ids, job.generated)
-            job.resuming, job.decoding = False, True
+        loop, req, p = self.loop, job.req, job.progress
+        if p.resuming:  # its cache is back to [0, p.pos); the same token, counter and history go on
+            loop.knobs.restore_row(slot, req.params, job.seed, req.prompt_ids, p.generated)
+            p.resuming, p.decoding = False, True
             return
-        loop.memory.keep(job, job.context)
+        loop.memory.keep(job, p.context)
         loop.knobs.set_row(slot, req.params, job.seed, req.prompt_ids)  # now: the decode steps before wrote it
-        job.pos = len(job.context)
-        job.decoding = True
+        p.pos = len(p.context)
+        p.decoding = True
         # its first token, drawn with its own sampler row
         knobs = loop.knobs.view(slot, slot + 1)
         tokens = sample_static(logits, knobs, allowed_mask(loop.knobs, [job], slot), steps_of([job]))

@@ -71,9 +71,8 @@ def need(job: Any) -> int:
     the next check (a prompt or context in full, plus the position of its first decode step)."""
     if job.scoring is not None:
         return len(job.scoring.ids)
-    if job.decoding:
-        return job.pos + 1 + job.lookahead
-    return len(job.context) + 1
+    p = job.progress
+    return p.pos + 1 + p.lookahead if p.decoding else len(p.context) + 1
 
 
 @dataclass
@@ -201,4 +200,4 @@ class Scheduler:
 
     def prefill_budget(self, rows: Sequence[Any]) -> int | None:
         """Prompt tokens to compute this iteration: `prefill_chunk` while some row decodes, else no limit."""
-        return self.prefill_chunk if any(j is not None and j.decoding for j in rows) else None
+        return self.prefill_chunk if any(j is not None and j.progress.decoding for j in rows) else None

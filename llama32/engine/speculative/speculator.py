@@ -6,7 +6,7 @@ calls it in one place, marked "speculative decoding" in `_step`: `step(loop, row
 step (after cancelled rows left) either runs the whole step itself, verifying proposals, and returns True, or
 returns False and the loop takes its ordinary step (the compiled one where the handle compiles). It reads a
 job's `req`, `generated`, `token`, `pos`, `produced`, `adapter`, `constraint` and `decoding`, keeps its own
-state in `job.spec`, sets `job.lookahead` (the positions past the next one its proposals may write, which the
+state in `job.spec`, sets `job.progress.lookahead` (the positions past the next one its proposals may write, which the
 scheduler keeps room for: scheduler.py, `need`), and delivers through the loop's `delivery.token` and `retire`.
 
 What `step` does, for the rows [0, n) of the step (a row prefilling or free takes part as in the ordinary
@@ -14,7 +14,7 @@ step, at its next prompt position; its writes there are overwritten before anyth
 1. ask: each decoding row whose request can still take more than one token asks its `AdaptiveK` for a number
    of proposals k (0: its acceptance does not pay for the verify forward's cost), cut to fit max_tokens
    (k <= max_tokens - produced - 1) and the cache (pos + k < length for every decoding row; after a verify
-   step `job.lookahead` asks the scheduler for MAX_PROPOSALS more positions for the row's next step).
+   step `job.progress.lookahead` asks the scheduler for MAX_PROPOSALS more positions for the row's next step).
 2. decide, propose, decide: the step compares a plain step of the n rows (cost 1 + c (n - 1), one token per
    decoding row) with one forward over n rows x T positions (cost 1 + c (n T - 1), the tokens each row is
    expected to deliver from its recent acceptance), c being `cost_per_token` (the extra cost of one more
@@ -133,11 +133,11 @@ class Speculator:
         """Run this decode step speculatively when some row has proposals and it is expected to pay; True
         when it ran (every decoding row got its tokens), False to let the loop take its ordinary step."""
         jobs = rows.jobs
-        live = [i for i, j in enumerate(jobs) if j is not None and j.decoding and not j.cancelled]
+        live = [i for i, j in enumerate(jobs) if j is not None and j.progress.decoding and not j.cancelled]
         if not live:
             return False
         # the most positions past its next one that every decoding row has room for in the cache
-        room = min(rows.length - 1 - jobs[i].pos for i in live)
+        room = min(rows.length - 1 - jobs[i].progress.pos for i in live)
         wanted: dict[int, int] = {}  # row -> the most proposals it asks for
         for i in live:
             job = jobs[i]
@@ -183,12 +183,12 @@ class Speculator:
         never beyond its prompt + max_tokens (the budget admitted it for that). Only rows that speculate ask: a
         longer cache costs every step (a 512-position cache's steps took ~15% longer than a 256-position one's
         on 8 SmolLM2 rows attending over the same 256 positions)."""
-        job.lookahead = max(0, min(k, job.req.max_tokens - job.produced - 2))
+        job.progress.lookahead = max(0, min(k, job.req.max_tokens - job.produced - 2))
 
     def _plain(self, jobs: list, live: list[int]) -> bool:
         """No speculation this step: the rows ask for no room beyond their next position; the loop steps."""
         for i in live:
-            jobs[i].lookahead = 0
+            jobs[i].progress.lookahead = 0
         return False
 
     def _new_state(self, job: Any) -> RowSpec:
@@ -208,7 +208,7 @@ class Speculator:
         if most <= 0:
             return 0
         if isinstance(state.proposer, NgramProposer):
-            props = state.proposer.propose(job.req.prompt_ids + job.generated, most)
+            props = state.proposer.propose(job.req.prompt_ids + job.progress.generated, most)
             if not props:
                 return 0
             state.current = state.adaptive[state.proposer.matched]
@@ -222,7 +222,7 @@ class Speculator:
         the len + 1 positions."""
         proposer = job.spec.proposer
         if isinstance(proposer, DraftProposer):
-            ids = job.req.prompt_ids + job.generated
+            ids = job.req.prompt_ids + job.progress.generated
             props = proposer.propose(ids, k, RowSampler(knobs, row, steps_used([job.req.params])))
         else:
             props = job.spec.pending[:k]
@@ -301,7 +301,7 @@ class Speculator:
         jobs = rows.jobs
         # each decoding row's last token and proposals from its position, the other rows idle (engine/batch.py;
         # T - 1 positions past a decoding row's present are within its room)
-        batch = step_batch(rows, n, {r: [jobs[r].token] + plan.get(r, []) for r in live})
+        batch = step_batch(rows, n, {r: [jobs[r].progress.token] + plan.get(r, []) for r in live})
         assert batch.tokens.shape[1] == T
         logits = loop.runner.verify(rows, n, batch, self.per_position)
         for r in live:
@@ -332,7 +332,7 @@ class Speculator:
                                                    job.req.top_logprobs)
             lps, tops = chosen.tolist(), (ids.tolist(), values.tolist())
         for i, t in enumerate(tokens):
-            job.pos += 1
+            job.progress.pos += 1
             loop.delivery.token(job, t, lps, tops, i)
             if job.finished:  # a stop id, max_tokens, a stop string or a cancel: the rest is dropped
                 return
