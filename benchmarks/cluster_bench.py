@@ -1,6 +1,6 @@
-"""`serve --replicas` on Ray Serve: a multi-turn, shared-prefix chat workload against 2 replicas routed by prompt
-prefix, 2 replicas on Ray Serve's default router (pow2), 1 replica with the same CPU cores, and the plain
-single-process server.
+"""`serve --replicas` on Ray Serve: a multi-turn, shared-prefix chat workload against N replicas (`--replicas`, 2)
+routed by prompt prefix, N replicas on Ray Serve's default router (pow2), 1 replica with the same CPU cores, and
+the plain single-process server.
 
 Each of `--users` (16) users has its own long system prompt and talks for `--rounds` (4) rounds: every round
 sends the whole conversation so far (system prompt, earlier questions and the server's answers) plus a new
@@ -8,11 +8,15 @@ question, streamed from the OpenAI route, so a user's prompts grow and each star
 run at once, each waiting for its answer before its next round. Per configuration: time to first token p50 /
 p90, generated tokens per second of wall time, the share of prompt tokens whose keys and values were reused
 (`usage.prompt_tokens_details.cached_tokens`), and how many requests each replica answered.
+`--kv-cache-bytes` sets each replica's KV budget: small enough, one replica's prefix index holds only some of
+the users' conversations, as on a server with more users than memory.
 
     python benchmarks/cluster_bench.py --model <checkpoint dir> --dtype float32
+    python benchmarks/cluster_bench.py --model <checkpoint dir> --users 8 --rounds 6 --replicas 4 --configs prefix pow2
 
 Each configuration is its own `python -m llama32 serve [--replicas N]` (started as load_client.py starts a
-server; with --replicas it starts and stops a local Ray). One JSON report to --out, with the CPU's flags, and a Markdown table.
+server; with --replicas it starts and stops a local Ray). One JSON report to --out, with the CPU's flags, and a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -34,12 +38,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from load_client import start_server  # noqa: E402
 from serve_bench import cpu_flags, percentile, words  # noqa: E402
 
-CONFIGS = {  # name: serve flags (the same 2 CPU cores in each)
-    "2 replicas, prefix": ["--replicas", "2", "--router", "prefix", "--cpus-per-replica", "1"],
-    "2 replicas, pow2": ["--replicas", "2", "--router", "pow2", "--cpus-per-replica", "1"],
-    "1 replica": ["--replicas", "1", "--cpus-per-replica", "2"],
-    "1 process, no Ray": [],  # plain `serve`: what Ray Serve's hops cost
-}
+CONFIGS = ("prefix", "pow2", "1 replica", "1 process, no Ray")
+
+
+def configs(replicas: int, imbalance: int | None = None) -> dict[str, list[str]]:
+    """Each configuration's name and serve flags: `replicas` replicas routed by prefix and by pow2, one replica,
+    and the plain server (what Ray Serve's hops cost), on the same 2 CPU cores."""
+    share = str(2 / replicas)
+    prefix = ["--router-imbalance", str(imbalance)] if imbalance is not None else []
+    return {"prefix": ["--replicas", str(replicas), "--router", "prefix", "--cpus-per-replica", share, *prefix],
+            "pow2": ["--replicas", str(replicas), "--router", "pow2", "--cpus-per-replica", share],
+            "1 replica": ["--replicas", "1", "--cpus-per-replica", "2"],
+            "1 process, no Ray": []}
 
 
 def users(n: int, system_words: int, seed: int) -> list[dict]:
@@ -102,7 +112,8 @@ async def workload(url: str, people: list[dict], rounds: int, max_tokens: int) -
 
 
 def run_config(args, name: str, flags: list[str]) -> dict:
-    server, url = start_server(args, flags)
+    budget = ["--kv-cache-bytes", str(args.kv_cache_bytes)] if args.kv_cache_bytes else []
+    server, url = start_server(args, flags + budget)
     try:
         want = int(flags[flags.index("--replicas") + 1]) if flags else 1
         deadline = time.time() + 300
@@ -122,7 +133,7 @@ def run_config(args, name: str, flags: list[str]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["config"]: r for r in rows}.get("2 replicas, pow2")
+    base = next((r for r in rows if r["config"].endswith(", pow2")), None)
     out = ["| configuration | requests | tok/s | TTFT p50 / p90 (s) | later rounds' TTFT p50 (s) | cached share of "
            "prompt tokens | requests per replica |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -144,12 +155,20 @@ def main(argv=None) -> int:
     p.add_argument("--system-words", type=int, default=300, help="words in each user's system prompt")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="each replica's KV budget (serve's flag): rows plus prefix index; small enough, one replica's "
+                        "index holds only some users' conversations")
+    p.add_argument("--replicas", type=int, default=2, help="replicas in the prefix and pow2 configurations")
+    p.add_argument("--router-imbalance", type=int, default=None, help="serve's flag, for the prefix configuration")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
+                   help="of " + ", ".join(repr(c) for c in CONFIGS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "cluster.json")
     args = p.parse_args(argv)
     args.clients = [args.users]  # what load_client.start_server sizes --max-queue by
-    rows = [run_config(args, name, CONFIGS[name]) for name in args.configs]
+    flags = configs(args.replicas, args.router_imbalance)
+    rows = [run_config(args, f"{args.replicas} replicas, {name}" if name in ("prefix", "pow2") else name,
+                       flags[name]) for name in args.configs]
     report = {"machine": {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
               "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     print(table(rows))

@@ -165,6 +165,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     r.add_argument("--router", choices=["prefix", "pow2"], default=None,
                    help="prefix: a prompt goes to the replica that holds its prefix (default with more than one "
                         "replica); pow2: Ray Serve's default, the less busy of two random replicas")
+    r.add_argument("--router-imbalance", type=int, default=None, metavar="N",
+                   help="with --router prefix: when the replicas' requests in flight differ by more than N, a "
+                        "request goes to the less busy of two instead of where its prefix is (default 2)")
     r.add_argument("--cpus-per-replica", type=float, default=None, metavar="C", help="default 1")
     r.add_argument("--gpus-per-replica", type=float, default=None, metavar="G", help="default 0 (CPU replicas)")
     r.add_argument("--min-replicas", type=int, default=None, metavar="A",
@@ -173,7 +176,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-RAY_FLAGS = ("replicas", "ray", "router", "cpus_per_replica", "gpus_per_replica", "min_replicas", "max_replicas")
+RAY_FLAGS = ("replicas", "ray", "router", "router_imbalance", "cpus_per_replica", "gpus_per_replica", "min_replicas",
+             "max_replicas")
 
 
 def serve(argv: list[str]) -> int:

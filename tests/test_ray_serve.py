@@ -108,12 +108,24 @@ def alive(p) -> bool:
     (["--min-replicas", "2"], "--min-replicas and --max-replicas go together"),
     (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) is more than --max-replicas (2)"),
     (["--replicas", "5", "--min-replicas", "1", "--max-replicas", "3"], "must be within"),
+    (["--replicas", "2", "--router-imbalance", "-1"], "--router-imbalance must be at least 0"),
 ])
 def test_bad_ray_flags_are_usage_errors(flags, fragment, capsys):
     from llama32.__main__ import main
 
     assert main(["serve", "--model", "some/dir", *flags]) == 2  # refused before Ray starts
     assert fragment in capsys.readouterr().err
+
+
+def test_prefix_routing_gives_way_beyond_the_router_imbalance():
+    from llama32.server.ray import engine_options, settings
+
+    def router(**options):
+        return engine_options(settings(dict(model="some/dir", replicas=2, **options))).get("request_router_config")
+
+    assert router().request_router_kwargs == {"imbalanced_threshold": 2}  # not a batch (8): see RESULTS.md
+    assert router(router_imbalance=5).request_router_kwargs == {"imbalanced_threshold": 5}
+    assert router(router="pow2") is None  # Ray Serve's default router
 
 
 def test_answers_equal_the_library(server, smol):

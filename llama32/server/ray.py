@@ -63,6 +63,7 @@ APP = "llama32"  # the Serve application's name
 STATS_EVERY = 0.25  # seconds between an engine replica's looks at its loop stats
 STALE_AFTER = 3.0  # a replica that has not reported for this long is gone from /health and /metrics
 ATTEMPTS = 3  # replicas a request is sent to, one after another, while they die before it streams
+DEFAULT_ROUTER_IMBALANCE = 2  # prefix routing's --router-imbalance: requests in flight, busiest minus least busy
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 
 
@@ -351,6 +352,9 @@ def settings(options: dict) -> dict:
     s["cpus_per_replica"] = 1 if s["cpus_per_replica"] is None else s["cpus_per_replica"]
     s["gpus_per_replica"] = s["gpus_per_replica"] or 0
     s["router"] = s["router"] or ("prefix" if max(s["replicas"], s["max_replicas"] or 0) > 1 else "pow2")
+    # A replica a couple of requests busier than another gives way: on 2 CPU replicas, a batch (8) let 4 users'
+    # first prompts, sent at once, all go to one replica while the other idled (benchmarks/RESULTS.md)
+    s["router_imbalance"] = DEFAULT_ROUTER_IMBALANCE if s["router_imbalance"] is None else s["router_imbalance"]
     s["max_batch"] = s["max_batch"] or DEFAULT_MAX_BATCH["cuda" if s["gpus_per_replica"] else "cpu"]
     return s
 
@@ -358,7 +362,7 @@ def settings(options: dict) -> dict:
 def check(s: dict) -> None:
     """The Ray flags' values; a ValueError names the flag."""
     for flag, low in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("cpus_per_replica", 0),
-                      ("gpus_per_replica", 0)):
+                      ("gpus_per_replica", 0), ("router_imbalance", 0)):
         if s[flag] is not None and s[flag] < low:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {low}, got {s[flag]}")
     low, high = s["min_replicas"], s["max_replicas"]
@@ -396,7 +400,7 @@ def engine_options(s: dict) -> dict:
         options["num_replicas"] = s["replicas"]
     if s["router"] == "prefix":
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=prefix_router(), request_router_kwargs={"imbalanced_threshold": s["max_batch"]})
+            request_router_class=prefix_router(), request_router_kwargs={"imbalanced_threshold": s["router_imbalance"]})
     return options
 
 
