@@ -254,8 +254,8 @@ class KVMemory:
             context = job.req.prompt_ids + p.generated[:-1]  # the positions its cache holds: [0, p.pos)
             self.keep(job, context)
             p.context, p.resuming = context, True
-        self.rows.jobs[p.slot] = None
-        p.slot, p.prefilled, p.decoding = None, 0, False
+        self.leave(job)
+        p.prefilled, p.decoding = 0, False
         if job.scoring is not None:
             job.scoring.logits = []
 
