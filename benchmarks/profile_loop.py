@@ -1,6 +1,6 @@
 """Where the generation loop's time goes (issue 35): `torch.profiler` over whole calls through the public API.
 
-    python benchmarks/profile_loop.py [--ckpt DIR] [--scenario decode1|concurrent8|concurrent32|prefill2048]
+    python benchmarks/profile_loop.py [--ckpt DIR] [--scenario decode1|decode32|concurrent8|concurrent32|prefill2048]
 
 Without --ckpt the random-weight Llama 3.2 1B of `bench.py` (bfloat16, on the CPU). Each scenario runs once
 unprofiled (warm-up), then once under the profiler, which records every thread (the loop's included). Prints
@@ -49,6 +49,9 @@ def scenario_calls(name: str, maker):
     if name == "decode1":
         prompt = maker.make(128, 1).text
         return [dict(prompt=prompt, raw=True, temperature=0, max_tokens=64)]
+    if name.startswith("decode") and name != "decode1":  # decodeN: N rows decoding, prompts too short to matter
+        return [dict(prompt=maker.make(16, 300 + i).text, raw=True, temperature=0, max_tokens=128)
+                for i in range(int(name[6:]))]
     if name.startswith("concurrent"):
         return [dict(prompt=maker.make(128, 100 + i).text, raw=True, temperature=0, max_tokens=64)
                 for i in range(int(name[10:]))]

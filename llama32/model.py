@@ -204,6 +204,11 @@ class Attention(nn.Module):
         """`probs`: a list to append this layer's attention probabilities [B, H, T, S] to (see `explicit_attention`);
         None (every generation step) keeps `scaled_dot_product_attention`. `per_position`: with a mask, attend
         one query position at a time (see `Transformer.forward`)."""
+        return self.o_proj(self.mix(x, cos, sin, kv, input_pos, mask, lora, probs, per_position), lora)
+
+    def mix(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None, input_pos: Tensor | None,
+            mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
+        """`forward` up to the output projection: the heads' attention outputs side by side, [B, T, H * hd]."""
         B, T, _ = x.shape
         q = self.q_proj(x, lora).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
@@ -242,7 +247,7 @@ class Attention(nn.Module):
             else:
                 y = masked_attention(q, k, v, mask, STEP_ROWS if T == 1 else SPAN_ROWS)
             y = y.reshape(B, self.n_heads, T, self.hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), lora)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
 
 # On the CPU the query rows of a masked attention are padded to a multiple of these (see masked_attention)
@@ -381,6 +386,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # bfloat16 on CPU: call sizes verified for every projection after attention (`tile_products`), so that the
+    # rest of the layer runs one row tile at a time (`_rest_in_tiles`); None: as written in `forward`'s tail
+    tiles: RowTiles | None = None
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -390,8 +399,54 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
                 mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position)
+        attn = self.self_attn
+        a = attn.mix(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position)
+        if self.tiles is not None and lora is None and not self._adapted() and not torch.compiler.is_compiling():
+            return self._rest_in_tiles(x, a)
+        x = x + attn.o_proj(a, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+    def _adapted(self) -> bool:
+        """Whether a projection after attention carries the handle's own adapter (`Linear.adapter`)."""
+        return any(p.adapter is not None for p in self._after_attention())
+
+    def _after_attention(self) -> tuple[Linear, ...]:
+        return self.self_attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj
+
+    def _rest_in_tiles(self, x: Tensor, a: Tensor) -> Tensor:
+        """The layer after attention (output projection, residual, norm, MLP, residual), one row tile at a
+        time: x [B, T, D] the layer's input, a [B, T, H * hd] the attention's output.
+
+        Every step after attention works row by row, so a tile of rows can go through all of them before the
+        next tile starts. Each product then runs once per tile at a size its row tiles verified (tiles.py:
+        a row's bits are the same at any verified size), and every elementwise step works row by row, so the
+        result has the bits of the layer run whole. What it saves on a prompt's rows: the copies that join a
+        product's tiles (`tiles.run`; the MLP's 8,192-wide outputs most of all), and the passes over
+        prompt-sized temporaries, which now stay tile-sized (256 rows of the 1B's MLP: 4 MiB)."""
+        D = x.shape[-1]
+        rows = x.numel() // D
+        xs, as_ = x.reshape(rows, D), a.reshape(rows, a.shape[-1])
+        out = torch.empty_like(xs)
+        o, mlp = self.self_attn.o_proj, self.mlp
+        start = 0
+        for size in self.tiles.calls(rows):
+            n = min(size, rows - start)
+            xi, ai = xs[start:start + n], as_[start:start + n]
+            if n < size:  # zero rows pad the last tile, as tiles.run pads a product's last call
+                xi, ai = _pad_rows(xi, size), _pad_rows(ai, size)
+            y = xi + o.product(ai)
+            h = self.post_attention_layernorm(y)
+            g = mlp.gate_proj.product(h)
+            F.silu(g, inplace=True)
+            g.mul_(mlp.up_proj.product(h))
+            torch.add(y[:n], mlp.down_proj.product(g)[:n], out=out[start:start + n])
+            start += n
+        return out.view_as(x)
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """t [n, d] with zero rows appended up to `rows`."""
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
 
 
 class LlamaModel(nn.Module):
@@ -572,6 +627,16 @@ def tile_products(model: Transformer) -> None:
                                   cap=cap)
         every = every and module.tiles is not None
     model.row_invariant = every
+    for layer in model.model.layers:
+        layer.tiles = common_tiles([p.tiles for p in layer._after_attention()])
+
+
+def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
+    """The call sizes verified for every one of these products (the same unit), or None."""
+    if not plans or any(p is None for p in plans) or len({p.unit for p in plans}) > 1:
+        return None
+    sizes = sorted(set.intersection(*(set(p.sizes) for p in plans)))
+    return RowTiles(tuple(sizes), max(p.fixed for p in plans))
 
 
 def _cpu_has(feature: str) -> bool:

@@ -164,3 +164,38 @@ def test_a_prompt_chunked_beside_a_stream_is_answered(smol_bf16):
     solo = llama32.generate(llm, **late)
     assert got["late"]["response"] == solo["response"]
     assert "".join(c.get("response", "") for c in chunks) == llama32.generate(llm, **early)["response"]
+
+
+def test_the_layer_after_attention_runs_in_tiles_with_the_bits_of_the_layer_whole(smol_bf16, monkeypatch):
+    """Each decoder layer's steps after attention (output projection, residual, norm, MLP, residual) run one row
+    tile at a time (`DecoderLayer._rest_in_tiles`); every hidden state and logit must keep the bits of the
+    layer run whole, at row counts that fill tiles, pad the last one, or fit in one."""
+    from llama32.model import DecoderLayer
+
+    model = smol_bf16.model
+    if model.cpu_path == "widened":
+        pytest.skip("bfloat16 on a CPU without native bfloat16 has no row tiles (docs/API.md)")
+    layers = list(model.model.layers)
+    assert all(layer.tiles is not None for layer in layers)
+    calls = []
+    tiled = DecoderLayer._rest_in_tiles
+    monkeypatch.setattr(DecoderLayer, "_rest_in_tiles", lambda self, x, a: calls.append(x.shape) or tiled(self, x, a))
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for batch, length in [(1, 3), (2, 200), (3, 301)]:
+            ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+            calls.clear()
+            got = model(ids, output_hidden_states=True)
+            assert len(calls) == len(layers)
+            plans = [layer.tiles for layer in layers]
+            for layer in layers:
+                layer.tiles = None
+            try:
+                whole = model(ids, output_hidden_states=True)
+            finally:
+                for layer, tiles in zip(layers, plans):
+                    layer.tiles = tiles
+            assert len(calls) == len(layers)  # the whole run did not take the tiles
+            assert torch.equal(got.logits, whole.logits), (batch, length)
+            for i, (a, b) in enumerate(zip(got.hidden_states, whole.hidden_states)):
+                assert torch.equal(a, b), (batch, length, i)
