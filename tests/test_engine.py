@@ -288,6 +288,25 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward(smollm2_dir, mon
     assert any(b > 1 and t > 1 for b, t in sizes)  # several prompts, each many tokens, in one forward
 
 
+def test_prompts_of_very_different_lengths_arriving_together_get_a_forward_each(smollm2_dir, monkeypatch):
+    """Padded to the longest, one forward over a 300-token prompt and three short ones would compute 4 x 300
+    positions for about 330: each goes in a forward of its own, with the answers they have alone."""
+    from llama32.engine.prefill import padding_wasted
+
+    assert padding_wasted([300, 10, 12, 9]) and not padding_wasted([128, 128, 120]) and not padding_wasted([20, 9])
+    llm = llama32.load(smollm2_dir, dtype="float32", device="cpu")
+    long = " ".join(["the river runs to the sea and back again"] * 30)
+    reqs = [dict(prompt=p, max_tokens=6, **GREEDY) for p in (long, "Hi there", "One two", "Say it")]
+    solo = [run(llm, r) for r in reqs]
+    llm.loop.reuse_prefixes = False  # every prompt computed again
+    sizes, forward = [], llm.model.forward
+    monkeypatch.setattr(llm.model, "forward", lambda ids, **kw: sizes.append(tuple(ids.shape)) or forward(ids, **kw))
+    got = llama32.generate_batch(llm, reqs)  # submitted at once: admitted together, nothing decoding yet
+    assert same(got, solo)
+    assert not any(b > 1 and t > 1 for b, t in sizes)  # no forward carried several prompts
+    assert sum(1 for b, t in sizes if t > 1) == 4
+
+
 def test_an_impossible_kv_budget_is_an_error_not_a_hang(smollm2_dir):
     probe = llama32.load(smollm2_dir, dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="kv_cache_bytes"):

@@ -3,9 +3,10 @@ computed into their rows, within the scheduler's budget of prompt tokens for the
 
 While some row decodes, contexts go in chunks (at most `prefill_chunk` tokens per iteration, in slot
 order), one forward per row; when none decodes, every waiting prompt goes whole, several in one forward
-(`Runner.prefill_rows`). A context's end: a prompt draws its first token (sampled with its row's settings and
-delivered) and keeps its whole blocks in the prefix index; a resumed row takes decode steps again with its
-sampler row restored; a scored text gets its result.
+(`Runner.prefill_rows`) unless their lengths differ so much that padding them to the longest would waste
+more than it saves (`padding_wasted`: then one forward each). A context's end: a prompt draws its first
+token (sampled with its row's settings and delivered) and keeps its whole blocks in the prefix index; a
+resumed row takes decode steps again with its sampler row restored; a scored text gets its result.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from ..sampling import sample_static
 from .batch import allowed_mask, logprobs_wanted, steps_of
 from .job import Job
 from .runner import token_logprobs
+
+
+def padding_wasted(lengths: list[int]) -> bool:
+    """Whether one forward over spans of these lengths would waste too much on padding: it computes every span
+    at the longest one's length, and when that adds more than a quarter of the spans' own positions (and more
+    than a few dozen per extra forward, about what a forward of few positions costs beyond them: reading every
+    weight once), each span goes in a forward of its own instead. 32 chat prompts of 40-190 tokens arriving at
+    once (benchmarks/RESULTS.md, 2026-12-05): padded to the longest, 1.7x their positions; one forward each
+    gave 1.04-1.15x the throughput and put their first tokens out as each prompt was done."""
+    real = sum(lengths)
+    pad = len(lengths) * max(lengths) - real
+    return pad > max(real // 4, 32 * (len(lengths) - 1))
 
 
 class Prefill:
@@ -57,7 +70,7 @@ class Prefill:
         if budget is None:  # nothing decodes: the waiting prompts go whole, several in one forward
             spans = [j for j in rows.jobs
                      if j is not None and not j.progress.decoding and not j.cancelled and j.req]
-            if len(spans) > 1:
+            if len(spans) > 1 and not padding_wasted([len(j.progress.context) - j.progress.prefilled for j in spans]):
                 loop.guarded(spans, lambda: self._together(rows, spans))
         for slot, job in enumerate(rows.jobs):
             if job is None or job.progress.decoding or job.cancelled:
