@@ -77,7 +77,6 @@ class SamplingParams:
 
 
 ALL_STEPS = frozenset({"logit_bias", "repetition", "frequency_presence", "sampling", "temperature", "filter"})
-_STEPS_ON_LOGITS = frozenset({"logit_bias", "repetition", "frequency_presence", "sampling"})  # greedy rows see these
 
 
 def steps_used(params: Sequence[SamplingParams]) -> frozenset[str]:
@@ -416,11 +415,6 @@ def sample_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = Non
     allowed-token mask `allowed` and the `steps` to run), then the exponential race with `counter_noise`.
     Call `knobs.update(tokens)` after."""
     n = logits.shape[0]
-    if steps is not None and allowed is None and not steps & _STEPS_ON_LOGITS:
-        # Every row greedy and nothing to apply: the argmax of the logits as they come. The float32 copy the
-        # steps work on holds the same values in the same order, so the same index wins (ties: the first);
-        # skipping it saved a 16 MB copy a step at 32 rows of the 1B's 128,256 (benchmarks/RESULTS.md).
-        return logits.argmax(-1)
     x, greedy_tokens = process_static(logits, knobs, allowed, steps)
     if steps is not None and "sampling" not in steps:
         return greedy_tokens

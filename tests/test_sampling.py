@@ -197,20 +197,6 @@ def test_greedy_is_argmax_of_penalised_logits_whatever_the_seed():
         state.update(torch.tensor([0, 0]))
 
 
-def test_greedy_rows_with_nothing_to_apply_take_the_argmax_of_the_logits_as_they_come():
-    """Every row greedy and no bias, penalty or mask: the token is the argmax of the logits in their own dtype
-    (no float32 copy), which must be what the full path draws, ties going to the first index."""
-    gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(6, 50, generator=gen).bfloat16()
-    logits[1, 7] = logits[1, 30] = logits[1].max() + 1  # a tie: the first wins
-    logits[2, 49] = logits[2].max() + 1  # the last id
-    state = state_for([P(temperature=0)] * 6, logits=logits)
-    assert steps_used(state.params) == frozenset()
-    got = sample_static(logits, state.knobs, None, frozenset())
-    assert got.tolist() == sample_static(logits, state.knobs).tolist() == logits.float().argmax(-1).tolist()
-    assert got[1] == 7 and got[2] == 49
-
-
 # ---------------------------------------------------------------------------------------------------------
 # logit_bias and the allowed-token mask
 
