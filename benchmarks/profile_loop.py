@@ -49,7 +49,7 @@ def scenario_calls(name: str, maker):
     if name == "decode1":
         prompt = maker.make(128, 1).text
         return [dict(prompt=prompt, raw=True, temperature=0, max_tokens=64)]
-    if name.startswith("decode") and name != "decode1":  # decodeN: N rows decoding, prompts too short to matter
+    if name.startswith("decode"):  # decodeN: N rows decoding, prompts too short to matter
         return [dict(prompt=maker.make(16, 300 + i).text, raw=True, temperature=0, max_tokens=128)
                 for i in range(int(name[6:]))]
     if name.startswith("concurrent"):

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .config import LlamaConfig
 from .quant import int8_linear
 from .scratch import linear_converted
-from .tiles import CAP, CAP_HEAD, RowTiles
+from .tiles import CAP, CAP_HEAD, RowTiles, pad_rows
+from .tiles import parts as tile_parts
 from .tiles import plan as plan_tiles
 from .tiles import run as run_tiles
 
@@ -428,25 +429,14 @@ class DecoderLayer(nn.Module):
         xs, as_ = x.reshape(rows, D), a.reshape(rows, a.shape[-1])
         out = torch.empty_like(xs)
         o, mlp = self.self_attn.o_proj, self.mlp
-        start = 0
-        for size in self.tiles.calls(rows):
-            n = min(size, rows - start)
-            xi, ai = xs[start:start + n], as_[start:start + n]
-            if n < size:  # zero rows pad the last tile, as tiles.run pads a product's last call
-                xi, ai = _pad_rows(xi, size), _pad_rows(ai, size)
-            y = xi + o.product(ai)
+        for start, n, size in tile_parts(self.tiles.calls(rows), rows):  # as tiles.run covers a product's rows
+            y = pad_rows(xs[start:start + n], size) + o.product(pad_rows(as_[start:start + n], size))
             h = self.post_attention_layernorm(y)
             g = mlp.gate_proj.product(h)
             F.silu(g, inplace=True)
             g.mul_(mlp.up_proj.product(h))
             torch.add(y[:n], mlp.down_proj.product(g)[:n], out=out[start:start + n])
-            start += n
         return out.view_as(x)
-
-
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    """t [n, d] with zero rows appended up to `rows`."""
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
 
 
 class LlamaModel(nn.Module):

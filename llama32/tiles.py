@@ -96,15 +96,23 @@ def run(product: Product, x: Tensor, tiles: RowTiles) -> Tensor:
     if not calls or (len(calls) == 1 and calls[0] == rows):  # no rows (a prompt chunk needing no logits): one call
         y = product(flat)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    outs, start = [], 0
-    for size in calls:
-        part = flat[start:start + size]
-        if part.shape[0] < size:
-            part = torch.cat([part, flat.new_zeros(size - part.shape[0], flat.shape[1])])
-        y = product(part)
-        outs.append(y[:min(size, rows - start)])
-        start += size
+    outs = [product(pad_rows(flat[start:start + n], size))[:n] for start, n, size in parts(calls, rows)]
     return torch.cat(outs).reshape(*x.shape[:-1], -1)
+
+
+def parts(calls: tuple[int, ...], rows: int) -> list[tuple[int, int, int]]:
+    """(start, rows taken, call size) for each of `calls` covering `rows` (`RowTiles.calls`): the last call's
+    size may exceed the rows left, which zero rows pad (`pad_rows`)."""
+    out, start = [], 0
+    for size in calls:
+        out.append((start, min(size, rows - start), size))
+        start += size
+    return out
+
+
+def pad_rows(t: Tensor, size: int) -> Tensor:
+    """t [n, d] with zero rows appended up to `size` (a zero row changes no other row of a product)."""
+    return t if t.shape[0] == size else torch.cat([t, t.new_zeros(size - t.shape[0], t.shape[1])])
 
 
 _lock = threading.Lock()
