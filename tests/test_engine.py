@@ -554,6 +554,37 @@ def test_a_shared_prefix_is_reused_exactly(smollm2_dir):
     assert 0 < stats["kv_bytes"] <= stats["kv_bytes_total"] == llm.loop.kv_cache_bytes
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_follow_up_turn_copies_the_answer_it_sends_back(smollm2_dir, dtype):
+    """A chat's next turn repeats the last answer: a finished request's drawn positions stay in the prefix index
+    beside its prompt's (engine/memory.py, `finished`), so the follow-up copies the answer's whole blocks too,
+    and its result is a handle's that computes everything: bfloat16 to the bit (where `model.decode_is_span`),
+    float32 tokens exact and log-probabilities within 1e-4."""
+    from llama32.engine import BLOCK
+
+    llm = llama32.load(smollm2_dir, dtype=dtype, device="cpu")
+    if not llm.loop.memory.answers:
+        pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: bfloat16 "
+                    "on AMX or on a CPU without native bfloat16)")
+    fresh = no_reuse(llama32.load(smollm2_dir, dtype=dtype, device="cpu"))
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Explain why the sky is blue."}]
+    answer = llama32.generate(llm, messages=first, temperature=0, max_tokens=60)
+    fed = answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"] - 1  # the last drawn: never fed
+    follow = first + [{"role": "assistant", "content": answer["response"]}, {"role": "user", "content": "And at dusk?"}]
+    request = dict(messages=follow, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    got, want = llama32.generate(llm, **request), llama32.generate(fresh, **request)
+    assert got["usage"]["cached_tokens"] == fed // BLOCK * BLOCK > answer["usage"]["prompt_tokens"]
+    assert want["usage"]["cached_tokens"] == 0
+    if dtype == "bfloat16":
+        assert got["response"] == want["response"]
+        assert [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
+                for e in got["logprobs"]] == \
+               [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
+                for e in want["logprobs"]]
+    else:
+        assert same([got], [want])
+
+
 def test_a_prefix_is_never_reused_across_adapters(make_checkpoint, llama3_tokenizer_dir, tmp_path):
     base = make_checkpoint(kind="llama32", tokenizer_dir=llama3_tokenizer_dir)
     a = str(write_adapter(base, tmp_path / "a", seed=1))

@@ -240,3 +240,37 @@ def test_causal_attention_gives_the_masked_attentions_bits(dtype, heads):
             mask[:, :T] = torch.ones(T, T, dtype=torch.bool).tril()
             masked = masked_attention(q.reshape(1, K, G * T, hd), k, v, mask.repeat(G, 1)[None, None], SPAN_ROWS)
             assert torch.equal(causal_attention(q, k, v, gqa=True), masked.reshape(1, H, T, hd)), (T, S)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_decode_step_gives_a_position_the_bits_a_span_gives_it(make_checkpoint, dtype):
+    """Where `decode_is_span` says so, the prefix index may serve positions a request drew (engine/memory.py):
+    their keys and values came from decode steps, and a prompt that repeats them must find what computing them
+    as a span gives. So a prompt spanned whole and the same positions decoded one at a time after its head agree:
+    logits and every layer's keys and values, to the bit in bfloat16 (float32: to rounding), across the
+    512-key block and with the cache longer than the rows need."""
+    from llama32.model import decode_is_span
+
+    model = ours(make_checkpoint(kind="llama32"), dtype)
+    if not decode_is_span(model, "cpu", dtype):
+        pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: AMX or "
+                    "a CPU without native bfloat16)")
+    config = model.config
+    gen = torch.Generator().manual_seed(5)
+    for head, drawn, length in ((40, 24, 512), (500, 24, 1024)):
+        ids = torch.randint(0, config.vocab_size, (1, head + drawn), generator=gen)
+        whole = KVCache(config, 1, length, device="cpu", dtype=dtype)
+        steps = KVCache(config, 1, length, device="cpu", dtype=dtype)
+        with torch.no_grad():
+            span = model(ids, cache=whole, input_pos=torch.arange(head + drawn)[None], causal=True)[0, head:]
+            model(ids[:, :head], cache=steps, input_pos=torch.arange(head)[None], causal=True)
+            decoded = torch.cat([model(ids[:, t:t + 1], cache=steps, input_pos=torch.tensor([[t]]))[0]
+                                 for t in range(head, head + drawn)])
+        kv = [(a[:, :, :head + drawn], b[:, :, :head + drawn])
+              for a, b in zip(whole.k + whole.v, steps.k + steps.v)]
+        if dtype == torch.float32:
+            assert rel_err(decoded, span) <= 1e-5, head
+            assert all(rel_err(a, b) <= 1e-5 for a, b in kv), head
+        else:
+            assert torch.equal(decoded, span), head
+            assert all(torch.equal(a, b) for a, b in kv), head

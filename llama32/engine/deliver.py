@@ -105,7 +105,7 @@ class Delivery:
     def fail(self, job: Job, error: BaseException) -> None:
         """`job` failed: it leaves its row (if it holds one) and the loop, and its caller's last event is `error`.
         The one way a job fails, whichever part of the loop found the error."""
-        self.loop.retire(job)
+        self.loop.retire(job, failed=True)
         self._send(job, error)
 
     def _send(self, job: Job, item: Any) -> None:

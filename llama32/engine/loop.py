@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..model import attention_floor, keep_address
+from ..model import attention_floor, decode_is_span, keep_address
 from ..sampling import StepKnobs
 from .batch import allowed_mask, logprobs_wanted, step_batch, steps_of
 from .deliver import Delivery
@@ -80,6 +80,7 @@ class GenerationLoop:
         self.memory = KVMemory(llm, capacity=self.capacity, budget=self.kv_cache_bytes,
                                position_bytes=self.position_bytes,
                                rows_budget=rows_budget(self.kv_cache_bytes, tensors))
+        self.memory.answers = decode_is_span(llm.model, llm.device, llm.dtype)
         self.scheduler = Scheduler(self.memory, max_batch=self.max_batch, context=llm.context_length,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64),
                                    min_length=max(MIN_LENGTH, attention_floor(llm.device)))
@@ -290,10 +291,13 @@ class GenerationLoop:
                 j.progress.pos += 1
         self.delivery.step(rows, [i for i in range(n) if jobs[i] is not None], *out)
 
-    def retire(self, job: Job) -> None:
+    def retire(self, job: Job, failed: bool = False) -> None:
         """`job` is done: it leaves its row (its caller has been or is about to be sent its last event: deliver.py's
-        `end` and `fail` call this; `token` too, for a row's last token)."""
+        `end` and `fail` call this; `token` too, for a row's last token). Unless it `failed`, what its row holds
+        may stay in the prefix index first (memory.py's `finished`)."""
         job.finished = True
+        if not failed:
+            self.memory.finished(job)
         with self._cond:
             self.memory.leave(job)
 

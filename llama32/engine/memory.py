@@ -7,7 +7,9 @@ them instead of computing them again. A block is keyed by its own tokens, a dige
 a key names the whole prefix up to the block's end) and the LoRA adapter (an adapter changes the keys and
 values). Keys and values are stored after RoPE, at the positions they were computed at; a prefix always
 starts at position 0, so a copied block is exactly what computing it would write (the same arithmetic: the
-model's prefill of those tokens).
+model's prefill of those tokens). Where a decode step writes a position's keys and values as a prompt span
+does (`answers`, model.py's `decode_is_span`), what a request drew stays too when it ends (`finished`): a
+chat's next turn sends the answer back, and copies it.
 
 The index lives within the handle's one budget, `kv_cache_bytes`: it may use what the running rows have not
 taken, and when they need more (or the index outgrows that) the least recently used blocks go first. A
@@ -210,6 +212,9 @@ class KVMemory:
         # On by default: a reused prefix changes only usage.cached_tokens (tokens exact, log-probabilities to
         # float32 rounding). False computes every prompt in full and stores nothing (a no-reuse reference).
         self.reuse_prefixes = True
+        # Whether positions a request drew (decode steps) may be stored for other prompts, beside its prompt's:
+        # where a decode step gives a position a prompt span's keys and values (model.py's `decode_is_span`)
+        self.answers = False
 
     def rows_bytes(self) -> int:
         rows = self.rows
@@ -248,16 +253,33 @@ class KVMemory:
 
     def pause(self, job: Any) -> None:
         """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
-        With prefix reuse on, its context's whole blocks are kept in the index first, if they fit."""
+        With prefix reuse on, its context's whole blocks are kept in the index first, if they fit: its resume
+        copies them back (whatever `answers` says: there they are the bits its decode steps wrote)."""
         p = job.progress
         if job.req is not None and p.decoding:
-            context = job.req.prompt_ids + p.generated[:-1]  # the positions its cache holds: [0, p.pos)
+            context = self.drawn(job)
             self.keep(job, context)
             p.context, p.resuming = context, True
         self.leave(job)
         p.prefilled, p.decoding = 0, False
         if job.scoring is not None:
             job.scoring.logits = []
+
+    def finished(self, job: Any) -> None:
+        """A generation done with its row (finished or cancelled, not failed): with reuse on and `answers`, its
+        prompt and what it drew in the index, so that a follow-up prompt repeating them (a chat's next turn
+        sends the answer back) copies the answer's blocks too, as vLLM's prefix cache keeps generated blocks."""
+        if self.answers and job.req is not None and job.progress.decoding and job.progress.slot is not None:
+            try:
+                self.keep(job, self.drawn(job))
+            except (MemoryError, torch.OutOfMemoryError):  # a copy that found no memory: the answer stands
+                pass
+
+    @staticmethod
+    def drawn(job: Any) -> list[int]:
+        """The tokens whose keys and values a decoding row's cache holds, positions [0, pos): its prompt and
+        what it drew but the last (drawn, not yet fed)."""
+        return job.req.prompt_ids + job.progress.generated[:-1]
 
     def keep(self, job: Any, ids: list[int]) -> None:
         """Store the whole blocks of `ids`, the start of `job`'s row, in the prefix index (with reuse on), in
