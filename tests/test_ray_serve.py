@@ -181,6 +181,23 @@ def test_the_openai_sdk_streams(server, smol):
     assert chunks[-1].usage.completion_tokens == GREEDY["max_tokens"]
 
 
+def test_more_streams_than_serves_default_limit_all_start_at_once(server):
+    """Serve lets a deployment replica hold 5 requests unless told otherwise, and a stream holds its slot until
+    it ends: the HTTP deployment must take more (`ingress_options`), or an eighth user waits for whole answers
+    before its prompt reaches a replica (and `/health` waits too)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as streams, httpx.Client(base_url=server.url, timeout=60) as c:
+        reading = []  # each stream's lines (a dropped line iterator closes its response)
+        for i in range(8):
+            r = streams.enter_context(c.stream("POST", WAI, json=dict(LONG, prompt=f"{i}: {LONG['prompt']}")))
+            assert r.status_code == 200
+            reading.append(r.iter_lines())
+            assert next(reading[-1]).startswith("data: ")  # its answer has started
+        server.wait(lambda: server.health()["running"] == 8, 10, "every row at once, none waiting for an end")
+    server.wait(lambda: all(r["running"] == 0 for r in server.replicas().values()), 10, "no row left running")
+
+
 def test_a_disconnect_frees_the_row_on_its_replica(server):
     with pytest.raises(httpx.ReadTimeout):  # a blocking request whose client gives up
         httpx.post(server.url + WAI, json=dict(LONG, stream=False), timeout=2)

@@ -65,6 +65,7 @@ STALE_AFTER = 3.0  # a replica that has not reported for this long is gone from 
 ATTEMPTS = 3  # replicas a request is sent to, one after another, while they die before it streams
 DEFAULT_ROUTER_IMBALANCE = 2  # prefix routing's --router-imbalance: requests in flight, busiest minus least busy
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+INGRESS_SPARE = 16  # requests the HTTP deployment takes beyond the engines' (health, metrics, docs: `ingress_options`)
 
 
 @dataclass
@@ -404,6 +405,18 @@ def engine_options(s: dict) -> dict:
     return options
 
 
+def ingress_options(s: dict) -> dict:
+    """The HTTP deployment's Serve options. Serve lets a replica hold 5 requests at once unless told otherwise,
+    and a stream holds its slot until its last token: with more streams than that, the rest waited in Serve's
+    proxy for whole answers to end before their prompts reached a replica (16 chat users on 2 replicas: time
+    to first token 4.5-5.3 s at the client, 0.3 s from the ingress's call to the first token;
+    benchmarks/RESULTS.md), and so did `/health`. The ingress only renders prompts and relays chunks, so it takes
+    every request the engine replicas can hold or queue (`engine_options`), plus room for health, metrics and
+    docs calls; past that, requests wait in the proxy."""
+    replicas = max(s["replicas"], s["max_replicas"] or 0)
+    return {"max_ongoing_requests": replicas * (s["max_batch"] + s["max_queue"]) + INGRESS_SPARE}
+
+
 def app(args: dict | None = None, /, **options) -> serve.Application:
     """The application: `app(model=..., replicas=2, router="prefix", ...)` (serve's flags as keywords) for
     `serve.run`, or `app({"model": ..., "replicas": "2"})`, which is how `serve run llama32.server.ray:app
@@ -411,7 +424,7 @@ def app(args: dict | None = None, /, **options) -> serve.Application:
     s = settings({**(args or {}), **options})
     registry = Replicas.bind()
     engine = Engine.options(**engine_options(s)).bind(registry, s)
-    return Ingress.bind(engine, registry, s)
+    return Ingress.options(**ingress_options(s)).bind(engine, registry, s)
 
 
 # `serve run` takes a builder only if its signature shows one parameter (the dict of its arguments).
