@@ -621,6 +621,25 @@ def test_prefixes_stay_within_the_budget_least_recently_used_first(smollm2_dir):
     assert run(llm, prompts[0])["usage"]["cached_tokens"] == 0  # the oldest went first
 
 
+def test_the_prefill_budget_grows_with_the_rows_decoding(smol):
+    """While rows decode, each iteration computes `prefill_chunk` prompt tokens per 8 decoding rows (on the CPU;
+    at least one chunk): a step of many rows is long anyway, so a new prompt may take more of it."""
+    from types import SimpleNamespace
+
+    from llama32.engine import Scheduler
+
+    def rows(decoding: int, prefilling: int = 1) -> list:
+        return ([SimpleNamespace(progress=SimpleNamespace(decoding=True))] * decoding
+                + [SimpleNamespace(progress=SimpleNamespace(decoding=False))] * prefilling + [None])
+
+    scheduler = Scheduler(None, max_batch=32, context=4096, prefill_chunk=64, chunk_rows=8)
+    assert scheduler.prefill_budget(rows(0, 3)) is None  # nothing decodes: prompts go whole
+    assert [scheduler.prefill_budget(rows(n)) for n in (1, 7, 8, 15, 16, 31, 32)] == [64, 64, 64, 64, 128, 192, 256]
+    scheduler.chunk_rows = None
+    assert scheduler.prefill_budget(rows(32)) == 64
+    assert smol.loop.scheduler.chunk_rows == 8 and smol.loop.prefill_chunk == 64  # the CPU's defaults
+
+
 def test_chunked_prefill_equals_transformers_greedy_on_a_long_prompt(smollm2_dir, smol_hf):
     from test_generate import hf_text
 

@@ -52,6 +52,9 @@ DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 # Prompt tokens prefilled per loop iteration while other rows decode: on a 2-core CPU a 1B decode step takes
 # ~0.1 s and 64 prompt tokens about 0.3 s, so a running stream's longest gap stays a few steps long.
 DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
+# On the CPU, one more chunk per iteration for each further 8 rows decoding (scheduler.py, `prefill_budget`): the
+# step they wait for is longer anyway. CUDA's chunk is already a long prompt's whole.
+CHUNK_ROWS = {"cpu": 8}
 # A loop with nothing running that receives a request waits this long after the latest submit (at most
 # GATHER_MAX_S in all, or until max_batch are waiting) before its first forward, so requests sent together
 # (threads started at once arrive 3-8 ms apart here) share their prompts' prefill instead of the later ones
@@ -83,7 +86,8 @@ class GenerationLoop:
         self.memory.answers = decode_is_span(llm.model, llm.device, llm.dtype)
         self.scheduler = Scheduler(self.memory, max_batch=self.max_batch, context=llm.context_length,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64),
-                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)))
+                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)),
+                                   chunk_rows=CHUNK_ROWS.get(device))
         self.runner = Runner(llm)
         # The sampler's per-row state (settings, seed counter, history), one row per slot of the rows' cache
         # (a step over rows [0, n) samples with rows [0, n) of it).
