@@ -11,7 +11,8 @@ and at random delays: `generate` (blocking), streams read to the end, streams cl
 another thread at a random moment, `score` of long texts (prefilled in chunks beside decoding rows),
 `generate_batch`. Requests are greedy, seeded or penalised, some JSON-constrained, many sharing a long system
 prompt; a schedule's `Mix` may add rows naming a LoRA adapter beside base rows, and prompts asking to repeat a
-text (what n-gram proposals are accepted on). Closing at a random moment lands while the request waits behind
+text (what n-gram proposals are accepted on), and next turns: once a `generate` call's answer is in, its
+prompt, that answer and a new question (the prefix index may serve the answer's keys and values). Closing at a random moment lands while the request waits behind
 a full batch, between prompt chunks, while it is paused for memory, or (speculative handles) between verify
 steps: where exactly is not observed, so the mix is wide.
 
@@ -55,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import llama32  # noqa: E402
+from llama32.engine import BLOCK  # noqa: E402
 
 HANG_S = 240  # a call not finished after this long counts as a hang
 
@@ -84,6 +86,7 @@ class Mix:
     lora: str | None = None  # an adapter folder that about half the requests name
     copy: float = 0.0  # the share of prompts asking to repeat a text (where n-gram proposals are accepted)
     timed_closes: bool = False  # half the closed streams are closed from another thread at a random moment
+    follow: float = 0.0  # the share of `generate` calls followed by a next turn that sends their answer back
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Call:
     delay: float  # seconds after the schedule starts
     close_after: int | None = 0  # stream chunks read before closing (close); None: read until closed
     close_at: float | None = None  # seconds after the call starts when another thread closes the stream
+    parent: int | None = None  # a next turn: the call whose answer it sends back (its request is made from it)
 
 
 def extras(seed: int) -> random.Random:
@@ -119,7 +123,17 @@ def make_calls(rng: random.Random, n: int, mix: Mix = Mix(), more: random.Random
                 call.close_after = None
                 call.close_at = more.uniform(0, 0.05) if more.random() < 0.4 else more.uniform(0.05, 1.5)
             calls.append(call)
+    if mix.follow:  # next turns, fired as soon as their call's answer is in (drawn last: the calls above stay)
+        calls += [Call("generate", None, c.delay, parent=i) for i, c in enumerate(list(calls))
+                  if c.kind == "generate" and more.random() < mix.follow]
     return calls
+
+
+def next_turn(request: dict, answer: str) -> dict:
+    """A conversation's next turn after `request` was answered `answer`: its prompt, the answer and a new
+    question (the prefix index may serve the answer's positions: engine/memory.py, `finished`)."""
+    prompt = request["prompt"] + answer + "<|im_end|>\n" + chatml(None, "Tell me more about that.")
+    return dict(request, prompt=prompt)
 
 
 def request(rng: random.Random, mix: Mix = Mix(), more: random.Random | None = None) -> dict:
@@ -256,6 +270,8 @@ class Report:
     closed_early: int = 0  # streams closed before their last chunk
     lora_rows: int = 0  # requests naming the adapter
     spec_accepted: int = 0  # proposals the handle's speculation accepted during the schedule
+    next_turns: int = 0  # next turns that ran (`Mix.follow`)
+    answers_reused: int = 0  # next turns that copied stored blocks past their first turn's prompt
 
     def add(self, other: "Report") -> None:
         for name, value in vars(other).items():
@@ -266,6 +282,7 @@ class Report:
                 "hangs": self.hangs, "leaked_bytes": self.leaked_bytes, "injected_failures": self.injected_failures,
                 "unexpected_errors": len(self.errors), "faults_fired": self.faults_fired,
                 "closed_early": self.closed_early, "lora_rows": self.lora_rows, "spec_accepted": self.spec_accepted,
+                "next_turns": self.next_turns, "answers_reused": self.answers_reused,
                 "first_mismatches": self.mismatches[:5], "first_errors": self.errors[:5]}
 
 
@@ -283,6 +300,13 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
 
     def work(i: int, call: Call) -> None:
         time.sleep(max(0.0, start + call.delay - time.monotonic()))
+        if call.parent is not None:  # a next turn: once its call's answer is in, and only if it has one
+            while outcomes[call.parent] is None and time.monotonic() < start + HANG_S:
+                time.sleep(0.01)
+            done = outcomes[call.parent]
+            if done is None or done[1] != "ok":
+                return
+            call.request = next_turn(plan[call.parent].request, done[2]["response"])
         try:
             if call.kind == "generate":
                 outcomes[i] = (call, "ok", llama32.generate(llm, **call.request))
@@ -316,7 +340,7 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
         restore()
     report.faults_fired = fired[0]
     report.spec_accepted = spec.stats.accepted - accepted if spec is not None else 0
-    report.lora_rows = sum("lora" in r for c in plan if c.kind != "score"
+    report.lora_rows = sum("lora" in r for c in plan if c.kind != "score" and c.request is not None
                            for r in (c.request if c.kind == "batch" else [c.request]))
     for i, out in enumerate(outcomes):
         if out is None:
@@ -332,6 +356,10 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
             continue
         if call.kind == "close" and not (value and "usage" in value[-1]):
             report.closed_early += 1
+        if call.parent is not None:
+            report.next_turns += 1
+            first_prompt = outcomes[call.parent][2]["usage"]["prompt_tokens"]
+            report.answers_reused += value["usage"]["cached_tokens"] > first_prompt // BLOCK * BLOCK
         problem = check(oracle, call, value)
         if problem:
             report.mismatches.append(f"{where}: {problem}")
@@ -491,7 +519,7 @@ def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
     kind = (rng.choice([2, 3]), rng.choice(["tight", "ample"]), spec)
     faults = [None, None, None] + [f for f in FAULTS if spec or f != "verify"]
     mix = Mix(lora=adapter if rng.random() < 0.4 else None, copy=0.6 if spec else rng.choice([0.0, 0.3]),
-              timed_closes=True)
+              timed_closes=True, follow=rng.choice([0.0, 0.5]))
     return kind, rng.choice(faults), mix
 
 

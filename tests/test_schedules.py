@@ -106,3 +106,18 @@ def test_a_speculative_handle_with_closes_and_a_failing_verify(under_test, oracl
     settled(summary, 6)
     assert summary["spec_accepted"] > 0 and summary["closed_early"] > 0, summary
     assert summary["faults_fired"] == 1 and summary["injected_failures"] >= 1, summary
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_next_turns_that_copy_their_answers_get_their_solo_results(under_test, oracles, dtype):
+    """Every `generate` call followed, once its answer is in, by a next turn that sends the answer back, fired
+    among the schedule's other calls: the prefix index serves the answer's keys and values (a decode step's, where
+    `model.decode_is_span`), and each next turn's result is the oracle's, computed alone."""
+    llm = under_test(3, "ample", dtype)
+    if not llm.loop.memory.answers:
+        pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: bfloat16 on "
+                    "AMX or on a CPU without native bfloat16)")
+    report = schedule_fuzz.run_schedule(llm, oracles(dtype), 7, calls=6, mix=Mix(follow=1.0, timed_closes=True))
+    summary = report.as_dict()
+    settled(summary, 6)
+    assert summary["next_turns"] >= 1 and summary["answers_reused"] >= 1, summary
