@@ -12,9 +12,9 @@ another thread at a random moment, `score` of long texts (prefilled in chunks be
 `generate_batch`. Requests are greedy, seeded or penalised, some JSON-constrained, many sharing a long system
 prompt; a schedule's `Mix` may add rows naming a LoRA adapter beside base rows, and prompts asking to repeat a
 text (what n-gram proposals are accepted on), and next turns: once a `generate` call's answer is in, its
-prompt, that answer and a new question (the prefix index may serve the answer's keys and values). Closing at a random moment lands while the request waits behind
-a full batch, between prompt chunks, while it is paused for memory, or (speculative handles) between verify
-steps: where exactly is not observed, so the mix is wide.
+prompt, that answer and a new question (the prefix index may serve the answer's keys and values). Closing at
+a random moment lands while the request waits behind a full batch, between prompt chunks, while it is paused
+for memory, or (speculative handles) between verify steps: where exactly is not observed, so the mix is wide.
 
 A schedule may inject one fault into the handle under test, at its n-th occasion (`inject`):
 - a forward: the runner's `prefill_rows`, `prefill` (one row's chunk), `decode` or `verify` (speculation)
