@@ -317,13 +317,13 @@ def decode_is_span(model: "Transformer", device: torch.device | str, dtype: torc
 
     - float32: to rounding (oneDNN sums a product in another order for another row count), the standard the
       index already keeps for prompts computed in other chunks or batches.
-    - bfloat16 / float16 on the CPU: to the bit where every projection runs in verified row tiles
+    - bfloat16 on the CPU: to the bit where every projection runs in verified row tiles
       (`row_invariant`) and spans from position 0 take the causal kernel (`causal_spans`): a decode step's
       masked attention (query rows padded to `STEP_ROWS`) and a span's (padded to `SPAN_ROWS`) then run the same
       per-row arithmetic over the same 512-key blocks (tests/test_model.py checks it). Not on an AMX CPU, whose
       kernel may pack keys for one query count and not another, nor on the widened path (AVX2 only), which is
       not row-invariant at all.
-    - bfloat16 on CUDA: not established (no GPU in this project's checks)."""
+    - float16 anywhere, bfloat16 on CUDA: not established (no GPU in this project's checks)."""
     if dtype == torch.float32:
         return True
     return torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)

@@ -52,8 +52,8 @@ DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 # Prompt tokens prefilled per loop iteration while other rows decode: on a 2-core CPU a 1B decode step takes
 # ~0.1 s and 64 prompt tokens about 0.3 s, so a running stream's longest gap stays a few steps long.
 DEFAULT_PREFILL_CHUNK = {"cpu": 64, "cuda": 2048}
-# On the CPU, one more chunk per iteration for each further 8 rows decoding (scheduler.py, `prefill_budget`): the
-# step they wait for is longer anyway. CUDA's chunk is already a long prompt's whole.
+# On the CPU, a chunk per iteration for every 8 rows decoding (scheduler.py, `prefill_budget`): the step they wait
+# for is longer anyway. CUDA's chunk is already a long prompt's whole.
 CHUNK_ROWS = {"cpu": 8}
 # A loop with nothing running that receives a request waits this long after the latest submit (at most
 # GATHER_MAX_S in all, or until max_batch are waiting) before its first forward, so requests sent together

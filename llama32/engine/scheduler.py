@@ -209,8 +209,8 @@ class Scheduler:
         The chunk bounds how long a prompt arriving holds up the running rows' next token. A decode step costs
         more as rows join it (on the 2-core EPYC, a 1B step takes about 60 ms at 1 row and 200 ms at 32), so
         the same hold-up relative to a step allows more prompt tokens: at 32 rows, 4 chunks (256 tokens, about
-        0.7 s). 32 streamed chat requests in process (benchmarks/RESULTS.md): 1.06-1.15x the throughput and time
-        to first token p50 1.2-1.7 s against 3.5-3.8 s, inter-token p99 unchanged."""
+        0.7 s). 32 streamed chat requests in process (benchmarks/RESULTS.md): 1.01-1.10x the throughput and time
+        to first token p50 1.3 s against 3.1-3.4 s, inter-token p99 unchanged."""
         decoding = sum(1 for j in rows if j is not None and j.progress.decoding)
         if not decoding:
             return None
