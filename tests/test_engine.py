@@ -61,6 +61,12 @@ def same(got: list[dict], want: list[dict]) -> bool:
     return True
 
 
+def logprob_bits(r: dict) -> list:
+    """A result's log-probabilities as they are, for comparing bit for bit: (id, logprob, [(id, logprob)...])
+    per token."""
+    return [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]]) for e in r["logprobs"]]
+
+
 def in_threads(fn, args_list):
     results, errors = [None] * len(args_list), []
 
@@ -127,10 +133,7 @@ def test_bfloat16_answers_sent_together_are_their_solo_answers(smol_bf16_solo, c
     for i, got in zip(picked, together):
         want = alone[i]
         assert got["response"] == want["response"], BF16_PROMPTS[i]
-        assert [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
-                for e in got["logprobs"]] == \
-               [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
-                for e in want["logprobs"]]
+        assert logprob_bits(got) == logprob_bits(want)
     assert all((r["usage"]["cached_tokens"] >= 32) == reuse for r in together)  # 32: one block (engine/memory.py)
 
 
@@ -577,10 +580,7 @@ def test_a_follow_up_turn_copies_the_answer_it_sends_back(smollm2_dir, dtype):
     assert want["usage"]["cached_tokens"] == 0
     if dtype == "bfloat16":
         assert got["response"] == want["response"]
-        assert [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
-                for e in got["logprobs"]] == \
-               [(e["id"], e["logprob"], [(t["id"], t["logprob"]) for t in e["top_logprobs"]])
-                for e in want["logprobs"]]
+        assert logprob_bits(got) == logprob_bits(want)
     else:
         assert same([got], [want])
 
