@@ -5,7 +5,10 @@ the plain single-process server.
 Each of `--users` (16) users has its own long system prompt and talks for `--rounds` (4) rounds: every round
 sends the whole conversation so far (system prompt, earlier questions and the server's answers) plus a new
 question, streamed from the OpenAI route, so a user's prompts grow and each starts with the one before. Users
-run at once, each waiting for its answer before its next round. Per configuration: time to first token p50 /
+run at once, each waiting for its answer and then a random pause (`--think`, mean 2 s) before its next round.
+With `--think 0` users run in step; with 2 replicas Ray Serve's pow2 router then compares both replicas' queues
+for every request, and users in step tend to land where their last round did, which no real set of users does
+(benchmarks/RESULTS.md, 2026-12-05 fifth stop). Per configuration: time to first token p50 /
 p90, generated tokens per second of wall time, the share of prompt tokens whose keys and values were reused
 (`usage.prompt_tokens_details.cached_tokens`), and how many requests each replica answered.
 `--kv-cache-bytes` sets each replica's KV budget: small enough, one replica's prefix index holds only some of
@@ -81,31 +84,42 @@ async def turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int)
             "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
-async def workload(url: str, people: list[dict], rounds: int, max_tokens: int) -> dict:
+async def workload(url: str, people: list[dict], rounds: int, max_tokens: int, think: float = 0.0,
+                   seed: int = 0) -> dict:
+    """Every person talks for `rounds` rounds. With `think` > 0 each waits a random time (exponential, mean
+    `think` seconds, drawn from `seed`) before each round, its first included: people read and type at their
+    own pace, so their requests do not arrive in step."""
     results: list[dict] = []
 
-    async def talk(person: dict):
+    async def talk(user: int, person: dict, rng: random.Random):
         messages = [{"role": "system", "content": person["system"]}]
         for k in range(rounds):
+            if think > 0:
+                await asyncio.sleep(rng.expovariate(1 / think))
             messages.append({"role": "user", "content": person["questions"][k]})
             out = await turn(client, messages, max_tokens)
-            results.append(dict(out, round=k))
+            results.append(dict(out, round=k, user=user))
             messages.append({"role": "assistant", "content": out["text"]})
 
     limits = httpx.Limits(max_connections=len(people) + 4, max_keepalive_connections=len(people) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(talk(p) for p in people))
+        await asyncio.gather(*(talk(i, p, random.Random(seed * 1000 + i)) for i, p in enumerate(people)))
         wall = time.perf_counter() - start
     ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
     later = [r["ttft_s"] for r in results if r["ttft_s"] is not None and r["round"] > 0]
     prompt = sum(r["prompt_tokens"] for r in results)
     by_round = [[r for r in results if r["round"] == k] for k in range(rounds)]
+    where = {(r["user"], r["round"]): r["replica"] for r in results}
+    later_rounds = [r for r in results if r["round"] > 0]
     return {"requests": len(results), "wall_s": wall, "tok_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
             "ttft_later_rounds_p50_s": percentile(later, 50) if later else None,
             "prompt_tokens": prompt, "cached_share": sum(r["cached_tokens"] for r in results) / prompt,
             "per_replica": dict(Counter(r["replica"] for r in results)),
+            # of rounds after the first, the share answered by the replica that answered the user's round before
+            "stayed": sum(where[r["user"], r["round"] - 1] == r["replica"] for r in later_rounds) / len(later_rounds)
+            if later_rounds else None,
             "rounds": [{"ttft_p50_s": percentile([r["ttft_s"] for r in rs], 50),
                         "prompt_tokens": sum(r["prompt_tokens"] for r in rs),
                         "cached_tokens": sum(r["cached_tokens"] for r in rs)} for rs in by_round]}
@@ -123,24 +137,26 @@ def run_config(args, name: str, flags: list[str]) -> dict:
         warm = users(4, 8, args.seed + 99)  # short unrelated prompts: the first forwards on every replica
         asyncio.run(workload(url, warm, 1, 2))
         result = asyncio.run(workload(url, users(args.users, args.system_words, args.seed), args.rounds,
-                                      args.max_tokens))
+                                      args.max_tokens, args.think, args.seed))
     finally:
         server.terminate()
         server.wait(timeout=120)
     print(f"{name}: {result['tok_s']:.1f} tok/s, TTFT p50 {result['ttft_p50_s']:.2f} s, cached "
-          f"{result['cached_share']:.0%}, {result['per_replica']}", flush=True)
+          f"{result['cached_share']:.0%}, stayed {result['stayed']:.0%}, {result['per_replica']}", flush=True)
     return dict(result, config=name, flags=flags)
 
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["config"].endswith(", pow2")), None)
     out = ["| configuration | requests | tok/s | TTFT p50 / p90 (s) | later rounds' TTFT p50 (s) | cached share of "
-           "prompt tokens | requests per replica |", "|---|---|---|---|---|---|---|"]
+           "prompt tokens | later rounds on the last round's replica | requests per replica |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f" ({r['tok_s'] / base['tok_s']:.2f}x, TTFT p50 {r['ttft_p50_s'] / base['ttft_p50_s']:.2f}x)" \
             if base and r is not base else ""
         out.append(f"| {r['config']} | {r['requests']} | {r['tok_s']:.1f}{ratio} | {r['ttft_p50_s']:.2f} / "
                    f"{r['ttft_p90_s']:.2f} | {r['ttft_later_rounds_p50_s']:.2f} | {r['cached_share']:.0%} | "
+                   f"{r['stayed']:.0%} | "
                    f"{', '.join(str(n) for n in sorted(r['per_replica'].values(), reverse=True))} |")
     return "\n".join(out)
 
@@ -158,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-bytes", type=int, default=None,
                    help="each replica's KV budget (serve's flag): rows plus prefix index; small enough, one replica's "
                         "index holds only some users' conversations")
+    p.add_argument("--think", type=float, default=2.0,
+                   help="mean seconds a user waits before each round (exponential; 0: users run in step, each "
+                        "sending its next round as soon as its answer is in)")
     p.add_argument("--replicas", type=int, default=2, help="replicas in the prefix and pow2 configurations")
     p.add_argument("--router-imbalance", type=int, default=None, help="serve's flag, for the prefix configuration")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
