@@ -358,6 +358,53 @@ def test_growing_the_cache_holds_no_more_than_the_budget(smollm2_dir):
     assert max(peaks) <= budget, (peaks, budget)
 
 
+def test_where_a_decode_step_is_not_a_span_a_paused_rows_drawn_blocks_serve_only_its_resume(smol3, monkeypatch):
+    """On a path where a decode step does not write a prompt span's bits (`memory.answers` False: bfloat16 on AMX or
+    without native bfloat16; set by hand here), a paused row's blocks past its prompt's are its own: its resume
+    copies them back and takes them out, and no other prompt's lookup finds them (one that repeats the text would
+    otherwise be served decode bits where computing it gives span bits)."""
+    from llama32.engine import BLOCK
+
+    llm, loop = smol3, smol3.loop
+    memory = loop.memory
+    monkeypatch.setattr(memory, "answers", False)
+    memory.prefixes.blocks.clear()
+    prompts = ["Write a long story about a dragon who learns to fly.", "Write a long poem about the sea."]
+    solo = []
+    for prompt in prompts:
+        job = _job(llm, prompt=prompt, max_tokens=80)
+        _add(loop, job)
+        _iterate(loop, [job])
+        solo.append(_outcome(job))
+    memory.prefixes.blocks.clear()
+    a, b = jobs = [_job(llm, prompt=p, max_tokens=80) for p in prompts]
+    _add(loop, *jobs)
+    plan, begin, resumed = loop.scheduler.plan, memory.begin, []
+
+    def pause_b_once(running, waiting):  # memory runs short once B has drawn two blocks' worth
+        admit, pause, refuse, shape = plan(running, waiting)
+        if not b.progress.resuming and not resumed and b.produced >= 2 * BLOCK:
+            pause = [b]
+        return admit, pause, refuse, shape
+
+    def begin_noting(job):
+        was = job.progress.resuming
+        begin(job)
+        if was:
+            resumed.append(job.progress.prefilled)
+
+    monkeypatch.setattr(loop.scheduler, "plan", pause_b_once)
+    monkeypatch.setattr(memory, "begin", begin_noting)
+    _iterate(loop, jobs)
+    assert [_outcome(j) for j in jobs] == solo
+    prompt_blocks = len(b.req.prompt_ids) // BLOCK
+    assert len(resumed) == 1 and resumed[0] > (prompt_blocks + 1) * BLOCK, (resumed, len(b.req.prompt_ids))
+    drawn = b.req.prompt_ids + b.progress.generated
+    found = len(memory.prefixes.lookup(b.adapter, drawn))
+    assert found == prompt_blocks, found  # the prompt's blocks, none of what B drew
+    assert all(key[0] is None for key in memory.prefixes.blocks)  # and nothing of B's own is left
+
+
 def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monkeypatch):
     """The loop thread copies keys and values (a resize; a paused row's blocks into the prefix index) outside
     the condition that `submit`, `stats` and `cancel` take (the asyncio server calls them on its event loop)."""

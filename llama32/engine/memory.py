@@ -9,7 +9,8 @@ values). Keys and values are stored after RoPE, at the positions they were compu
 starts at position 0, so a copied block is exactly what computing it would write (the same arithmetic: the
 model's prefill of those tokens). Where a decode step writes a position's keys and values as a prompt span
 does (`answers`, model.py's `decode_is_span`), what a request drew stays too when it ends (`finished`): a
-chat's next turn sends the answer back, and copies it.
+chat's next turn sends the answer back, and copies it. Elsewhere a paused row's drawn blocks are its own
+(`KVMemory.pause`): its resume alone copies them back.
 
 The index lives within the handle's one budget, `kv_cache_bytes`: it may use what the running rows have not
 taken, and when they need more (or the index outgrows that) the least recently used blocks go first. A
@@ -59,32 +60,41 @@ class PrefixIndex:
         return len(self.blocks) * self.block_bytes
 
     @staticmethod
-    def _keys(adapter: Any, ids: list[int], n_blocks: int) -> list[tuple]:
-        """Block i's key: (adapter, digest of blocks [0, i), block i's tokens) (`_chain`)."""
+    def _keys(adapter: Any, ids: list[int], n_blocks: int, owner: Any = None, shared: int = 0) -> list[tuple]:
+        """Block i's key: (adapter, digest of blocks [0, i), block i's tokens) (`_chain`). With an `owner`,
+        blocks from `shared` on are that owner's alone: their adapter part is (adapter, owner), which no other
+        lookup makes (`KVMemory.pause`)."""
         keys, parent, which = [], b"", adapter_key(adapter)
         for i in range(n_blocks):
             block = tuple(ids[i * BLOCK:(i + 1) * BLOCK])
-            keys.append((which, parent, block))
+            keys.append((which if owner is None or i < shared else (which, owner), parent, block))
             parent = _chain(parent, block)
         return keys
 
-    def lookup(self, adapter: Any, ids: list[int]) -> list[tuple[list[Tensor], list[Tensor]]]:
+    def lookup(self, adapter: Any, ids: list[int], owner: Any = None,
+               shared: int = 0) -> list[tuple[list[Tensor], list[Tensor]]]:
         """The stored blocks that begin `ids`, in order (at most all but its last token: the prompt's last
-        position is always computed, for its logits); refreshed, deepest first."""
+        position is always computed, for its logits); refreshed, deepest first. With an `owner` (see `_keys`),
+        its own blocks are taken out: they serve one lookup."""
         found = []
-        for key in self._keys(adapter, ids, (len(ids) - 1) // BLOCK):
+        for key in self._keys(adapter, ids, (len(ids) - 1) // BLOCK, owner, shared):
             block = self.blocks.get(key)
             if block is None:
                 break
             found.append((key, block))
-        for key, _ in reversed(found):
-            self.blocks.move_to_end(key)
+        for i, (key, _) in reversed(list(enumerate(found))):
+            if owner is not None and i >= shared:
+                del self.blocks[key]
+            else:
+                self.blocks.move_to_end(key)
         return [block for _, block in found]
 
-    def store(self, adapter: Any, ids: list[int], k: list[Tensor], v: list[Tensor], limit: int) -> None:
+    def store(self, adapter: Any, ids: list[int], k: list[Tensor], v: list[Tensor], limit: int,
+              owner: Any = None, shared: int = 0) -> None:
         """Keep the whole blocks of `ids` from one row's cache (`k`, `v`: per layer, (K, S, hd), positions
-        from 0), within `limit` bytes; blocks already stored are refreshed, not copied again."""
-        keys = self._keys(adapter, ids, len(ids) // BLOCK)
+        from 0), within `limit` bytes; blocks already stored are refreshed, not copied again. `owner` and
+        `shared`: see `_keys`."""
+        keys = self._keys(adapter, ids, len(ids) // BLOCK, owner, shared)
         if limit < len(keys) * self.block_bytes:  # keep what fits of the prefix, from its start
             keys = keys[:max(limit // self.block_bytes, 0)]
         for i, key in enumerate(keys):
@@ -254,11 +264,13 @@ class KVMemory:
     def pause(self, job: Any) -> None:
         """Release `job`'s row (memory ran short): it will recompute its context and carry on unchanged.
         With prefix reuse on, its context's whole blocks are kept in the index first, if they fit: its resume
-        copies them back (whatever `answers` says: there they are the bits its decode steps wrote)."""
+        copies them back. Where a decode step does not write a prompt span's bits (not `answers`), the blocks
+        past its prompt's are its own (`paused_owner`): its resume needs the bits its decode steps wrote, and
+        another prompt that repeats the text must not copy them."""
         p = job.progress
         if job.req is not None and p.decoding:
             context = self.drawn(job)
-            self.keep(job, context)
+            self.keep(job, context, *self.paused_owner(job))
             p.context, p.resuming = context, True
         self.leave(job)
         p.prefilled, p.decoding = 0, False
@@ -281,17 +293,24 @@ class KVMemory:
         what it drew but the last (drawn, not yet fed)."""
         return job.req.prompt_ids + job.progress.generated[:-1]
 
-    def keep(self, job: Any, ids: list[int]) -> None:
+    def paused_owner(self, job: Any) -> tuple[Any, int]:
+        """(owner, shared) for a paused row's blocks (`PrefixIndex._keys`): none where `answers` (a decode step's
+        bits are a span's, so its blocks may serve anyone), else the job, past its prompt's whole blocks."""
+        return (None, 0) if self.answers else (("paused", job.arrival), len(job.req.prompt_ids) // BLOCK)
+
+    def keep(self, job: Any, ids: list[int], owner: Any = None, shared: int = 0) -> None:
         """Store the whole blocks of `ids`, the start of `job`'s row, in the prefix index (with reuse on), in
-        what the rows leave of the budget."""
+        what the rows leave of the budget (`owner`, `shared`: see `PrefixIndex._keys`)."""
         if self.reuse_prefixes:
             k, v = self.rows.row(job.progress.slot)
-            self.prefixes.store(job.adapter, ids, k, v, self.budget - self.rows_bytes())
+            self.prefixes.store(job.adapter, ids, k, v, self.budget - self.rows_bytes(), owner, shared)
 
     def begin(self, job: Any) -> None:
         """A generation new to its row: the keys and values of its context's longest stored prefix copied
-        in (`job.progress.prefilled` says how many positions; the prefill computes the rest)."""
-        blocks = self.prefixes.lookup(job.adapter, job.progress.context) if self.reuse_prefixes else []
+        in (`job.progress.prefilled` says how many positions; the prefill computes the rest). A resumed row
+        takes back its own blocks (`pause`)."""
+        owner = self.paused_owner(job) if job.progress.resuming else (None, 0)
+        blocks = self.prefixes.lookup(job.adapter, job.progress.context, *owner) if self.reuse_prefixes else []
         job.progress.prefilled = self.prefixes.copy_into(blocks, *self.rows.row(job.progress.slot))
 
     def leave(self, job: Any) -> None:
