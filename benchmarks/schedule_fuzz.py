@@ -87,6 +87,9 @@ class Mix:
     copy: float = 0.0  # the share of prompts asking to repeat a text (where n-gram proposals are accepted)
     timed_closes: bool = False  # half the closed streams are closed from another thread at a random moment
     follow: float = 0.0  # the share of `generate` calls followed by a next turn that sends their answer back
+    # a paused row's drawn blocks kept for its resume alone, as where a decode step is not a span (AMX;
+    # engine/memory.py, `KVMemory.pause`), whatever this CPU's path says: `memory.answers` off for the schedule
+    own_pauses: bool = False
 
 
 @dataclass
@@ -296,6 +299,8 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
     spec = llm.loop.speculator
     accepted = spec.stats.accepted if spec is not None else 0
     fired, restore = inject(llm, fault, rng) if fault else ([0], None)
+    answers = llm.loop.memory.answers  # (the loop is idle between schedules)
+    llm.loop.memory.answers = answers and not mix.own_pauses
     start = time.monotonic()
 
     def work(i: int, call: Call) -> None:
@@ -338,6 +343,8 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
     report.hangs = sum(t.is_alive() for t in threads)
     if restore:
         restore()
+    if not report.hangs:
+        llm.loop.memory.answers = answers
     report.faults_fired = fired[0]
     report.spec_accepted = spec.stats.accepted - accepted if spec is not None else 0
     report.lora_rows = sum("lora" in r for c in plan if c.kind != "score" and c.request is not None
@@ -520,7 +527,9 @@ def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
     faults = [None, None, None] + [f for f in FAULTS if spec or f != "verify"]
     mix = Mix(lora=adapter if rng.random() < 0.4 else None, copy=0.6 if spec else rng.choice([0.0, 0.3]),
               timed_closes=True, follow=rng.choice([0.0, 0.5]))
-    return kind, rng.choice(faults), mix
+    fault = rng.choice(faults)
+    mix.own_pauses = rng.random() < 0.3  # drawn last: the draws above stay what they were for a seed
+    return kind, fault, mix
 
 
 def main() -> None:
@@ -555,7 +564,7 @@ def main() -> None:
         total.add(one)
         by_dtype[dtype].add(one)
         handle = {"dtype": dtype, "max_batch": kind[0], "budget": kind[1], "speculative": kind[2],
-                  "lora": bool(mix.lora), "fault": fault}
+                  "lora": bool(mix.lora), "fault": fault, "own_pauses": mix.own_pauses}
         print(f"seed {seed}: {json.dumps(dict(handle, **one.as_dict()))}", flush=True)
         seed += 1
         if one.hangs:
