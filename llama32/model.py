@@ -640,11 +640,16 @@ def tile_products(model: Transformer) -> None:
 
 
 def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
-    """The call sizes verified for every one of these products (the same unit), or None."""
-    if not plans or any(p is None for p in plans) or len({p.unit for p in plans}) > 1:
+    """The call sizes verified for every one of these products, or None (a product without tiles, or no size
+    common to all). At any of its verified sizes a product gives each row the bits of its own unit, so a size
+    verified for every product serves them all, whatever their units. The sizes kept are multiples of the
+    smallest common one (what `RowTiles` covers rows with)."""
+    if not plans or any(p is None for p in plans):
         return None
     sizes = sorted(set.intersection(*(set(p.sizes) for p in plans)))
-    return RowTiles(tuple(sizes), max(p.fixed for p in plans))
+    if not sizes:
+        return None
+    return RowTiles(tuple(s for s in sizes if s % sizes[0] == 0), max(p.fixed for p in plans))
 
 
 def _cpu_has(feature: str) -> bool:

@@ -135,6 +135,18 @@ def test_every_product_shape_every_row_every_row_count(smollm2_dir, smol_bf16, m
                 assert not bad, f"{name}: {m} rows, rows {bad[:10]} differ from the rows alone"
 
 
+def test_a_layer_takes_the_sizes_its_products_share_whatever_their_units():
+    from llama32.model import common_tiles
+
+    one = RowTiles((1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 8.0)
+    four = RowTiles((4, 8, 12, 16, 24, 32, 48), 5.0)
+    assert common_tiles([one, four, four, one]) == RowTiles((4, 8, 12, 16, 24, 32), 8.0)
+    # a smallest common size that does not divide the others: only its multiples are kept
+    assert common_tiles([RowTiles((1, 8, 12, 16)), RowTiles((4, 8, 12, 16))]).sizes == (8, 16)
+    assert common_tiles([one, RowTiles((64, 128))]) is None
+    assert common_tiles([one, None]) is None
+
+
 def test_no_rows_is_one_call():
     """A product over no rows (a prompt chunk that needs no logits runs the head on none) is one call of none."""
     tiles = RowTiles((4, 8), fixed=8.0)
