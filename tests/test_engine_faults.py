@@ -405,6 +405,56 @@ def test_where_a_decode_step_is_not_a_span_a_paused_rows_drawn_blocks_serve_only
     assert all(key[0] is None for key in memory.prefixes.blocks)  # and nothing of B's own is left
 
 
+def test_where_a_decode_step_is_not_a_span_a_resume_recomputes_drawn_positions_as_decode_steps(smol3, monkeypatch):
+    """The same path as above, with the paused row's own blocks gone before it resumes (evicted): it recomputes
+    its prompt as a span and what it drew one position at a time (`per_position`, as decode steps attend), so it
+    goes on with the bits it had; its answer equals its solo one."""
+    from llama32.engine import BLOCK
+
+    llm, loop = smol3, smol3.loop
+    memory = loop.memory
+    monkeypatch.setattr(memory, "answers", False)
+    memory.prefixes.blocks.clear()
+    prompts = ["Write a long story about a dragon who learns to fly.", "Write a long poem about the sea."]
+    solo = []
+    for prompt in prompts:
+        job = _job(llm, prompt=prompt, max_tokens=60)
+        _add(loop, job)
+        _iterate(loop, [job])
+        solo.append(_outcome(job))
+    a, b = jobs = [_job(llm, prompt=p, max_tokens=60) for p in prompts]
+    _add(loop, *jobs)
+    plan, pause, spans = loop.scheduler.plan, memory.pause, []
+
+    def pause_b_once(running, waiting):
+        admit, paused, refuse, shape = plan(running, waiting)
+        if not b.progress.resuming and not spans and b.produced >= BLOCK + 5:
+            paused = [b]
+        return admit, paused, refuse, shape
+
+    def pause_and_evict(job):
+        pause(job)
+        memory.prefixes.blocks.clear()  # its blocks are gone before it resumes
+
+    prefill = loop.runner.prefill
+
+    def noting(rows, slot, ids, start, adapter, logits_at, per_position=False):
+        if rows.jobs[slot] is b and b.progress.resuming:
+            spans.append((start, len(ids), per_position))
+        return prefill(rows, slot, ids, start, adapter, logits_at, per_position)
+
+    monkeypatch.setattr(loop.scheduler, "plan", pause_b_once)
+    monkeypatch.setattr(memory, "pause", pause_and_evict)
+    monkeypatch.setattr(loop.runner, "prefill", noting)
+    _iterate(loop, jobs)
+    assert [_outcome(j) for j in jobs] == solo
+    prompt = len(b.req.prompt_ids)
+    assert spans and spans[0][0] == 0, spans  # computed from position 0: nothing was left to copy
+    assert all(per_position == (start >= prompt) for start, n, per_position in spans), spans
+    assert all(start + n <= prompt for start, n, per_position in spans if not per_position), spans
+    assert sum(n for start, n, per_position in spans if per_position) >= BLOCK + 4, spans  # what it drew
+
+
 def test_submit_stats_and_cancel_do_not_wait_for_a_resize_or_a_pause(smol3, monkeypatch):
     """The loop thread copies keys and values (a resize; a paused row's blocks into the prefix index) outside
     the condition that `submit`, `stats` and `cancel` take (the asyncio server calls them on its event loop)."""

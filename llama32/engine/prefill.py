@@ -68,8 +68,8 @@ class Prefill:
         loop = self.loop
         budget = loop.scheduler.prefill_budget(rows.jobs)
         if budget is None:  # nothing decodes: the waiting prompts go whole, several in one forward
-            spans = [j for j in rows.jobs
-                     if j is not None and not j.progress.decoding and not j.cancelled and j.req]
+            spans = [j for j in rows.jobs if j is not None and not j.progress.decoding and not j.cancelled and j.req
+                     and self.drawn_from(j) > len(j.progress.context)]  # (a resumed row's drawn positions: below)
             if len(spans) > 1 and not padding_wasted([len(j.progress.context) - j.progress.prefilled for j in spans]):
                 loop.guarded(spans, lambda: self._together(rows, spans))
         for slot, job in enumerate(rows.jobs):
@@ -108,11 +108,27 @@ class Prefill:
             if end == n:
                 self.loop.delivery.scored(job)
             return
+        drawn_from = self.drawn_from(job)
+        if start < drawn_from < end:  # a resumed row's prompt, then what it drew, each as its own chunk
+            end = drawn_from
+            take, span = end - start, p.context[start:end]
         draw = end == n and not p.resuming
-        logits = runner.prefill(rows, slot, span, start, job.adapter, [take - 1] if draw else [])
+        logits = runner.prefill(rows, slot, span, start, job.adapter, [take - 1] if draw else [],
+                                per_position=start >= drawn_from)
         p.prefilled = end
         if end == n:
             self._done(rows, slot, job, logits)
+
+    def drawn_from(self, job: Job) -> int:
+        """Where a resumed row's drawn positions start in its context, when they must be recomputed as its decode
+        steps computed them: on the CPU where a decode step does not write a prompt span's bits (not
+        `memory.answers`: bfloat16 on AMX or without native bfloat16). Its own blocks, kept when it was paused,
+        serve it first (memory.py); the positions they no longer hold attend one at a time, as decode steps do
+        (`per_position`), so the row goes on with the bits it had. Past the context (never) elsewhere."""
+        loop, p = self.loop, job.progress
+        if p.resuming and loop.runner.one_attention and not loop.memory.answers:
+            return len(job.req.prompt_ids)
+        return len(p.context) + 1
 
     def _done(self, rows: Any, slot: int, job: Job, logits: Tensor) -> None:
         """`job`'s context is in the cache: a prompt draws its first token from `logits` (1, V) and keeps

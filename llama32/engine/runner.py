@@ -90,9 +90,11 @@ class Runner:
     # -- prompt spans ------------------------------------------------------------------------------------
 
     def prefill(self, rows: Rows, slot: int, ids: list[int], start: int, adapter: Any,
-                logits_at: list[int]) -> Tensor:
+                logits_at: list[int], per_position: bool = False) -> Tensor:
         """Write `ids` at positions [start, start + len(ids)) of row `slot` (attending over everything
-        before), and return the logits (P, V) at the span's indices `logits_at` (P may be 0)."""
+        before), and return the logits (P, V) at the span's indices `logits_at` (P may be 0). `per_position`
+        (start > 0): attention one position at a time, as decode steps attend (the model's option, as
+        speculative decoding's verify uses it), for a resumed row's drawn positions."""
         llm = self.llm
         end = start + len(ids)
         chunk = torch.tensor([ids], device=llm.device)
@@ -104,7 +106,8 @@ class Runner:
         cache = rows.cache.view(slice(slot, slot + 1), attended_for(rows.length, end, rows.floor))
         pos = torch.arange(start, end, device=llm.device)[None]
         return llm.model(chunk, cache=cache, input_pos=pos, logits_at=at, lora=lora,
-                         causal=start == 0 and self.causal_spans)[0]
+                         causal=start == 0 and self.causal_spans and not per_position,
+                         per_position=per_position)[0]
 
     def prefill_rows(self, rows: Rows, spans: dict[int, tuple[list[int], int, Any]]) -> dict[int, Tensor]:
         """Several rows' spans: `spans` maps a slot to (ids, start, adapter); each row's ids go at its own
