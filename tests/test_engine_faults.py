@@ -358,6 +358,38 @@ def test_growing_the_cache_holds_no_more_than_the_budget(smollm2_dir):
     assert max(peaks) <= budget, (peaks, budget)
 
 
+PAUSED_PROMPTS = ["Write a long story about a dragon who learns to fly.", "Write a long poem about the sea."]
+
+
+def _paused_beside(llm, monkeypatch, max_tokens: int, produced: int) -> tuple[list, list[Job]]:
+    """On `llm` with `memory.answers` off (as where a decode step does not write a prompt span's bits: bfloat16 on
+    AMX or without native bfloat16), each of `PAUSED_PROMPTS` alone (their outcomes), then both queued together
+    (the jobs, A and B), the scheduler pausing B once, when it has drawn `produced` tokens. The test runs them."""
+    loop = llm.loop
+    monkeypatch.setattr(loop.memory, "answers", False)
+    loop.memory.prefixes.blocks.clear()
+    solo = []
+    for prompt in PAUSED_PROMPTS:
+        job = _job(llm, prompt=prompt, max_tokens=max_tokens)
+        _add(loop, job)
+        _iterate(loop, [job])
+        solo.append(_outcome(job))
+    loop.memory.prefixes.blocks.clear()
+    a, b = jobs = [_job(llm, prompt=p, max_tokens=max_tokens) for p in PAUSED_PROMPTS]
+    _add(loop, *jobs)
+    plan, paused = loop.scheduler.plan, []
+
+    def pause_b_once(running, waiting):  # memory runs short once, when B has drawn `produced` tokens
+        admit, pause, refuse, shape = plan(running, waiting)
+        if not paused and b.progress.decoding and b.produced >= produced:
+            paused.append(b)
+            pause = [b]
+        return admit, pause, refuse, shape
+
+    monkeypatch.setattr(loop.scheduler, "plan", pause_b_once)
+    return solo, jobs
+
+
 def test_where_a_decode_step_is_not_a_span_a_paused_rows_drawn_blocks_serve_only_its_resume(smol3, monkeypatch):
     """On a path where a decode step does not write a prompt span's bits (`memory.answers` False: bfloat16 on AMX or
     without native bfloat16; set by hand here), a paused row's blocks past its prompt's are its own: its resume
@@ -367,25 +399,9 @@ def test_where_a_decode_step_is_not_a_span_a_paused_rows_drawn_blocks_serve_only
 
     llm, loop = smol3, smol3.loop
     memory = loop.memory
-    monkeypatch.setattr(memory, "answers", False)
-    memory.prefixes.blocks.clear()
-    prompts = ["Write a long story about a dragon who learns to fly.", "Write a long poem about the sea."]
-    solo = []
-    for prompt in prompts:
-        job = _job(llm, prompt=prompt, max_tokens=80)
-        _add(loop, job)
-        _iterate(loop, [job])
-        solo.append(_outcome(job))
-    memory.prefixes.blocks.clear()
-    a, b = jobs = [_job(llm, prompt=p, max_tokens=80) for p in prompts]
-    _add(loop, *jobs)
-    plan, begin, resumed = loop.scheduler.plan, memory.begin, []
-
-    def pause_b_once(running, waiting):  # memory runs short once B has drawn two blocks' worth
-        admit, pause, refuse, shape = plan(running, waiting)
-        if not b.progress.resuming and not resumed and b.produced >= 2 * BLOCK:
-            pause = [b]
-        return admit, pause, refuse, shape
+    solo, jobs = _paused_beside(llm, monkeypatch, max_tokens=80, produced=2 * BLOCK)
+    b = jobs[1]
+    begin, resumed = memory.begin, []
 
     def begin_noting(job):
         was = job.progress.resuming
@@ -393,7 +409,6 @@ def test_where_a_decode_step_is_not_a_span_a_paused_rows_drawn_blocks_serve_only
         if was:
             resumed.append(job.progress.prefilled)
 
-    monkeypatch.setattr(loop.scheduler, "plan", pause_b_once)
     monkeypatch.setattr(memory, "begin", begin_noting)
     _iterate(loop, jobs)
     assert [_outcome(j) for j in jobs] == solo
@@ -413,37 +428,19 @@ def test_where_a_decode_step_is_not_a_span_a_resume_recomputes_drawn_positions_a
 
     llm, loop = smol3, smol3.loop
     memory = loop.memory
-    monkeypatch.setattr(memory, "answers", False)
-    memory.prefixes.blocks.clear()
-    prompts = ["Write a long story about a dragon who learns to fly.", "Write a long poem about the sea."]
-    solo = []
-    for prompt in prompts:
-        job = _job(llm, prompt=prompt, max_tokens=60)
-        _add(loop, job)
-        _iterate(loop, [job])
-        solo.append(_outcome(job))
-    a, b = jobs = [_job(llm, prompt=p, max_tokens=60) for p in prompts]
-    _add(loop, *jobs)
-    plan, pause, spans = loop.scheduler.plan, memory.pause, []
-
-    def pause_b_once(running, waiting):
-        admit, paused, refuse, shape = plan(running, waiting)
-        if not b.progress.resuming and not spans and b.produced >= BLOCK + 5:
-            paused = [b]
-        return admit, paused, refuse, shape
+    solo, jobs = _paused_beside(llm, monkeypatch, max_tokens=60, produced=BLOCK + 5)
+    b = jobs[1]
+    pause, prefill, spans = memory.pause, loop.runner.prefill, []
 
     def pause_and_evict(job):
         pause(job)
         memory.prefixes.blocks.clear()  # its blocks are gone before it resumes
-
-    prefill = loop.runner.prefill
 
     def noting(rows, slot, ids, start, adapter, logits_at, per_position=False):
         if rows.jobs[slot] is b and b.progress.resuming:
             spans.append((start, len(ids), per_position))
         return prefill(rows, slot, ids, start, adapter, logits_at, per_position)
 
-    monkeypatch.setattr(loop.scheduler, "plan", pause_b_once)
     monkeypatch.setattr(memory, "pause", pause_and_evict)
     monkeypatch.setattr(loop.runner, "prefill", noting)
     _iterate(loop, jobs)
