@@ -33,7 +33,10 @@ prefill, `max_batch` otherwise). At the end nobody hangs and `stats()` is back t
 paused, the KV bytes those the prefix index keeps.
 
 SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) on the CPU, in float32, (`--dtype bfloat16`)
-bfloat16 or (`--dtype both`) each in turn, schedule by schedule, the report counting each apart; the LoRA adapter is made by PEFT (random, from a fixed seed) and cached beside the checkpoint.
+bfloat16 or (`--dtype both`) each in turn, schedule by schedule, the report counting each apart; the LoRA adapter
+is made by PEFT (random, from a fixed seed) and cached beside the checkpoint. About a third of the handles keep
+their decode steps on the masked kernel (`LLAMA32_STEP_ATTENTION=masked`; in bfloat16 the others attend written
+out where the load-time check verifies it, model.py), each checked against an oracle on the same path.
 tests/test_schedules.py runs a few schedules in the suite.
 """
 
@@ -503,11 +506,13 @@ def build_adapter(smollm2_dir, cache: Path | None = None) -> Path:
     return out
 
 
-def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32", speculative: str | None = None):
+def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32", speculative: str | None = None,
+            steps: str = "written"):
     """A SmolLM2 handle to fuzz. budget: "tight" (1,800 positions in all) or "ample" (the default).
     speculative: None, "ngram" or "draft" (SmolLM2 drafting for itself). In bfloat16 the oracle must be
     bfloat16 too: a row's answer alone and beside others is the same to the bit there as well (the CPU's row
-    tiles and attention padding, model.py)."""
+    tiles and attention padding, model.py). steps: the decode steps' attention in bfloat16 ("written" where the
+    load-time check verifies it, or "masked": `model.choose_step_attention`), the oracle's alike (`load`)."""
     from llama32.engine.loop import position_bytes
     from llama32.config import LlamaConfig
     import torch
@@ -516,8 +521,21 @@ def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32",
     per = position_bytes(config, getattr(torch, dtype))
     kv = {"tight": 1800 * per, "ample": None}[budget]
     source = {None: None, "ngram": "ngram", "draft": str(smollm2_dir)}[speculative]
-    return llama32.load(smollm2_dir, dtype=dtype, device="cpu", max_batch=max_batch, kv_cache_bytes=kv,
-                        speculative=source)
+    return load(smollm2_dir, steps, dtype=dtype, device="cpu", max_batch=max_batch, kv_cache_bytes=kv,
+                speculative=source)
+
+
+def load(ckpt, steps: str = "written", **kwargs):
+    """`llama32.load` with decode steps' attention `steps` ("written" or "masked"; LLAMA32_STEP_ATTENTION)."""
+    before = os.environ.get("LLAMA32_STEP_ATTENTION")
+    os.environ["LLAMA32_STEP_ATTENTION"] = steps
+    try:
+        return llama32.load(ckpt, **kwargs)
+    finally:
+        if before is None:
+            del os.environ["LLAMA32_STEP_ATTENTION"]
+        else:
+            os.environ["LLAMA32_STEP_ATTENTION"] = before
 
 
 def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
@@ -528,8 +546,9 @@ def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
     mix = Mix(lora=adapter if rng.random() < 0.4 else None, copy=0.6 if spec else rng.choice([0.0, 0.3]),
               timed_closes=True, follow=rng.choice([0.0, 0.5]))
     fault = rng.choice(faults)
-    mix.own_pauses = rng.random() < 0.3  # drawn last: the draws above stay what they were for a seed
-    return kind, fault, mix
+    mix.own_pauses = rng.random() < 0.3  # drawn after the above, which stay what they were for a seed
+    steps = "masked" if rng.random() < 0.3 else "written"  # bfloat16: also the masked decode attention
+    return (*kind, steps), fault, mix
 
 
 def main() -> None:
@@ -546,7 +565,7 @@ def main() -> None:
     ckpt = fixtures.build_smollm2_checkpoint()
     adapter = str(build_adapter(ckpt))
     dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
-    oracles = {d: Oracle(llama32.load(ckpt, dtype=d, device="cpu", max_batch=1)) for d in dtypes}
+    oracles: dict[tuple, Oracle] = {}  # (dtype, decode steps' attention) -> the oracle
     under: OrderedDict[tuple, Any] = OrderedDict()  # handles under test, the 4 most recently used
     total, started, seed = Report(), time.monotonic(), args.seed
     by_dtype = {d: Report() for d in dtypes}
@@ -557,14 +576,17 @@ def main() -> None:
         if key not in under:
             if len(under) >= 4:
                 under.popitem(last=False)
-            batch, budget, spec = kind
-            under[key] = handles(ckpt, max_batch=batch, budget=budget, dtype=dtype, speculative=spec)
+            batch, budget, spec, steps = kind
+            under[key] = handles(ckpt, max_batch=batch, budget=budget, dtype=dtype, speculative=spec, steps=steps)
         under.move_to_end(key)
-        one = run_schedule(under[key], oracles[dtype], seed, fault=fault, mix=mix)
+        steps = under[key].model.step_attention
+        if (dtype, steps) not in oracles:
+            oracles[dtype, steps] = Oracle(load(ckpt, steps, dtype=dtype, device="cpu", max_batch=1))
+        one = run_schedule(under[key], oracles[dtype, steps], seed, fault=fault, mix=mix)
         total.add(one)
         by_dtype[dtype].add(one)
         handle = {"dtype": dtype, "max_batch": kind[0], "budget": kind[1], "speculative": kind[2],
-                  "lora": bool(mix.lora), "fault": fault, "own_pauses": mix.own_pauses}
+                  "lora": bool(mix.lora), "fault": fault, "own_pauses": mix.own_pauses, "steps": steps}
         print(f"seed {seed}: {json.dumps(dict(handle, **one.as_dict()))}", flush=True)
         seed += 1
         if one.hangs:

@@ -155,9 +155,14 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     if kv_cache_bytes is not None:  # refused before the weights are read (engine/loop.py checks it again)
         check_budget(kv_cache_bytes, position_bytes(config, dtype), 2 * config.num_hidden_layers)
     tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
-    # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU)
+    # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU);
+    # LLAMA32_STEP_ATTENTION=masked keeps decode steps on the masked kernel (model.choose_step_attention)
+    steps = os.environ.get("LLAMA32_STEP_ATTENTION", "written")
+    if steps not in ("written", "masked"):
+        raise ValueError(f"LLAMA32_STEP_ATTENTION must be 'written' or 'masked', got {steps!r}")
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",
-                       quantize=quantize, entries=entries, config_name=config_name)
+                       quantize=quantize, entries=entries, config_name=config_name,
+                       written_steps=steps == "written")
     del checkpoint, entries  # the shards' mappings go with them (a packed tied embedding keeps its own view)
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes)

@@ -12,6 +12,7 @@ hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    # Whether one-position attention (`step_attention`) runs written out (`written_attention`): set at load where
+    # a check finds it gives every row the bits it has alone (`choose_step_attention`)
+    written_steps: bool = False
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -242,13 +247,22 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, G * T, self.hd)
             mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
             # (reshape, not view: on CUDA the kernels may return the folded output in a layout view can't split)
-            if per_position and T > 1:  # each position's G query rows alone, laid out as a one-position step's
-                y = torch.stack([masked_attention(q[:, :, t::T].contiguous(), k, v, mask[:, :, t::T].contiguous(),
-                                                  STEP_ROWS) for t in range(T)], dim=3)  # (B, K, G, T, hd)
+            if per_position:  # each position's G query rows alone, as a decode step attends (`step_attention`)
+                ys = [self.step_attention(q[:, :, t::T], k, v, mask[:, :, t::T]) for t in range(T)]
+                y = ys[0][:, :, :, None] if T == 1 else torch.stack(ys, dim=3)  # (B, K, G, T, hd)
             else:
                 y = masked_attention(q, k, v, mask, STEP_ROWS if T == 1 else SPAN_ROWS)
             y = y.reshape(B, self.n_heads, T, self.hd)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+
+    def step_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """One query position's attention, as every decode step (and a verify or resume position) takes it:
+        q [B, K, G, hd] (each key/value head's G query heads), k, v [B, K, S, hd], mask [B, 1, G, S] ->
+        [B, K, G, hd]. `written_steps` (set at load, `choose_step_attention`): `written_attention`; else the
+        masked kernel with the query rows padded to `STEP_ROWS`."""
+        if self.written_steps and not torch.compiler.is_compiling():  # (the compiled step is CUDA's)
+            return written_attention(q, k, v, mask[:, :, :1])
+        return masked_attention(q.contiguous(), k, v, mask.contiguous(), STEP_ROWS)
 
 
 # On the CPU the query rows of a masked attention are padded to a multiple of these (see masked_attention)
@@ -272,13 +286,14 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
     padding rows repeat the last row's mask and are dropped) and the keys to `KEY_BLOCK` (`attend`).
 
     The CPU kernel's bits for a row depended on what shared its call, twice over:
-    - A decode step (`STEP_ROWS`): the same row, cache and mask came out 1 bf16 ulp apart at one head of a
-      SmolLM2 layer-9 step whenever the row sat in the second half of a batch of 4, which the second worker
-      thread takes. Each thread works in its own slice of one scratch buffer, R x (keys + head dim + 2) floats
-      long: with R = 3 or 4 the second slice starts off a 64-byte line and the kernel's vector loops round
-      otherwise there. With 8 rows every slice is aligned and the captured step agreed on both threads.
-      Writing the attention out as products and a softmax agreed as well but cost 4% of a batch-1 1B decode
-      step (102 against 98 ms); the padding cost nothing measurable (97 ms).
+    - A decode step on this kernel (`STEP_ROWS`; bfloat16 steps take `written_attention` where it verified): the
+      same row, cache and mask came out 1 bf16 ulp apart at one head of a SmolLM2 layer-9 step whenever the row
+      sat in the second half of a batch of 4, which the second worker thread takes. Each thread works in its
+      own slice of one scratch buffer, R x (keys + head dim + 2) floats long: with R = 3 or 4 the second slice
+      starts off a 64-byte line and the kernel's vector loops round otherwise there. With 8 rows every slice is
+      aligned and the captured step agreed on both threads. Writing the attention out as products and a softmax
+      agreed as well but cost 4% of a batch-1 1B decode step (102 against 98 ms; at 8 and 32 rows it is the
+      faster, `written_attention`); the padding cost nothing measurable (97 ms).
     - A prompt span (`SPAN_ROWS`): the kernel cuts the R rows into blocks (32, 64 or 256 rows by R); a small
       last block (R = 771 at 257 positions: 256, 256, 256 and 3) rounded its rows otherwise, so a prefix's keys
       and values depended on how long the prompt around it was (SmolLM2 in bfloat16: layers 22 and up differed
@@ -293,6 +308,39 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -
         q = _pad_positions(q, extra)
         mask = torch.cat([mask, mask[:, :, -1:].expand(*mask.shape[:2], extra, mask.shape[3])], dim=2)
     return attend(q, k, v, mask)[:, :, :R]
+
+
+def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, K, G, hd], k, v [B, K, S, hd], mask [B, 1, 1, S] (True: may attend) -> [B, K, G, hd]: attention
+    written out as Meta's reference model computes it: the scores a product in the model dtype (summed in
+    float32, rounded to the dtype), scaled, the softmax in float32, its probabilities cast back for the product
+    with the values. The CPU decode step's attention where `choose_step_attention` verified it.
+
+    At 8 or 32 rows it takes well under half the masked kernel's time (benchmarks/RESULTS.md: 32 rows, 512
+    keys, bfloat16, 1.2 against 3.0 ms a layer): the kernel pads each row's G query rows to `STEP_ROWS` and
+    works a query block at a time, where here each product runs once over every row. Its bits are not the
+    span kernel's, so a decode step no longer gives a position a prompt span's keys and values
+    (`decode_is_span`); and they are a row's own only as far as oneDNN runs each row's products alike
+    whatever the batch and the attended length, which the load-time check establishes on each CPU."""
+    extra = -k.shape[2] % KEY_BLOCK  # (a tight budget's edge: see `attend`; the check covers multiples of 512)
+    if extra:
+        k, v = _pad_positions(k, extra), _pad_positions(v, extra)
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], extra)], dim=3)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, K, G, S)
+    bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    probs = scores.mul_(q.shape[-1] ** -0.5).add_(bias).softmax(-1).to(q.dtype)
+    B, K, G, S = probs.shape
+    if S == KEY_BLOCK:
+        return torch.matmul(probs, v)
+    # Over more keys, one product per 512-key block, the blocks' sums added in float32 in block order: oneDNN
+    # blocks a product's sum otherwise for a longer one (SmolLM2's heads: a row's output over 1,024 keys parted
+    # from the same row's over 2,048 with the keys past 1,024 masked), and blocks of masked keys add exactly 0.
+    n = S // KEY_BLOCK
+    parts = torch.matmul(probs.view(B, K, G, n, KEY_BLOCK).transpose(2, 3), v.reshape(B, K, n, KEY_BLOCK, -1))
+    out = parts[:, :, 0].float()
+    for j in range(1, n):
+        out += parts[:, :, j]
+    return out.to(q.dtype)
 
 
 def _pad_positions(t: Tensor, extra: int) -> Tensor:
@@ -322,11 +370,13 @@ def decode_is_span(model: "Transformer", device: torch.device | str, dtype: torc
       masked attention (query rows padded to `STEP_ROWS`) and a span's (padded to `SPAN_ROWS`) then run the same
       per-row arithmetic over the same 512-key blocks (tests/test_model.py checks it). Not on an AMX CPU, whose
       kernel may pack keys for one query count and not another, nor on the widened path (AVX2 only), which is
-      not row-invariant at all.
+      not row-invariant at all. Nor where decode steps attend written out (`choose_step_attention`): their
+      products round otherwise than the span's kernel.
     - float16 anywhere, bfloat16 on CUDA: not established (no GPU in this project's checks)."""
     if dtype == torch.float32:
         return True
-    return torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)
+    return (torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)
+            and model.step_attention == "masked")
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
@@ -489,6 +539,8 @@ class Transformer(nn.Module):
     # bfloat16 on CPU: whether every projection runs in verified row tiles (tiles.py, `choose_cpu_path`), so a
     # row's logits do not depend on how many rows share its forward
     row_invariant: bool = False
+    # the attention of one-position forwards, "written" or "masked" (`choose_step_attention`)
+    step_attention: str = "masked"
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -526,9 +578,10 @@ class Transformer(nn.Module):
         `lora`: per-row LoRA adapters (`lora.RowAdapters`) in place of the handle's own.
         `output_hidden_states` / `output_attentions`: return a `ModelOutput` with them (attention then runs
         written out, `explicit_attention`, for its probabilities); without either, the logits tensor alone.
-        `per_position` (with input_pos): attention runs one query position at a time, so that each position's
-        attention rounds exactly as a one-position decode step's does (speculative decoding's verify forward,
-        engine/speculative/: on a CPU in bfloat16 one fused call over several positions rounds differently).
+        `per_position` (with input_pos): attention runs one query position at a time (`Attention.step_attention`),
+        as every decode step does, so that each position's attention rounds exactly as a decode step's
+        (speculative decoding's verify forward, engine/speculative/, and a resume's drawn positions: on a CPU in
+        bfloat16 one fused call over several positions rounds differently).
         `causal` (with input_pos): every row's span starts at position 0 (its i-th token at position i; a row's
         padding, if any, after its tokens), so attention runs `causal_attention` over the cache instead of
         under a mask: the same bits, about half the work (engine/runner.py's prompt spans).
@@ -650,6 +703,78 @@ def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
     if not sizes:
         return None
     return RowTiles(tuple(s for s in sizes if s % sizes[0] == 0), max(p.fixed for p in plans))
+
+
+def choose_step_attention(model: Transformer, device: torch.device | str, dtype: torch.dtype,
+                          allow: bool = True) -> str:
+    """Pick the attention of one-position forwards (decode steps, and a verify's or a resume's positions, which
+    must round as they do), once, at load; returns its name and sets every layer's `Attention.written_steps`.
+
+    - "written" (`written_attention`): bfloat16 on a CPU where every projection runs in verified row tiles
+      (`row_invariant`) and `step_attention_verified` finds that it gives each row its solo bits. `allow`
+      False (LLAMA32_STEP_ATTENTION=masked) keeps the masked kernel.
+    - "masked": the fused masked kernel, query rows padded to `STEP_ROWS` (`masked_attention`): everywhere
+      else. Where its padding makes a decode step round as a prompt span does (`decode_is_span`), a request's
+      drawn positions may serve later prompts from the prefix index; with "written" they may not."""
+    written = (allow and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and model.row_invariant
+               and step_attention_verified(model.config, dtype))
+    for layer in model.model.layers:
+        layer.self_attn.written_steps = written
+    return "written" if written else "masked"
+
+
+# (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:
+# batch sizes a loop runs, attended lengths from the CPU's 512-key floor up (1,536: a tight budget's edge), and a
+# step over the first positions of a longer cache (the loop's views)
+STEP_CHECKS = ((1, 512, 512), (2, 512, 512), (3, 512, 512), (4, 512, 512), (5, 512, 512), (8, 512, 512),
+               (13, 512, 512), (16, 512, 512), (32, 512, 512), (64, 512, 512), (1, 1024, 1024), (4, 1024, 2048),
+               (16, 1024, 1024), (6, 1536, 1536), (1, 2048, 2048), (8, 2048, 2048), (1, 4096, 4096),
+               (4, 4096, 4096), (2, 8192, 8192), (1, 32768, 32768))
+_step_lock = threading.Lock()
+_step_checks: dict[tuple, bool] = {}
+
+
+@torch.inference_mode()
+def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
+    """Whether `written_attention`, at this config's heads and in `dtype`, gives every row the bits it has alone
+    at each of `STEP_CHECKS`: 16 random rows attending to 1-1,024 keys, each computed alone over the fewest
+    512-key blocks that hold it, then at every place of larger batches (the rows repeated) over more keys
+    (masked past each row's own, holding other values). oneDNN picks its blocking by the product's sizes and
+    the thread count, so the answer is kept per (heads, dtype, threads) for the process."""
+    K, hd = config.num_key_value_heads, config.head_dim
+    G = config.num_attention_heads // K
+    key = (K, G, hd, dtype, torch.get_num_threads())
+    with _step_lock:
+        if key in _step_checks:
+            return _step_checks[key]
+    gen = torch.Generator().manual_seed(0)
+    base, most = 16, 2 * KEY_BLOCK
+    q = torch.randn(base, K, G, hd, generator=gen).to(dtype)
+    k = torch.randn(base, K, most, hd, generator=gen).to(dtype)
+    v = torch.randn(base, K, most, hd, generator=gen).to(dtype)
+    ends = torch.randint(1, most + 1, (base,), generator=gen)  # row r attends to keys [0, ends[r])
+
+    def mask(rows: Tensor, S: int) -> Tensor:
+        return (torch.arange(S)[None] < ends[rows][:, None])[:, None, None]  # (B, 1, 1, S)
+
+    def alone(r: int) -> Tensor:
+        S = -(-int(ends[r]) // KEY_BLOCK) * KEY_BLOCK
+        return written_attention(q[r:r + 1], k[r:r + 1, :, :S], v[r:r + 1, :, :S], mask(torch.tensor([r]), S))
+
+    want = [alone(r) for r in range(base)]
+    same = True
+    for B, S, length in STEP_CHECKS:
+        rows = (torch.arange(B) + B) % base  # each size puts the rows at other places
+        reps = -(-length // most)
+        kb = k[rows].repeat(1, 1, reps, 1)[:, :, :length]  # past a row's keys: copies of them, masked
+        vb = v[rows].repeat(1, 1, reps, 1)[:, :, :length]
+        got = written_attention(q[rows], kb[:, :, :S], vb[:, :, :S], mask(rows, S))
+        same = same and all(torch.equal(got[i:i + 1], want[r]) for i, r in enumerate(rows.tolist()) if ends[r] <= S)
+        if not same:
+            break
+    with _step_lock:
+        _step_checks[key] = same
+    return same
 
 
 def _cpu_has(feature: str) -> bool:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
 from .errors import CheckpointError
-from .model import Transformer, can_pack_for_cpu, choose_cpu_path, pack_linear_weight
+from .model import Transformer, can_pack_for_cpu, choose_cpu_path, choose_step_attention, pack_linear_weight
 from .quant import is_quantized, quantize_int8
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -125,7 +125,8 @@ def safetensors_entries(path: Path) -> Iterator[TensorEntry]:
 
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
                dtype: torch.dtype, pack: bool = True, quantize: str | None = None,
-               entries: Iterator[TensorEntry] | None = None, config_name: str = "the config") -> Transformer:
+               entries: Iterator[TensorEntry] | None = None, config_name: str = "the config",
+               written_steps: bool = True) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
     `entries`: the checkpoint's tensors (default: the safetensors files at `path`; meta.py gives Meta's
@@ -134,6 +135,7 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     cannot serve embedding lookups, so a tied checkpoint then gets a packed head and an embedding mapped
     from the checkpoint file: lookups touch a few rows per step, and memory stays about one copy of the
     weights. (That one tensor does follow the file: overwrite the checkpoint in place and lookups change.)
+    `written_steps`: let decode steps attend written out where a check verifies it (`choose_step_attention`).
     """
     path = Path(path)
     packing = pack and can_pack_for_cpu(device, dtype)
@@ -197,4 +199,5 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     model.reset_rope(device)
     model.eval().requires_grad_(False)
     model.cpu_path = choose_cpu_path(model, device, dtype, packing)
+    model.step_attention = choose_step_attention(model, device, dtype, written_steps)
     return model

@@ -558,13 +558,15 @@ def test_a_shared_prefix_is_reused_exactly(smollm2_dir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_follow_up_turn_copies_the_answer_it_sends_back(smollm2_dir, dtype):
+def test_a_follow_up_turn_copies_the_answer_it_sends_back(smollm2_dir, dtype, monkeypatch):
     """A chat's next turn repeats the last answer: a finished request's drawn positions stay in the prefix index
     beside its prompt's (engine/memory.py, `finished`), so the follow-up copies the answer's whole blocks too,
-    and its result is a handle's that computes everything: bfloat16 to the bit (where `model.decode_is_span`),
-    float32 tokens exact and log-probabilities within 1e-4."""
+    and its result is a handle's that computes everything: bfloat16 to the bit (where `model.decode_is_span`:
+    decode steps on the masked kernel, LLAMA32_STEP_ATTENTION=masked), float32 tokens exact and
+    log-probabilities within 1e-4."""
     from llama32.engine import BLOCK
 
+    monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
     llm = llama32.load(smollm2_dir, dtype=dtype, device="cpu")
     if not llm.loop.memory.answers:
         pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: bfloat16 "
@@ -583,6 +585,29 @@ def test_a_follow_up_turn_copies_the_answer_it_sends_back(smollm2_dir, dtype):
         assert logprob_bits(got) == logprob_bits(want)
     else:
         assert same([got], [want])
+
+
+def test_with_written_decode_steps_a_follow_up_turn_copies_its_prompt_and_recomputes_the_answer(smollm2_dir):
+    """Where decode steps attend written out (`model.choose_step_attention`), they do not give a position the
+    bits a prompt span gives it, so a finished request's drawn positions stay out of the prefix index: the next
+    turn copies the blocks of the first turn's prompt alone, computes the answer it sends back as a span, and
+    gets, to the bit, the result of a handle that computes everything."""
+    from llama32.engine import BLOCK
+
+    llm = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
+    if llm.model.step_attention != "written":
+        pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified found rows "
+                    "parting from their solo bits, or no native bfloat16)")
+    assert not llm.loop.memory.answers
+    fresh = no_reuse(llama32.load(smollm2_dir, dtype="bfloat16", device="cpu"))
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Explain why the sky is blue."}]
+    answer = llama32.generate(llm, messages=first, temperature=0, max_tokens=60)
+    follow = first + [{"role": "assistant", "content": answer["response"]}, {"role": "user", "content": "And at dusk?"}]
+    request = dict(messages=follow, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    got, want = llama32.generate(llm, **request), llama32.generate(fresh, **request)
+    assert got["usage"]["cached_tokens"] == answer["usage"]["prompt_tokens"] // BLOCK * BLOCK > 0
+    assert got["response"] == want["response"]
+    assert logprob_bits(got) == logprob_bits(want)
 
 
 def test_a_prefix_is_never_reused_across_adapters(make_checkpoint, llama3_tokenizer_dir, tmp_path):

@@ -248,10 +248,13 @@ def test_a_decode_step_gives_a_position_the_bits_a_span_gives_it(make_checkpoint
     their keys and values came from decode steps, and a prompt that repeats them must find what computing them
     as a span gives. So a prompt spanned whole and the same positions decoded one at a time after its head agree:
     logits and every layer's keys and values, to the bit in bfloat16 (float32: to rounding), across the
-    512-key block and with the cache longer than the rows need."""
-    from llama32.model import decode_is_span
+    512-key block and with the cache longer than the rows need. With decode steps on the masked kernel
+    (`choose_step_attention`: LLAMA32_STEP_ATTENTION=masked); written out they round otherwise, and
+    `decode_is_span` says so (test_written_steps_are_not_spans)."""
+    from llama32.model import choose_step_attention, decode_is_span
 
     model = ours(make_checkpoint(kind="llama32"), dtype)
+    model.step_attention = choose_step_attention(model, "cpu", dtype, allow=False)
     if not decode_is_span(model, "cpu", dtype):
         pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: AMX or "
                     "a CPU without native bfloat16)")
@@ -274,3 +277,96 @@ def test_a_decode_step_gives_a_position_the_bits_a_span_gives_it(make_checkpoint
         else:
             assert torch.equal(decoded, span), head
             assert all(torch.equal(a, b) for a, b in kv), head
+
+
+@pytest.mark.parametrize("S", [512, 1024, 1800], ids=["one-block", "two-blocks", "padded"])
+def test_written_attention_is_attention(S):
+    """`written_attention` (decode steps' attention where verified) against attention in float64 over the same
+    bfloat16 inputs: each row's keys past its own masked, over one 512-key block, two (one product per block, the
+    blocks' sums added in float32) and a length the padding takes to four."""
+    from llama32.model import written_attention
+
+    gen = torch.Generator().manual_seed(11)
+    B, K, G, hd = 3, 2, 3, 64
+    q, k, v = (torch.randn(B, K, n, hd, generator=gen).bfloat16() for n in (G, S, S))
+    ends = torch.tensor([S, S // 2 + 7, 1])  # keys [0, end) of each row
+    mask = (torch.arange(S)[None] < ends[:, None])[:, None, None]  # (B, 1, 1, S)
+    scores = q.double() @ k.double().transpose(-1, -2) / hd ** 0.5
+    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()
+    got = written_attention(q, k, v, mask)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, K, G, hd)
+    assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint):
+    """Where decode steps attend written out (`choose_step_attention`), every one-position forward must too, with
+    the same bits: a resume recomputing drawn positions and a verify forward pass several positions at once
+    (`per_position`), beside other rows; decode steps run rows of other lengths beside each other. A position's
+    logits and keys and values are the same whichever way, to the bit, and `decode_is_span` is False (a prompt
+    span rounds otherwise: the prefix index keeps drawn positions out)."""
+    from llama32.model import decode_is_span
+
+    model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
+    if model.step_attention != "written":
+        pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified)")
+    assert not decode_is_span(model, "cpu", torch.bfloat16)
+    config = model.config
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, config.vocab_size, (3, 560), generator=gen)
+    heads, drawn = (520, 40, 300), 20  # row r's prompt: ids[r, :heads[r]]; then `drawn` positions
+
+    def prompts(cache):
+        for r, h in enumerate(heads):
+            model(ids[r:r + 1, :h], cache=cache.view(slice(r, r + 1)), input_pos=torch.arange(h)[None], causal=True)
+
+    one = KVCache(config, 3, 1024, device="cpu", dtype=torch.bfloat16)  # each row stepped alone
+    together = KVCache(config, 3, 1024, device="cpu", dtype=torch.bfloat16)  # the rows stepped in one batch
+    fed = KVCache(config, 3, 1024, device="cpu", dtype=torch.bfloat16)  # each row's positions in one forward
+    with torch.no_grad():
+        for cache in (one, together, fed):
+            prompts(cache)
+        alone, batched, spans = [], [], []
+        for r, h in enumerate(heads):
+            alone.append(torch.cat([model(ids[r:r + 1, t:t + 1], cache=one.view(slice(r, r + 1)),
+                                          input_pos=torch.tensor([[t]]), per_position=True)[0]
+                                    for t in range(h, h + drawn)]))
+            pos = torch.arange(h, h + drawn)[None]
+            spans.append(model(ids[r:r + 1, h:h + drawn], cache=fed.view(slice(r, r + 1)), input_pos=pos,
+                               per_position=True)[0])
+        for i in range(drawn):
+            pos = torch.tensor([[h + i] for h in heads])
+            tokens = torch.stack([ids[r, h + i] for r, h in enumerate(heads)])[:, None]
+            batched.append(model(tokens, cache=together, input_pos=pos, per_position=True)[:, 0])
+    batched = torch.stack(batched, dim=1)
+    for r, h in enumerate(heads):
+        assert torch.equal(alone[r], batched[r]), r
+        assert torch.equal(alone[r], spans[r]), r
+        kv = [(a[r, :, :h + drawn], b[r, :, :h + drawn], c[r, :, :h + drawn])
+              for a, b, c in zip(one.k + one.v, together.k + together.v, fed.k + fed.v)]
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in kv), r
+
+
+def test_written_steps_are_taken_only_where_every_row_keeps_its_bits(make_checkpoint, monkeypatch):
+    """The load-time check (`step_attention_verified`) turns written decode attention down where a row's result
+    depends on what shares its call: here an attention that moves with the batch size. The layers then keep the
+    masked kernel, and `LLAMA32_STEP_ATTENTION=masked` asks for it; any other value is refused by name."""
+    import llama32
+    from llama32 import model as M
+
+    path = make_checkpoint(kind="llama32")
+    honest = ours(path, torch.bfloat16)
+    if honest.step_attention != "written":
+        pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified)")
+    assert all(layer.self_attn.written_steps for layer in honest.model.layers)
+    real = M.written_attention
+    monkeypatch.setattr(M, "_step_checks", {})
+    monkeypatch.setattr(M, "written_attention", lambda q, k, v, mask: real(q, k, v, mask) * (1 + q.shape[0] / 256))
+    swayed = ours(path, torch.bfloat16)
+    assert swayed.step_attention == "masked"
+    assert not any(layer.self_attn.written_steps for layer in swayed.model.layers)
+    monkeypatch.setattr(M, "written_attention", real)
+    monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
+    assert llama32.load(path, dtype="bfloat16", device="cpu").model.step_attention == "masked"
+    monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="LLAMA32_STEP_ATTENTION"):
+        llama32.load(path, dtype="bfloat16", device="cpu")

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import llama32
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import schedule_fuzz  # noqa: E402
@@ -24,23 +22,25 @@ from schedule_fuzz import Mix  # noqa: E402
 def oracles(smollm2_dir):
     made = {}
 
-    def oracle(dtype: str):
-        if dtype not in made:
-            made[dtype] = schedule_fuzz.Oracle(llama32.load(smollm2_dir, dtype=dtype, device="cpu", max_batch=1))
-        return made[dtype]
+    def oracle(dtype: str, steps: str = "written"):
+        if (dtype, steps) not in made:
+            made[dtype, steps] = schedule_fuzz.Oracle(schedule_fuzz.load(smollm2_dir, steps, dtype=dtype, device="cpu",
+                                                                         max_batch=1))
+        return made[dtype, steps]
     return oracle
 
 
 @pytest.fixture(scope="module")
 def under_test(smollm2_dir):
-    """Handles to fuzz, one per (max_batch, budget, dtype, speculative), shared by the schedules below."""
+    """Handles to fuzz, one per (max_batch, budget, dtype, speculative, decode steps' attention), shared by the
+    schedules below."""
     made = {}
 
-    def handle(max_batch: int, budget: str, dtype: str, speculative: str | None = None):
-        kind = (max_batch, budget, dtype, speculative)
+    def handle(max_batch: int, budget: str, dtype: str, speculative: str | None = None, steps: str = "written"):
+        kind = (max_batch, budget, dtype, speculative, steps)
         if kind not in made:
             made[kind] = schedule_fuzz.handles(smollm2_dir, max_batch=max_batch, budget=budget, dtype=dtype,
-                                               speculative=speculative)
+                                               speculative=speculative, steps=steps)
         return made[kind]
     return handle
 
@@ -112,12 +112,15 @@ def test_a_speculative_handle_with_closes_and_a_failing_verify(under_test, oracl
 def test_next_turns_that_copy_their_answers_get_their_solo_results(under_test, oracles, dtype):
     """Every `generate` call followed, once its answer is in, by a next turn that sends the answer back, fired
     among the schedule's other calls: the prefix index serves the answer's keys and values (a decode step's, where
-    `model.decode_is_span`), and each next turn's result is the oracle's, computed alone."""
-    llm = under_test(3, "ample", dtype)
+    `model.decode_is_span`: decode steps on the masked kernel), and each next turn's result is the oracle's,
+    computed alone."""
+    steps = "masked" if dtype == "bfloat16" else "written"  # (float32 decode steps take the masked kernel anyway)
+    llm = under_test(3, "ample", dtype, steps=steps)
     if not llm.loop.memory.answers:
         pytest.skip("drawn positions stay out of the prefix index on this path (model.decode_is_span: bfloat16 on "
                     "AMX or on a CPU without native bfloat16)")
-    report = schedule_fuzz.run_schedule(llm, oracles(dtype), 7, calls=6, mix=Mix(follow=1.0, timed_closes=True))
+    report = schedule_fuzz.run_schedule(llm, oracles(dtype, steps), 7, calls=6,
+                                        mix=Mix(follow=1.0, timed_closes=True))
     summary = report.as_dict()
     settled(summary, 6)
     assert summary["next_turns"] >= 1 and summary["answers_reused"] >= 1, summary

@@ -314,7 +314,7 @@ def decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, cache: KVCa
     """One decode step for rows [0, B): forward at each row's position, then the sampler over rows [0, B) of
     `knobs`, running only `steps` (the eager reference; `static_decode_step` is the compiled form). Returns
     (tokens, logprob, top) as `token_logprobs`."""
-    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora, per_position=True)[:, -1]
     drawn = sample_static(logits, knobs, allowed, steps)
     knobs.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, logprobs))
@@ -330,7 +330,7 @@ def static_decode_step(model: torch.nn.Module, tokens: Tensor, pos: Tensor, k: l
     (top ids, top values))."""
     n = tokens.shape[0]
     cache = KVCache.over(k, v).view(slice(0, n), attended)
-    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora)[:, -1]
+    logits = model(tokens[:, None], cache=cache, input_pos=pos[:, None], lora=lora, per_position=True)[:, -1]
     drawn = sample_static(logits, knobs, allowed)
     knobs.update(drawn)
     return (drawn, *token_logprobs(logits, drawn, MAX_TOP_LOGPROBS))
