@@ -148,7 +148,11 @@ def worker(engine: str, ckpt: str, max_batch: int, repo: Path = REPO) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     eng = Llama32Engine(ckpt, max_batch, repo) if engine == "llama32" else VllmEngine(ckpt, max_batch)
-    print(json.dumps({"ready": True}), file=out, flush=True)
+    # llama32's kernel choices at load (the CPU decides them), recorded beside the figures
+    model = getattr(getattr(eng, "llm", None), "model", None)
+    paths = {"cpu_path": getattr(model, "cpu_path", None), "step_attention": getattr(model, "step_attention", None),
+             "row_invariant": getattr(model, "row_invariant", None)} if engine == "llama32" else {}
+    print(json.dumps({"ready": True, "paths": paths}), file=out, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd.pop("op")
@@ -188,6 +192,7 @@ class Worker:
         if not ready:
             raise RuntimeError(f"{name}'s worker exited before it was ready (rc {self.proc.wait()})")
         self.load_s = time.perf_counter() - started
+        self.paths = json.loads(ready).get("paths", {})
 
     def ask(self, op: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
@@ -380,6 +385,7 @@ def main(argv=None) -> int:
                    Worker("baseline", sys.executable, ckpt, args.cores, 32, ours, repo=args.baseline.resolve())
                    if args.baseline else Worker("vllm", str(args.vllm_python), ckpt, args.cores, 32, vllm_env)]
         report["load_s"] = {w.name: w.load_s for w in workers}
+        report["paths"] = {w.name: w.paths for w in workers if w.paths}
         probes = [dataclasses.asdict(maker.make(n, 7)) for n in (128, 2000)]
         bad = [pr for pr in probes if not workers[0].ask("check", prompt=pr)["ok"]]
         if bad:
