@@ -724,12 +724,13 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
 
 
 # (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:
-# batch sizes a loop runs, attended lengths from the CPU's 512-key floor up (1,536: a tight budget's edge), and a
-# step over the first positions of a longer cache (the loop's views)
-STEP_CHECKS = ((1, 512, 512), (2, 512, 512), (3, 512, 512), (4, 512, 512), (5, 512, 512), (8, 512, 512),
-               (13, 512, 512), (16, 512, 512), (32, 512, 512), (64, 512, 512), (1, 1024, 1024), (4, 1024, 2048),
-               (16, 1024, 1024), (6, 1536, 1536), (1, 2048, 2048), (8, 2048, 2048), (1, 4096, 4096),
-               (4, 4096, 4096), (2, 8192, 8192), (1, 32768, 32768))
+# batch sizes a loop runs (every one up to 16 at the CPU's 512-key floor, up to 8 over 1,024 keys), attended lengths
+# from the floor up (1,536: a tight budget's edge), and steps over the first positions of a longer cache (the
+# loop's views)
+STEP_CHECKS = (tuple((B, 512, 512) for B in (*range(1, 17), 24, 32, 48, 64))
+               + tuple((B, 1024, 1024) for B in (*range(1, 9), 16)) + ((4, 1024, 2048), (3, 512, 2048))
+               + ((6, 1536, 1536), (1, 2048, 2048), (3, 2048, 2048), (8, 2048, 2048), (1, 4096, 4096),
+                  (4, 4096, 4096), (2, 8192, 8192), (1, 32768, 32768)))
 _step_lock = threading.Lock()
 _step_checks: dict[tuple, bool] = {}
 
