@@ -322,10 +322,7 @@ def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     span kernel's, so a decode step no longer gives a position a prompt span's keys and values
     (`decode_is_span`); and they are a row's own only as far as oneDNN runs each row's products alike
     whatever the batch and the attended length, which the load-time check establishes on each CPU."""
-    extra = -k.shape[2] % KEY_BLOCK  # (a tight budget's edge: see `attend`; the check covers multiples of 512)
-    if extra:
-        k, v = _pad_positions(k, extra), _pad_positions(v, extra)
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], extra)], dim=3)
+    k, v, mask = _pad_keys(k, v, mask)  # (a tight budget's edge: see `attend`; the check covers multiples of 512)
     scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, K, G, S)
     bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     probs = scores.mul_(q.shape[-1] ** -0.5).add_(bias).softmax(-1).to(q.dtype)
@@ -418,11 +415,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     positions took 115 ms against 110 ms without it. (Attending over 512 cache positions at least, with no copy,
     measured no slower, 86 against 90 ms, but changes the compiled CUDA step's shapes: left for a change to the
     engine.)"""
-    extra = -k.shape[2] % KEY_BLOCK
-    if extra and not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
-        k, v = _pad_positions(k, extra), _pad_positions(v, extra)
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], extra)], dim=3)
+    if not torch.compiler.is_compiling():  # (the compiled step is CUDA's; see engine/runner.py)
+        k, v, mask = _pad_keys(k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _pad_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """k, v [B, K, S, hd] and mask [..., S] padded to a multiple of `KEY_BLOCK` key positions with masked zero
+    keys and values (unchanged where S is one already)."""
+    extra = -k.shape[2] % KEY_BLOCK
+    if not extra:
+        return k, v, mask
+    return (_pad_positions(k, extra), _pad_positions(v, extra),
+            torch.cat([mask, mask.new_zeros(*mask.shape[:-1], extra)], dim=-1))
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, groups: int) -> tuple[Tensor, Tensor]:
@@ -539,8 +544,6 @@ class Transformer(nn.Module):
     # bfloat16 on CPU: whether every projection runs in verified row tiles (tiles.py, `choose_cpu_path`), so a
     # row's logits do not depend on how many rows share its forward
     row_invariant: bool = False
-    # the attention of one-position forwards, "written" or "masked" (`choose_step_attention`)
-    step_attention: str = "masked"
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -555,6 +558,12 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         if config.tie_word_embeddings:
             self.tie_weights()
+
+    @property
+    def step_attention(self) -> str:
+        """The attention of one-position forwards, "written" or "masked": what `choose_step_attention` set on the
+        layers."""
+        return "written" if self.model.layers[0].self_attn.written_steps else "masked"
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -706,9 +715,10 @@ def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
 
 
 def choose_step_attention(model: Transformer, device: torch.device | str, dtype: torch.dtype,
-                          allow: bool = True) -> str:
+                          allow: bool = True) -> None:
     """Pick the attention of one-position forwards (decode steps, and a verify's or a resume's positions, which
-    must round as they do), once, at load; returns its name and sets every layer's `Attention.written_steps`.
+    must round as they do), once, at load: sets every layer's `Attention.written_steps` (`model.step_attention`
+    names the choice).
 
     - "written" (`written_attention`): bfloat16 on a CPU where every projection runs in verified row tiles
       (`row_invariant`) and `step_attention_verified` finds that it gives each row its solo bits. `allow`
@@ -720,7 +730,6 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
                and step_attention_verified(model.config, dtype))
     for layer in model.model.layers:
         layer.self_attn.written_steps = written
-    return "written" if written else "masked"
 
 
 # (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:

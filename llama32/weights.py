@@ -199,5 +199,5 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     model.reset_rope(device)
     model.eval().requires_grad_(False)
     model.cpu_path = choose_cpu_path(model, device, dtype, packing)
-    model.step_attention = choose_step_attention(model, device, dtype, written_steps)
+    choose_step_attention(model, device, dtype, written_steps)
     return model
