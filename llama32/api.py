@@ -20,6 +20,7 @@ from .hub import resolve
 from .lora import apply_to_handle
 from .lora import projections as lora_projections
 from .meta import MetaCheckpoint, is_meta_dir
+from .openmp import on_own_thread
 from .tokenizer import Tokenizer
 from .weights import load_model
 
@@ -134,7 +135,22 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     are token for token those without it in float32, and in bfloat16 on CPUs whose bfloat16 products give a
     row the same bits whatever the row count (the AVX-512 BF16 EPYC measured; elsewhere an answer may part from
     the plain one at a near tie). docs/API.md, "Speculative decoding".
+
+    On the CPU the work is done on a short-lived thread of its own, so that the caller's thread keeps no OpenMP
+    pool to slow the generation loop's (openmp.py).
     """
+    args = dict(device=device, dtype=dtype, lora=lora, quantize=quantize, max_batch=max_batch,
+                kv_cache_bytes=kv_cache_bytes, speculative=speculative)
+    try:
+        on_cpu = (torch.device(device) if device is not None else default_device()).type == "cpu"
+    except (RuntimeError, TypeError):  # a bad device: `_load` names it
+        on_cpu = False
+    # (not on CUDA: a thread's current CUDA device is its own, and "cuda" means the caller's)
+    return on_own_thread(_load, source, **args) if on_cpu else _load(source, **args)
+
+
+def _load(source: str | os.PathLike, *, device, dtype, lora, quantize, max_batch, kv_cache_bytes,
+          speculative) -> Llama:
     for name, value in (("max_batch", max_batch), ("kv_cache_bytes", kv_cache_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
