@@ -36,6 +36,7 @@ from torch import Tensor
 from .errors import InvalidRequest
 from .hub import weights_dir
 from .model import Linear, keep_address
+from .openmp import on_own_thread
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -110,8 +111,9 @@ def resolve(llm: Any, lora: str, *, name: str | None = None) -> Adapter:
     key = str(path.resolve())
     with _LOADING:
         cached = llm._adapters.pop(key, None)  # re-inserted below: dicts keep insertion order, newest last
-        if cached is None:
-            cached = _load(llm, shown, path)
+        if cached is None:  # on the CPU on a thread of its own, as `load` (openmp.py)
+            cached = (on_own_thread(_load, llm, shown, path, name="llama32-adapter")
+                      if torch.device(llm.device).type == "cpu" else _load(llm, shown, path))
         llm._adapters[key] = cached
         limit = max(1, getattr(llm, "max_adapters", CACHED_ADAPTERS))
         while len(llm._adapters) > limit:
