@@ -638,7 +638,7 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-PREFERRED_UNIT = 4  # see choose_cpu_path
+PREFERRED_UNIT = 2  # see choose_cpu_path
 WIDEN_ABOVE_ROWS = 16  # a decode step (a few rows) stays in bfloat16: it is bound by reading the weights
 
 
@@ -658,12 +658,14 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
     - "plain": `F.linear` as it is (dense weights asked for, or another dtype / device).
 
     In bfloat16, packed or dense with native bfloat16, every product runs in row tiles (tiles.py): row counts
-    checked here, per weight shape, to give each row the bits it has alone, so a request's logits do not
-    depend on what shares its forward. On AVX-512 BF16 without AMX the unit tried first is 4 rows (a decode
-    step of 1-3 requests runs as 4): oneDNN picks a faster kernel there. On a 2-core EPYC one row of an
-    8192 x 2048 weight took 1.74-1.84 ms alone and 1.31-1.33 ms as 4 rows (2 rows: 1.63), and a whole batch-1
-    decode step was about 10% faster (12 of 12 alternating rounds); padding to 2 or 8 rows was slower, to 3
-    about even. Elsewhere the unit tried first is 1 row.
+    checked here, per weight shape, to give each row the bits it has alone, so a request's logits do not depend on
+    what shares its forward. On AVX-512 BF16 without AMX the unit tried first is 2 rows (a decode step of one
+    request runs as 2): there oneDNN's 1-row kernel rounds otherwise than its kernel for more rows, so a 1-row unit
+    verified no other size for the 1B's larger weights (tiles.py), while 2 rows verify every size of the ladder. On
+    a 2-core EPYC a token's products in layer order (16 layers' distinct weights and the head) took 35 ms at 1 row,
+    36 at 2, 40.5 at 4 and 50 at 8, and a batch-1 decode ran 10-12% faster with 2 rows than with 4
+    (benchmarks/peers.py, 2 alternating pairs), the other scenarios even. (Measured before `load` moved off the
+    caller's thread, 4 rows had looked faster: openmp.py.) Elsewhere the unit tried first is 1 row.
     """
     if torch.device(device).type != "cpu":
         return "plain"

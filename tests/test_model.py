@@ -151,9 +151,9 @@ def test_cpu_packed_weights_give_the_same_logits(make_checkpoint):
 
 def test_packed_bf16_runs_in_row_tiles_with_the_unit_chosen(make_checkpoint, monkeypatch):
     """Prepacked bf16 products run in row tiles (tiles.py). On AVX-512 BF16 without AMX the unit tried first is
-    4 rows (oneDNN's faster kernel there), so 1-3 rows run as 4: each row equals the same row of a 4-row
-    product, bit for bit. Elsewhere the unit tried first is 1 row; float32 is not tiled."""
-    from llama32.model import Linear, can_pack_for_cpu
+    2 rows (oneDNN's 1-row kernel rounds otherwise there), so 1 row runs as 2: each row equals the same row of
+    a product of the unit's rows, bit for bit. Elsewhere the unit tried first is 1 row; float32 is not tiled."""
+    from llama32.model import PREFERRED_UNIT, Linear, can_pack_for_cpu
     if not can_pack_for_cpu("cpu", torch.bfloat16):
         pytest.skip("this CPU has no oneDNN bf16 support")
     path = make_checkpoint(kind="llama31")
@@ -162,17 +162,17 @@ def test_packed_bf16_runs_in_row_tiles_with_the_unit_chosen(make_checkpoint, mon
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     model = load_model(path, config, device="cpu", dtype=torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.tiles is not None and m.tiles.unit >= 4 for m in linears)
+    assert linears and all(m.tiles is not None and m.tiles.unit >= PREFERRED_UNIT > 1 for m in linears)
     assert model.row_invariant
     up = model.model.layers[0].mlp.up_proj
-    unit = up.tiles.unit  # 4 where 4-row calls verify (AVX-512 BF16), more where they do not
+    unit = up.tiles.unit  # the preferred unit where its calls verify (AVX-512 BF16), more where they do not
     x = torch.randn(unit, config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
     with torch.no_grad():
-        four = up.product(x)
+        whole = up.product(x)
         for rows in range(1, unit):
             got = up(x[None, :rows])  # (1, rows, D) in, (1, rows, out) back
             assert got.shape == (1, rows, config.intermediate_size)
-            assert torch.equal(got[0], four[:rows])
+            assert torch.equal(got[0], whole[:rows])
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     other = load_model(path, config, device="cpu", dtype=torch.bfloat16)
     assert other.cpu_path == "packed" and all(m.tiles is not None for m in other.modules() if isinstance(m, Linear))
