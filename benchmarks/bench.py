@@ -252,6 +252,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def apart(fn: Callable[[], Any], device: torch.device) -> Any:
+    """`fn()`, on the CPU with no other OpenMP pool alive: llama32's generation loops are closed first (they start
+    again at the next request) and `fn` runs on a thread of its own, whose pool ends with it. With two pools on
+    a machine of 2 CPUs, GNU OpenMP wakes a sleeping worker at nearly every parallel region (llama32/openmp.py):
+    transformers' calls and the bandwidth probe on this thread would slow llama32's loop, and its loop theirs."""
+    if device.type != "cpu":
+        return fn()
+    from llama32.engine.loop import _LOOPS
+    from llama32.openmp import on_own_thread
+
+    for loop in list(_LOOPS):
+        loop.close()
+    return on_own_thread(fn, name="bench-apart")
+
+
 class Bandwidth:
     """The device's read bandwidth, measured by summing a buffer far larger than any cache. It drifts on
     shared machines from minute to minute, so it is measured right before and right after each timed decode
@@ -259,10 +274,13 @@ class Bandwidth:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buffer = torch.ones(1 << 28, device=device)  # 1 GiB of float32
-        self.buffer.sum()  # page in
+        self.buffer = apart(lambda: torch.ones(1 << 28, device=device), device)  # 1 GiB of float32
+        apart(self.buffer.sum, device)  # page in
 
     def gb_s(self) -> float:
+        return apart(self._gb_s, self.device)
+
+    def _gb_s(self) -> float:
         # An untimed read first: between probes the buffer goes cold, and the kernel may reclaim its pages
         # (DAMON reclaim runs on these VMs), so a single read would time page faults, not memory.
         self.buffer.sum()
@@ -342,7 +360,7 @@ class Llama32Runner:
         """
         if self.prefill_method == "model.forward":
             try:
-                return self._prefill_forward(prompt.ids)
+                return apart(lambda: self._prefill_forward(prompt.ids), self.device)
             except (ImportError, TypeError, AttributeError) as e:
                 print(f"llama32: direct prefill unavailable ({e}); timing generate(max_tokens=1)", file=sys.stderr)
                 self.prefill_method = "generate(max_tokens=1)"
@@ -363,7 +381,7 @@ class HFRunner:
     name = "hf"
 
     def __init__(self, ckpt: Path, device: torch.device, dtype: torch.dtype):
-        self.load_s, self.model = timed(lambda: load_hf(ckpt, device, dtype), device)
+        self.load_s, self.model = timed(lambda: apart(lambda: load_hf(ckpt, device, dtype), device), device)
         self.weight_bytes = streamed_bytes(self.model)
         self.device = device
         self.pad_id = json.loads((ckpt / "config.json").read_text())["eos_token_id"][0]
@@ -372,8 +390,11 @@ class HFRunner:
     def check_prompt(self, prompt: Prompt) -> None:
         pass
 
-    @torch.inference_mode()
     def generate(self, prompts: list[Prompt], n: int) -> list[int]:
+        return apart(lambda: self._generate(prompts, n), self.device)
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[Prompt], n: int) -> list[int]:
         ids = torch.tensor([p.ids for p in prompts], device=self.device)  # equal lengths: no padding
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=n,
@@ -381,8 +402,11 @@ class HFRunner:
         )
         return [out.shape[1] - ids.shape[1]] * len(prompts)
 
-    @torch.inference_mode()
     def prefill(self, prompt: Prompt) -> int:
+        return apart(lambda: self._prefill(prompt), self.device)
+
+    @torch.inference_mode()
+    def _prefill(self, prompt: Prompt) -> int:
         x = torch.tensor([prompt.ids], device=self.device)
         logits = self.model(input_ids=x, logits_to_keep=1).logits
         return int(logits[0, -1].argmax())
