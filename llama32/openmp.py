@@ -5,14 +5,14 @@ on libgomp, GNU's OpenMP. libgomp gives each host thread that opens a parallel r
 its own, and counts the workers of every pool together. Between regions a worker spins for a while before it
 sleeps, so the next region finds it awake; but once the count exceeds the CPUs the process may use, libgomp
 spins 100 times instead of about 300,000 (its "throttled" spin count), and nearly every region starts by waking
-a sleeping worker. Neither `GOMP_SPINCOUNT` nor `OMP_WAIT_POLICY` raises that throttled count.
+a sleeping worker. `GOMP_SPINCOUNT` only caps that throttled count, and `OMP_WAIT_POLICY=active` raises it to 1,000.
 
 The generation loop computes on a thread of its own (engine/loop.py). Loading used to compute on the caller's
 thread (converting, packing and checking weights), which gave that thread a pool too: on a 2-CPU machine, the
 loop's worker, the caller's worker and the caller itself made 3 managed threads against 2 CPUs, throttled. On a
-2-core AMD EPYC, a bfloat16 4 x 64 by 64 x 512 product right after a weight's product took 94 us there against
-43 us with one pool, and a softmax over 32 x 512 floats 61 against 8 us; a decode step opens well over a hundred
-regions (benchmarks/RESULTS.md, "seventh stop", has the whole-loop figures).
+2-core AMD EPYC, a decode step's attention scores (8 heads, 4 query rows by 512 keys, bfloat16) right after a
+weight's product took 94 us there against 43 us with one pool, and a softmax over 32 x 512 floats 61 against 8 us;
+a decode step opens well over a hundred regions (benchmarks/RESULTS.md, "seventh stop", has the whole-loop figures).
 
 So `load` does its work on a thread of its own that ends when loading ends: libgomp releases a thread's pool,
 and takes its workers off the count, when the thread exits. The loop's pool is then the only one llama32 keeps.
