@@ -45,9 +45,5 @@ def on_own_thread(fn: Callable[..., T], *args, name: str = "llama32-load", **kwa
     thread.start()
     thread.join()
     if "error" in box:
-        error = box.pop("error")
-        try:
-            raise error
-        finally:
-            del error  # (no cycle through this frame)
+        raise box.pop("error")  # (popped: no local keeps the exception, so no cycle through this frame)
     return box["value"]
