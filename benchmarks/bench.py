@@ -252,18 +252,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def apart(fn: Callable[[], Any], device: torch.device) -> Any:
-    """`fn()`, on the CPU with no other OpenMP pool alive: llama32's generation loops are closed first (they start
-    again at the next request) and `fn` runs on a thread of its own, whose pool ends with it. With two pools on
-    a machine of 2 CPUs, GNU OpenMP wakes a sleeping worker at nearly every parallel region (llama32/openmp.py):
-    transformers' calls and the bandwidth probe on this thread would slow llama32's loop, and its loop theirs."""
+def apart(fn: Callable[[], Any], device: torch.device, close_loops: bool = True) -> Any:
+    """`fn()`, on the CPU on a thread of its own, whose OpenMP pool ends with it, and (`close_loops`) with no other
+    pool alive: llama32's generation loops are closed first (a runner's `ready` starts its loop again before
+    its timed calls). With two pools on a machine of 2 CPUs, GNU OpenMP wakes a sleeping worker at nearly every
+    parallel region (llama32/openmp.py): transformers' calls on this thread would slow llama32's loop, and its
+    loop theirs. The bandwidth probe, one parallel region, leaves the loops open."""
     if device.type != "cpu":
         return fn()
     from llama32.engine.loop import _LOOPS
     from llama32.openmp import on_own_thread
 
-    for loop in list(_LOOPS):
-        loop.close()
+    if close_loops:
+        for loop in list(_LOOPS):
+            loop.close()
     return on_own_thread(fn, name="bench-apart")
 
 
@@ -274,11 +276,11 @@ class Bandwidth:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buffer = apart(lambda: torch.ones(1 << 28, device=device), device)  # 1 GiB of float32
-        apart(self.buffer.sum, device)  # page in
+        self.buffer = apart(lambda: torch.ones(1 << 28, device=device), device, False)  # 1 GiB of float32
+        apart(self.buffer.sum, device, False)  # page in
 
     def gb_s(self) -> float:
-        return apart(self._gb_s, self.device)
+        return apart(self._gb_s, self.device, False)
 
     def _gb_s(self) -> float:
         # An untimed read first: between probes the buffer goes cold, and the kernel may reclaim its pages
@@ -334,6 +336,13 @@ class Llama32Runner:
         self.device = device
         self.prefill_method = "model.forward"
 
+    def ready(self) -> None:
+        """Start the loop's thread again if `apart` closed it, outside any timing (one untimed token on a text of
+        its own, so no timed prompt finds it cached): a timed call would otherwise pay for the new thread."""
+        thread = self.llm.loop._thread
+        if thread is None or not thread.is_alive():
+            llama32.generate(self.llm, prompt="ready", raw=True, max_tokens=1, temperature=0)
+
     def check_prompt(self, prompt: Prompt) -> None:
         """Make sure llama32 runs on exactly `prompt.ids` (the ids transformers is given)."""
         try:
@@ -386,6 +395,9 @@ class HFRunner:
         self.device = device
         self.pad_id = json.loads((ckpt / "config.json").read_text())["eos_token_id"][0]
         self.prefill_method = "forward(logits_to_keep=1)"
+
+    def ready(self) -> None:
+        pass
 
     def check_prompt(self, prompt: Prompt) -> None:
         pass
@@ -461,6 +473,7 @@ def bench_decode(runners: list, prompts: list[Prompt], n: int, repeats: int, mak
     for _ in range(repeats):
         for runner in runners:
             before = bandwidth.gb_s() if bandwidth else None
+            runner.ready()
             ttfts[runner.name].append(timed(lambda: runner.generate(prompts, 1), device)[0])
             seconds, last_counts[runner.name] = timed(lambda: runner.generate(prompts, n), device)
             totals[runner.name].append(seconds)
@@ -509,6 +522,7 @@ def bench_prefill(runners: list, prompt: Prompt, repeats: int) -> dict[str, dict
     runs: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(repeats):
         for runner in runners:
+            runner.ready()
             runs[runner.name].append(timed(lambda: runner.prefill(prompt), device)[0])
     n = len(prompt.ids)
     out = {}
