@@ -194,6 +194,9 @@ class Attention(nn.Module):
     # Whether one-position attention (`step_attention`) runs written out (`written_attention`): set at load where
     # a check finds it gives every row the bits it has alone (`choose_step_attention`)
     written_steps: bool = False
+    # Whether prompt spans over the cache (input positions given, not `per_position`) attend written out
+    # (`written_span_attention`): set at load beside `written_steps`, where its own check verifies
+    written_spans: bool = False
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -235,6 +238,8 @@ class Attention(nn.Module):
         if probs is not None:
             y, p = explicit_attention(q, k, v, mask, self.n_heads // self.n_kv)
             probs.append(p)
+        elif self.written_spans and input_pos is not None and not per_position and not torch.compiler.is_compiling():
+            return written_span_attention(q, k, v, input_pos)  # (already [B, T, H * hd])
         elif mask is None and input_pos is not None:  # spans from position 0, over the cache (`causal`)
             y = causal_attention(q, k, v, self.n_kv != self.n_heads)
         elif mask is None:
@@ -340,6 +345,62 @@ def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.to(q.dtype)
 
 
+SPAN_QUERIES = 64  # query positions per product of `written_span_attention` (its rows: G times as many)
+SPAN_KEYS = 128  # key positions per product of its probabilities with the values
+
+
+def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+    """q [B, H, T, hd] at positions pos [B, T] (non-decreasing along a row), k, v [B, K, S, hd] the rows' cache
+    -> [B, T, H * hd]: each query attends to the keys at or before its own position. A prompt span's attention
+    on the CPU in bfloat16 where `choose_step_attention` verified it, spans from position 0 and later ones alike.
+
+    Written out as `written_attention` is, in pieces of fixed shape, so that a position's bits do not depend on
+    how its prompt was cut into spans, on what shares the forward or on how long the cache is:
+    - each row's queries go `SPAN_QUERIES` positions at a time (the last piece padded with zero queries), a
+      key/value head's G query heads folded into the rows: one product of [K, G * SPAN_QUERIES, hd] queries
+      with the keys up to the piece's furthest position, rounded up to `SPAN_KEYS` (padded with zero keys at
+      a tight budget's edge, where the cache holds fewer);
+    - the scores scaled, the keys past each query's position set to -inf, the softmax in float32 rounded
+      to the model dtype (as transformers' eager attention does; masked keys get exactly 0);
+    - the probabilities times the values `SPAN_KEYS` keys at a time, those products summed in float32 in
+      key order (a product's sum over more keys is blocked otherwise by oneDNN; blocks of masked keys add 0).
+    What is left to oneDNN (a row's bits the same at any place in a product's rows, and over more keys) is
+    what the load-time check (`span_attention_verified`) establishes on each CPU.
+
+    What it saves against PyTorch's fused causal kernel (padded as `causal_attention` pads it; one layer of the
+    1B's 32 query heads over 8 key/value heads, a 2-core AMD EPYC with AVX-512 BF16): 128 positions 0.7 against
+    3.7 ms, 512 positions 5.4 against 13.3 ms, 2,048 positions 80 against 110 ms. The kernel attends over the
+    CPU's 512-key floor however short the prompt and walks its queries in blocks the prompt's length decides.
+    """
+    B, H, T, hd = q.shape
+    K = k.shape[1]
+    G, S, Q, KB = H // K, k.shape[2], SPAN_QUERIES, SPAN_KEYS
+    extra = -T % Q
+    if extra:
+        q = _pad_positions(q, extra)
+        pos = torch.cat([pos, pos[:, -1:].expand(B, extra)], dim=1)
+    out = q.new_empty(B, T + extra, K, G, hd)
+    keys = torch.arange(max(S, int(pos.max()) + KB), device=q.device)
+    scale = hd ** -0.5
+    for b in range(B):
+        kb, vb = k[b], v[b]  # (K, S, hd)
+        for a in range(0, T + extra, Q):
+            at = pos[b, a:a + Q]
+            first, last = int(at[0]), int(at[-1])
+            n = -(-(last + 1) // KB) * KB
+            if n > kb.shape[1]:  # a tight budget's edge: zero keys, masked below
+                kb, vb = (torch.cat([t, t.new_zeros(K, n - t.shape[1], hd)], dim=1) for t in (kb, vb))
+            rows = q[b, :, a:a + Q].reshape(K, G * Q, hd)
+            scores = torch.matmul(rows, kb[:, :n].transpose(-1, -2)).mul_(scale)  # (K, G * Q, n)
+            scores.view(K, G, Q, n)[..., first:].masked_fill_(keys[first:n] > at[:, None], float("-inf"))
+            probs = scores.softmax(-1)  # (float32 inside, rounded to the dtype)
+            y = torch.bmm(probs[:, :, :KB], vb[:, :KB]).float()
+            for j in range(KB, n, KB):
+                y += torch.bmm(probs[:, :, j:j + KB], vb[:, j:j + KB])
+            out[b, a:a + Q] = y.view(K, G, Q, hd).permute(2, 0, 1, 3)
+    return out[:, :T].reshape(B, T, H * hd)
+
+
 def _pad_positions(t: Tensor, extra: int) -> Tensor:
     """t [B, heads, positions, hd] with `extra` zero positions appended (query rows or keys and values)."""
     return torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
@@ -368,12 +429,13 @@ def decode_is_span(model: "Transformer", device: torch.device | str, dtype: torc
       per-row arithmetic over the same 512-key blocks (tests/test_model.py checks it). Not on an AMX CPU, whose
       kernel may pack keys for one query count and not another, nor on the widened path (AVX2 only), which is
       not row-invariant at all. Nor where decode steps attend written out (`choose_step_attention`): their
-      products round otherwise than the span's kernel.
+      products round otherwise than the span's kernel, and prompt spans then attend written out in pieces of
+      their own shape (`written_span_attention`).
     - float16 anywhere, bfloat16 on CUDA: not established (no GPU in this project's checks)."""
     if dtype == torch.float32:
         return True
     return (torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)
-            and model.step_attention == "masked")
+            and model.step_attention == "masked" and model.span_attention == "kernel")
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
@@ -565,6 +627,12 @@ class Transformer(nn.Module):
         layers."""
         return "written" if self.model.layers[0].self_attn.written_steps else "masked"
 
+    @property
+    def span_attention(self) -> str:
+        """The attention of prompt spans over the cache, "written" (`written_span_attention`) or "kernel"
+        (PyTorch's fused kernels): what `choose_step_attention` set on the layers."""
+        return "written" if self.model.layers[0].self_attn.written_spans else "kernel"
+
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -727,11 +795,18 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
       False (LLAMA32_STEP_ATTENTION=masked) keeps the masked kernel.
     - "masked": the fused masked kernel, query rows padded to `STEP_ROWS` (`masked_attention`): everywhere
       else. Where its padding makes a decode step round as a prompt span does (`decode_is_span`), a request's
-      drawn positions may serve later prompts from the prefix index; with "written" they may not."""
+      drawn positions may serve later prompts from the prefix index; with "written" they may not.
+
+    Prompt spans over the cache (`model.span_attention`) attend written out too (`written_span_attention`) where
+    decode steps do and `span_attention_verified` finds their bits independent of how a prompt is cut; else
+    they keep PyTorch's fused kernels (`causal_attention`, `masked_attention`), which is also what lets a
+    decode step on the masked kernel give a position a span's bits."""
     written = (allow and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and model.row_invariant
                and step_attention_verified(model.config, dtype))
+    spans = written and span_attention_verified(model.config, dtype)
     for layer in model.model.layers:
         layer.self_attn.written_steps = written
+        layer.self_attn.written_spans = spans
 
 
 # (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:
@@ -786,6 +861,50 @@ def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
             break
     with _step_lock:
         _step_checks[key] = same
+    return same
+
+
+_span_checks: dict[tuple, bool] = {}
+# (first position, end, cache length) of the spans `span_attention_verified` cuts its positions into, each way
+# against the positions spanned whole from 0: cuts inside and across query pieces and key blocks, one position
+# alone, a cache length that is no multiple of `SPAN_KEYS` (the padded edge) and longer caches
+SPAN_CUTS = (((0, 1, 1536), (1, 70, 1536), (70, 333, 1536), (333, 700, 1536)),
+             ((0, 200, 700), (200, 700, 717)),
+             ((0, 129, 2048), (129, 640, 2048), (640, 700, 4096)))
+SPAN_FAR = (4000, 4100, 8192)  # positions far into a cache, against the same spanned from 3,990 and 3,999
+
+
+@torch.inference_mode()
+def span_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
+    """Whether `written_span_attention`, at this config's heads and in `dtype`, gives every query position the
+    same bits however its span is cut and placed (`SPAN_CUTS`, `SPAN_FAR`), beside a second row, over random
+    queries, keys and values (keys past the positions hold other values). Kept per (heads, dtype, threads) for
+    the process, as `step_attention_verified` is."""
+    K, hd = config.num_key_value_heads, config.head_dim
+    H = config.num_attention_heads
+    key = (K, H, hd, dtype, torch.get_num_threads())
+    with _step_lock:
+        if key in _span_checks:
+            return _span_checks[key]
+    gen = torch.Generator().manual_seed(1)
+    far, end_far, most = SPAN_FAR
+    q = torch.randn(1, H, end_far, hd, generator=gen).to(dtype)
+    k = torch.randn(1, K, most, hd, generator=gen).to(dtype)
+    v = torch.randn(1, K, most, hd, generator=gen).to(dtype)
+
+    def run(a: int, e: int, length: int) -> Tensor:  # positions [a, e) in a cache of `length`, beside a row
+        rows = torch.cat([q[:, :, a:e], q[:, :, a:e].flip(2)])
+        pos = torch.arange(a, e).expand(2, e - a)
+        return written_span_attention(rows, k[:, :, :length].expand(2, -1, -1, -1),
+                                      v[:, :, :length].expand(2, -1, -1, -1), pos)[:1]
+
+    whole = run(0, 700, 1024)
+    same = all(torch.equal(run(a, e, length), whole[:, a:e]) for cuts in SPAN_CUTS for a, e, length in cuts)
+    if same:
+        want = run(far, end_far, end_far + 12)
+        same = all(torch.equal(run(a, end_far, most)[:, far - a:], want) for a in (3990, 3999))
+    with _step_lock:
+        _span_checks[key] = same
     return same
 
 

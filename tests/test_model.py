@@ -298,6 +298,90 @@ def test_written_attention_is_attention(S):
     assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("heads", [(32, 8), (9, 3)], ids=["1B", "SmolLM2"])
+def test_written_span_attention_is_attention(heads):
+    """`written_span_attention` (prompt spans' attention where verified) against attention in float64 over the
+    same bfloat16 inputs: two rows, one from position 0 and one continuing at 100 with its last positions
+    repeated (a batched span's padding), each query seeing the keys at or before its position; spans across
+    query pieces and key blocks, and one that reaches past a cache whose length is no multiple of `SPAN_KEYS`."""
+    from llama32.model import written_span_attention
+
+    H, K = heads
+    G, hd = H // K, 64
+    gen = torch.Generator().manual_seed(12)
+    for T, S in ((1, 512), (70, 512), (300, 512), (300, 405)):
+        q = torch.randn(2, H, T, hd, generator=gen).bfloat16()
+        k, v = (torch.randn(2, K, S, hd, generator=gen).bfloat16() for _ in range(2))
+        pos = torch.stack([torch.arange(T), torch.arange(100, 100 + T).clamp(max=min(100 + T - 3, S - 1))])
+        pos = pos.clamp(max=S - 1)
+        scores = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) / hd ** 0.5  # (2, H, T, S)
+        hide = torch.arange(S)[None, None] > pos[:, :, None]  # (2, T, S)
+        want = scores.masked_fill(hide[:, None], float("-inf")).softmax(-1) @ v.double().repeat_interleave(G, 1)
+        got = written_span_attention(q, k, v, pos)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, T, H * hd)
+        want = want.transpose(1, 2).reshape(2, T, H * hd)
+        assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item(), (T, S)
+
+
+def test_written_spans_give_a_position_one_set_of_bits_however_its_prompt_is_cut(make_checkpoint):
+    """Where prompt spans attend written out (`model.span_attention`), a position's logits and its keys and
+    values must not depend on how its prompt was cut into spans, what shared their forward or how long the
+    cache was (the prefix index serves one request's prompt positions to another): a prompt spanned whole from
+    position 0, the same cut at odd places (spans continuing at 1, 70 and 333 positions), and the same beside a
+    shorter row in one forward (that row padded with its next position, as the engine pads) in a longer cache,
+    all to the bit. Decode steps round otherwise, so `decode_is_span` is False."""
+    from llama32.model import decode_is_span
+
+    model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
+    if model.span_attention != "written":
+        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified, or decode "
+                    "steps on the masked kernel)")
+    assert model.step_attention == "written" and not decode_is_span(model, "cpu", torch.bfloat16)
+    config = model.config
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, config.vocab_size, (2, 600), generator=gen)
+    whole = KVCache(config, 1, 1024, device="cpu", dtype=torch.bfloat16)
+    cut = KVCache(config, 1, 610, device="cpu", dtype=torch.bfloat16)  # (the last span reaches past it)
+    beside = KVCache(config, 2, 2048, device="cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        at = torch.arange(600)[None]
+        want = model(ids[:1], cache=whole, input_pos=torch.arange(600)[None], logits_at=at, causal=True)[0]
+        parts = []
+        for a, e in ((0, 1), (1, 70), (70, 333), (333, 600)):
+            parts.append(model(ids[:1, a:e], cache=cut, input_pos=torch.arange(a, e)[None],
+                               logits_at=torch.arange(e - a)[None], causal=a == 0)[0])
+        pos = torch.arange(600).expand(2, 600).clone()
+        pos[1, 250:] = 250
+        both = model(ids, cache=beside, input_pos=pos, logits_at=at.expand(2, 600), causal=True)[0]
+    assert torch.equal(torch.cat(parts), want)
+    assert torch.equal(both, want)
+    for a, b, c in zip(whole.k + whole.v, cut.k + cut.v, beside.k + beside.v):
+        assert torch.equal(a[:, :, :600], b[:, :, :600]) and torch.equal(a[:1, :, :600], c[:1, :, :600])
+
+
+def test_written_spans_are_taken_only_where_a_position_keeps_its_bits(make_checkpoint, monkeypatch):
+    """The load-time check (`span_attention_verified`) turns written span attention down where a position's
+    result depends on how its span was cut: here an attention that moves with the span's length. Spans then
+    keep the fused kernels while decode steps stay written; and with decode steps on the masked kernel
+    (LLAMA32_STEP_ATTENTION=masked) spans keep the kernels too."""
+    import llama32
+    from llama32 import model as M
+
+    path = make_checkpoint(kind="llama32")
+    honest = ours(path, torch.bfloat16)
+    if honest.span_attention != "written":
+        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified)")
+    real = M.written_span_attention
+    monkeypatch.setattr(M, "_span_checks", {})
+    monkeypatch.setattr(M, "written_span_attention", lambda q, k, v, pos: real(q, k, v, pos) * (1 + q.shape[2] / 4096))
+    swayed = ours(path, torch.bfloat16)
+    assert swayed.span_attention == "kernel" and swayed.step_attention == "written"
+    assert not any(layer.self_attn.written_spans for layer in swayed.model.layers)
+    monkeypatch.setattr(M, "written_span_attention", real)
+    monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
+    assert llama32.load(path, dtype="bfloat16", device="cpu").model.span_attention == "kernel"
+
+
 def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint):
     """Where decode steps attend written out (`choose_step_attention`), every one-position forward must too, with
     the same bits: a resume recomputing drawn positions and a verify forward pass several positions at once

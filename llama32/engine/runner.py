@@ -79,7 +79,9 @@ class Runner:
         # same bits. The causal kernel over the fresh keys alone rounds otherwise (a short last key block), which
         # flipped SmolLM2's greedy answer in bfloat16 to a request sent with others (benchmarks/RESULTS.md). So a
         # position's bits do not depend on how its prompt is chunked, grouped with others' or padded, and a
-        # request's result is the one it has alone. On CUDA the fresh-key causal (flash) kernel is kept.
+        # request's result is the one it has alone. (In bfloat16 where decode steps attend written out, the spans
+        # do too, whatever `causal` says: `model.written_span_attention`.) On CUDA the fresh-key causal (flash)
+        # kernel is kept.
         self.one_attention = llm.device.type == "cpu"
         self.causal_spans = causal_spans(llm.device, llm.dtype)
 
