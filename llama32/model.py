@@ -276,13 +276,28 @@ SPAN_ROWS = 32  # a prompt span's G * T rows
 KEY_BLOCK = 512  # see attend
 
 
-def attention_floor(device: torch.device) -> int:
-    """The fewest key positions a forward should attend over on `device`: `KEY_BLOCK` on the CPU, where fewer
+SHORT_KEYS = 256  # the CPU's floor where every attention is written out (see attention_floor)
+
+
+def attention_floor(device: torch.device, model: "Transformer | None" = None) -> int:
+    """The fewest key positions a forward should attend over on `device`: on the CPU `KEY_BLOCK`, where fewer
     are padded with a copy of the keys and values each layer (`attend`; 9% of a batch-1 1B decode step at 256
-    positions), 1 elsewhere. The engine's caches on the CPU hold at least this many positions and its forwards
-    attend over at least this many (engine/scheduler.py, engine/runner.py's `attended_for`), so the copy is
-    made only at a tight budget's edge, where the cache holds as many positions as fit."""
-    return KEY_BLOCK if torch.device(device).type == "cpu" else 1
+    positions), or `SHORT_KEYS` where `model` attends written out both in decode steps and in prompt spans
+    (`choose_step_attention`): decode steps then take a shorter set of keys in one product and spans take only
+    the keys they need (`written_attention`, `written_span_attention`). 1 elsewhere. The engine's caches on
+    the CPU hold at least this many positions and its forwards attend over at least this many
+    (engine/scheduler.py, engine/runner.py's `attended_for`), so a copy is made only at a tight budget's edge,
+    where the cache holds as many positions as fit.
+
+    What the shorter floor saves: decode steps whose rows hold fewer than 256 positions read half the keys and
+    values (8 requests of 128-token prompts and 64 new tokens: the attention's products fell from about 0.5 to
+    0.3 s, benchmarks/RESULTS.md). A step's keys are a view of the rows' cache; over fewer positions than the
+    cache holds, with more than one row, the CPU's batched product copies them first, which is why the floor
+    is the shortest cache the scheduler makes (256: engine/scheduler.py's `MIN_LENGTH`) and not lower."""
+    if torch.device(device).type != "cpu":
+        return 1
+    written = model is not None and model.step_attention == "written" and model.span_attention == "written"
+    return SHORT_KEYS if written else KEY_BLOCK
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: int) -> Tensor:
@@ -327,12 +342,13 @@ def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     span kernel's, so a decode step no longer gives a position a prompt span's keys and values
     (`decode_is_span`); and they are a row's own only as far as oneDNN runs each row's products alike
     whatever the batch and the attended length, which the load-time check establishes on each CPU."""
-    k, v, mask = _pad_keys(k, v, mask)  # (a tight budget's edge: see `attend`; the check covers multiples of 512)
+    # (a tight budget's edge: see `attend`; the check covers 256 keys and multiples of 512)
+    k, v, mask = _pad_keys(k, v, mask, SHORT_KEYS if k.shape[2] < KEY_BLOCK else KEY_BLOCK)
     scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, K, G, S)
     bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     probs = scores.mul_(q.shape[-1] ** -0.5).add_(bias).softmax(-1).to(q.dtype)
     B, K, G, S = probs.shape
-    if S == KEY_BLOCK:
+    if S <= KEY_BLOCK:  # (256 keys where the floor is `SHORT_KEYS`: one product, as over 512)
         return torch.matmul(probs, v)
     # Over more keys, one product per 512-key block, the blocks' sums added in float32 in block order: oneDNN
     # blocks a product's sum otherwise for a longer one (SmolLM2's heads: a row's output over 1,024 keys parted
@@ -482,10 +498,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _pad_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """k, v [B, K, S, hd] and mask [..., S] padded to a multiple of `KEY_BLOCK` key positions with masked zero
+def _pad_keys(k: Tensor, v: Tensor, mask: Tensor, block: int = KEY_BLOCK) -> tuple[Tensor, Tensor, Tensor]:
+    """k, v [B, K, S, hd] and mask [..., S] padded to a multiple of `block` key positions with masked zero
     keys and values (unchanged where S is one already)."""
-    extra = -k.shape[2] % KEY_BLOCK
+    extra = -k.shape[2] % block
     if not extra:
         return k, v, mask
     return (_pad_positions(k, extra), _pad_positions(v, extra),
@@ -810,10 +826,11 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
 
 
 # (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:
-# batch sizes a loop runs (every one up to 16 at the CPU's 512-key floor, up to 8 over 1,024 keys), attended lengths
-# from the floor up (1,536: a tight budget's edge), and steps over the first positions of a longer cache (the
-# loop's views)
-STEP_CHECKS = (tuple((B, 512, 512) for B in (*range(1, 17), 24, 32, 48, 64))
+# batch sizes a loop runs (at the 256-key floor where every attention is written out, every one up to 16 at the
+# CPU's 512-key floor, up to 8 over 1,024 keys), attended lengths from the floor up (1,536: a tight budget's
+# edge), and steps over the first positions of a longer cache (the loop's views)
+STEP_CHECKS = (tuple((B, 256, 256) for B in (*range(1, 9), 16, 32)) + ((1, 256, 512), (3, 256, 1024))
+               + tuple((B, 512, 512) for B in (*range(1, 17), 24, 32, 48, 64))
                + tuple((B, 1024, 1024) for B in (*range(1, 9), 16)) + ((4, 1024, 2048), (3, 512, 2048))
                + ((6, 1536, 1536), (1, 2048, 2048), (3, 2048, 2048), (8, 2048, 2048), (1, 4096, 4096),
                   (4, 4096, 4096), (2, 8192, 8192), (1, 32768, 32768)))
@@ -845,7 +862,7 @@ def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
         return (torch.arange(S)[None] < ends[rows][:, None])[:, None, None]  # (B, 1, 1, S)
 
     def alone(r: int) -> Tensor:
-        S = -(-int(ends[r]) // KEY_BLOCK) * KEY_BLOCK
+        S = SHORT_KEYS if ends[r] <= SHORT_KEYS else -(-int(ends[r]) // KEY_BLOCK) * KEY_BLOCK
         return written_attention(q[r:r + 1], k[r:r + 1, :, :S], v[r:r + 1, :, :S], mask(torch.tensor([r]), S))
 
     want = [alone(r) for r in range(base)]

@@ -731,6 +731,44 @@ def test_a_process_leaving_a_stream_open_exits_cleanly(smollm2_dir, tmp_path):
     assert done.returncode == 0 and "terminate called" not in done.stderr, (done.returncode, done.stderr[-2000:])
 
 
+def test_with_every_attention_written_a_short_request_attends_over_256_keys(smollm2_dir, monkeypatch):
+    """Where decode steps and prompt spans both attend written out (bfloat16 on the CPU where the load-time
+    checks verify), the CPU's floor is 256 key positions, not 512 (`model.attention_floor`): a short request's
+    prompt goes through `written_span_attention` over its own positions and each decode step attends over
+    256 keys; its answer and log-probabilities are, to the bit, what the same attention over the 512 floor
+    gives. (With `LLAMA32_STEP_ATTENTION=masked` the floor is 512 again.)"""
+    import llama32.engine.loop
+    import llama32.model as model
+
+    llm = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
+    if llm.model.span_attention != "written":
+        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified, or "
+                    "no native bfloat16)")
+    assert model.attention_floor("cpu", llm.model) == 256 and llm.loop.scheduler.min_length == 256
+    spans, steps = [], []
+    real_span, real_step = model.written_span_attention, model.written_attention
+    monkeypatch.setattr(model, "written_span_attention", lambda q, k, v, pos: spans.append(q.shape[2]) or
+                        real_span(q, k, v, pos))
+    monkeypatch.setattr(model, "written_attention", lambda q, k, v, mask: steps.append(k.shape[2]) or
+                        real_step(q, k, v, mask))
+    prompt = chatml("Which floor is this? A question asked once, so that no prefix is reused.")
+    n = len(llm.tokenizer.encode(prompt))
+    request = dict(prompt=prompt, raw=True, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2)
+    out = llama32.generate(llm, **request)
+    layers = llm.config.num_hidden_layers
+    assert spans == [n] * layers and steps == [256] * (3 * layers)
+    del steps[:]
+    for where in (model, llama32.engine.loop):  # the same attention over the 512 floor
+        monkeypatch.setattr(where, "attention_floor", lambda device, m=None: 512)
+    wide = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
+    got = llama32.generate(wide, **request)
+    assert steps == [512] * (3 * layers)
+    assert got["response"] == out["response"] and logprob_bits(got) == logprob_bits(out)
+    monkeypatch.undo()
+    monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
+    assert model.attention_floor("cpu", llama32.load(smollm2_dir, dtype="bfloat16", device="cpu").model) == 512
+
+
 def test_a_prompt_from_position_0_takes_the_causal_kernel(smol, monkeypatch):
     """A prompt prefilled whole from position 0 attends with `model.causal_attention` (about half the masked
     attention's work, the same bits: tests/test_model.py), every layer over its whole span; its decode steps keep

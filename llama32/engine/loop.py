@@ -86,7 +86,7 @@ class GenerationLoop:
         self.memory.answers = decode_is_span(llm.model, llm.device, llm.dtype)
         self.scheduler = Scheduler(self.memory, max_batch=self.max_batch, context=llm.context_length,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64),
-                                   min_length=max(MIN_LENGTH, attention_floor(llm.device)),
+                                   min_length=max(MIN_LENGTH, attention_floor(llm.device, llm.model)),
                                    chunk_rows=CHUNK_ROWS.get(device))
         self.runner = Runner(llm)
         # The sampler's per-row state (settings, seed counter, history), one row per slot of the rows' cache

@@ -129,7 +129,8 @@ class Rows:
     The cache is sized to what the rows hold now, not to what they may come to hold: it grows (longer
     rows, more rows) as prompts arrive and tokens are produced, and shrinks when rows leave, always a power
     of two of rows (the compiled step runs power-of-two batches of the first rows) and of positions (from
-    256, 512 on the CPU; at the budget's edge, as many as fit). `resize` moves the live rows into a new
+    256; 512 on the CPU unless every attention is written out, model.py's `attention_floor`; at the budget's
+    edge, as many as fit). `resize` moves the live rows into a new
     cache (between steps, by the loop), packing them into the lowest slots so a smaller batch can hold them.
     """
 
@@ -139,7 +140,7 @@ class Rows:
         self.cache = KVCache(llm.config, batch or capacity, length, device=llm.device, dtype=llm.dtype)
         self.jobs: list[Any] = [None] * capacity
         # the fewest positions a forward attends over (runner.attended_for)
-        self.floor = attention_floor(llm.device)
+        self.floor = attention_floor(llm.device, llm.model)
         keep_address(self.cache.k + self.cache.v)
 
     def live(self) -> list[int]:

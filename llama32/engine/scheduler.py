@@ -5,8 +5,8 @@ prompt + max_tokens: a request is admitted when the rows' cache, grown to hold i
 of the budget `kv_cache_bytes` (`rows_budget`: all of it but room for one layer's tensor, so that growing
 the cache never holds more than the budget; the prefix index gives way first). The cache is `batch` x
 `length`: a power of two of rows covering every live row, and positions from 256 up in powers of two (at
-the budget's edge, as many as fit); from 512 on the CPU, where attention over fewer keys pads them with a copy
-(model.py's `attention_floor`).
+the budget's edge, as many as fit); from 512 on the CPU where the fused attention kernels over fewer keys pad
+them with a copy (model.py's `attention_floor`).
 As rows produce tokens the cache grows; when it cannot, the most recently arrived running requests are
 paused (their rows released; memory.py may keep their keys and values in the prefix index) until the rest
 fit, and go back to the head of the queue. A resumed request recomputes its context (prompt and the tokens
@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-MIN_LENGTH = 256  # the shortest cache the rows get (positions); on the CPU model.py's KEY_BLOCK (512)
+MIN_LENGTH = 256  # the shortest cache the rows get (positions); on the CPU model.py's `attention_floor` if more
 MIN_POSITIONS = 16  # the fewest positions a budget must hold for one row
 
 
