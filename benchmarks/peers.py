@@ -151,6 +151,7 @@ def worker(engine: str, ckpt: str, max_batch: int, repo: Path = REPO) -> int:
     # llama32's kernel choices at load (the CPU decides them), recorded beside the figures
     model = getattr(getattr(eng, "llm", None), "model", None)
     paths = {"cpu_path": getattr(model, "cpu_path", None), "step_attention": getattr(model, "step_attention", None),
+             "span_attention": getattr(model, "span_attention", None),
              "row_invariant": getattr(model, "row_invariant", None)} if engine == "llama32" else {}
     print(json.dumps({"ready": True, "paths": paths}), file=out, flush=True)
     for line in sys.stdin:
