@@ -296,7 +296,7 @@ def attention_floor(device: torch.device, model: "Transformer | None" = None) ->
     is the shortest cache the scheduler makes (256: engine/scheduler.py's `MIN_LENGTH`) and not lower."""
     if torch.device(device).type != "cpu":
         return 1
-    written = model is not None and model.step_attention == "written" and model.span_attention == "written"
+    written = model is not None and model.span_attention == "written"  # (only where steps are written too)
     return SHORT_KEYS if written else KEY_BLOCK
 
 
@@ -451,7 +451,7 @@ def decode_is_span(model: "Transformer", device: torch.device | str, dtype: torc
     if dtype == torch.float32:
         return True
     return (torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)
-            and model.step_attention == "masked" and model.span_attention == "kernel")
+            and model.step_attention == "masked")  # (masked steps keep spans on the kernels too)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:

@@ -73,7 +73,8 @@ def test_int8_quality_against_float32(smol, smol_int8, dtype, max_kl):
         if ids != wanted:
             # a greedy answer may part only at an exact tie, where the lower token id wins: in bfloat16 the
             # first token of the first prompt is one ('L' and 'The' at the same log-probability)
-            i = next(i for i, (a, b) in enumerate(zip(ids, wanted)) if a != b)
+            i = next((i for i, (a, b) in enumerate(zip(ids, wanted)) if a != b), None)
+            assert i is not None, (prompt, ids, wanted)  # one answer stopped where the other went on
             top = {t["id"]: t["logprob"] for t in got[i]["top_logprobs"]}
             assert top.get(wanted[i]) == got[i]["logprob"], (prompt, i, got[i])
 
