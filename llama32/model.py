@@ -44,14 +44,19 @@ class Linear(nn.Linear):
     # bfloat16 on CPU: the row counts this product runs at, so a row's bits do not depend on how many rows
     # share the product (tiles.py; set by `choose_cpu_path`). None: one call at whatever row count comes.
     tiles: RowTiles | None = None
+    # bfloat16 on CPU: the row counts for the rows of prompt spans, where a ladder of larger calls verifies and
+    # `tiles` stops short (`span_tiles_for`); None: spans take `tiles` too
+    span_tiles: RowTiles | None = None
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # see Embedding
             super().reset_parameters()
 
-    def forward(self, x: Tensor, lora=None) -> Tensor:
-        if self.tiles is not None and not torch.compiler.is_compiling():
-            y = run_tiles(self.product, x, self.tiles)
+    def forward(self, x: Tensor, lora=None, span: bool = False) -> Tensor:
+        """`span`: x holds rows of prompt spans (not decode, verify or resume steps), which take `span_tiles`."""
+        tiles = self.span_tiles if span and self.span_tiles is not None else self.tiles
+        if tiles is not None and not torch.compiler.is_compiling():
+            y = run_tiles(self.product, x, tiles)
         elif self.weight.dtype == torch.int8:  # load(..., quantize="int8"), see quant.py
             y = int8_linear(x, self.weight, self.weight_scale)
             if self.bias is not None:
@@ -213,15 +218,17 @@ class Attention(nn.Module):
         """`probs`: a list to append this layer's attention probabilities [B, H, T, S] to (see `explicit_attention`);
         None (every generation step) keeps `scaled_dot_product_attention`. `per_position`: with a mask, attend
         one query position at a time (see `Transformer.forward`)."""
-        return self.o_proj(self.mix(x, cos, sin, kv, input_pos, mask, lora, probs, per_position), lora)
+        return self.o_proj(self.mix(x, cos, sin, kv, input_pos, mask, lora, probs, per_position), lora,
+                           not per_position)
 
     def mix(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None, input_pos: Tensor | None,
             mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
         """`forward` up to the output projection: the heads' attention outputs side by side, [B, T, H * hd]."""
         B, T, _ = x.shape
-        q = self.q_proj(x, lora).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
-        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        span = not per_position  # (see Linear.span_tiles)
+        q = self.q_proj(x, lora, span).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x, lora, span).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x, lora, span).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv is not None:
@@ -446,12 +453,14 @@ def decode_is_span(model: "Transformer", device: torch.device | str, dtype: torc
       kernel may pack keys for one query count and not another, nor on the widened path (AVX2 only), which is
       not row-invariant at all. Nor where decode steps attend written out (`choose_step_attention`): their
       products round otherwise than the span's kernel, and prompt spans then attend written out in pieces of
-      their own shape (`written_span_attention`).
+      their own shape (`written_span_attention`). Nor where spans' products take row tiles of their own
+      (`span_tiles_for`).
     - float16 anywhere, bfloat16 on CUDA: not established (no GPU in this project's checks)."""
     if dtype == torch.float32:
         return True
     return (torch.device(device).type == "cpu" and model.row_invariant and causal_spans(device, dtype)
-            and model.step_attention == "masked")  # (masked steps keep spans on the kernels too)
+            and model.step_attention == "masked"  # (masked steps keep spans on the kernels too)
+            and not any(isinstance(m, Linear) and m.span_tiles is not None for m in model.modules()))
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> Tensor:
@@ -533,14 +542,17 @@ class MLP(nn.Module):
         self.up_proj = Linear(d, i, bias=bias)
         self.down_proj = Linear(i, d, bias=bias)
 
-    def forward(self, x: Tensor, lora=None) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+    def forward(self, x: Tensor, lora=None, span: bool = False) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, lora, span)) * self.up_proj(x, lora, span), lora, span)
 
 
 class DecoderLayer(nn.Module):
     # bfloat16 on CPU: call sizes verified for every projection after attention (`tile_products`), so that the
     # rest of the layer runs one row tile at a time (`_rest_in_tiles`); None: as written in `forward`'s tail
     tiles: RowTiles | None = None
+    # the same for the rows of prompt spans, where a product after attention has `Linear.span_tiles`; None: spans
+    # take `tiles`
+    span_tiles: RowTiles | None = None
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -551,12 +563,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
                 mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
-        attn = self.self_attn
+        attn, span = self.self_attn, not per_position  # (see Linear.span_tiles)
         a = attn.mix(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position)
-        if self.tiles is not None and lora is None and not self._adapted() and not torch.compiler.is_compiling():
-            return self._rest_in_tiles(x, a)
-        x = x + attn.o_proj(a, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+        tiles = self.span_tiles if span and self.span_tiles is not None else self.tiles
+        if tiles is not None and lora is None and not self._adapted() and not torch.compiler.is_compiling():
+            return self._rest_in_tiles(x, a, tiles)
+        x = x + attn.o_proj(a, lora, span)
+        return x + self.mlp(self.post_attention_layernorm(x), lora, span)
 
     def _adapted(self) -> bool:
         """Whether a projection after attention carries the handle's own adapter (`Linear.adapter`)."""
@@ -565,9 +578,10 @@ class DecoderLayer(nn.Module):
     def _after_attention(self) -> tuple[Linear, ...]:
         return self.self_attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj
 
-    def _rest_in_tiles(self, x: Tensor, a: Tensor) -> Tensor:
+    def _rest_in_tiles(self, x: Tensor, a: Tensor, tiles: RowTiles) -> Tensor:
         """The layer after attention (output projection, residual, norm, MLP, residual), one row tile at a
-        time: x [B, T, D] the layer's input, a [B, T, H * hd] the attention's output.
+        time: x [B, T, D] the layer's input, a [B, T, H * hd] the attention's output, `tiles` the layer's
+        (`tiles`, or `span_tiles` for a prompt span's rows).
 
         Every step after attention works row by row, so a tile of rows can go through all of them before the
         next tile starts. Each product then runs once per tile at a size its row tiles verified (tiles.py:
@@ -580,7 +594,7 @@ class DecoderLayer(nn.Module):
         xs, as_ = x.reshape(rows, D), a.reshape(rows, a.shape[-1])
         out = torch.empty_like(xs)
         o, mlp = self.self_attn.o_proj, self.mlp
-        for start, n, size in tile_parts(self.tiles.calls(rows), rows):  # as tiles.run covers a product's rows
+        for start, n, size in tile_parts(tiles.calls(rows), rows):  # as tiles.run covers a product's rows
             y = pad_rows(xs[start:start + n], size) + o.product(pad_rows(as_[start:start + n], size))
             h = self.post_attention_layernorm(y)
             g = mlp.gate_proj.product(h)
@@ -674,7 +688,8 @@ class Transformer(nn.Module):
         `per_position` (with input_pos): attention runs one query position at a time (`Attention.step_attention`),
         as every decode step does, so that each position's attention rounds exactly as a decode step's
         (speculative decoding's verify forward, engine/speculative/, and a resume's drawn positions: on a CPU in
-        bfloat16 one fused call over several positions rounds differently).
+        bfloat16 one fused call over several positions rounds differently). Every other forward is a prompt
+        span, whose products take `Linear.span_tiles` where a projection has them.
         `causal` (with input_pos): every row's span starts at position 0 (its i-th token at position i; a row's
         padding, if any, after its tokens), so attention runs `causal_attention` over the cache instead of
         under a mask: the same bits, about half the work (engine/runner.py's prompt spans).
@@ -782,9 +797,38 @@ def tile_products(model: Transformer) -> None:
         module.tiles = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=prefer,
                                   cap=cap)
         every = every and module.tiles is not None
+        if name != "lm_head":  # (the head runs on prompt rows only when scoring; its own ladder serves them)
+            module.span_tiles = span_tiles_for(module, key)
     model.row_invariant = every
     for layer in model.model.layers:
-        layer.tiles = common_tiles([p.tiles for p in layer._after_attention()])
+        products = layer._after_attention()
+        layer.tiles = common_tiles([p.tiles for p in products])
+        if any(p.span_tiles is not None for p in products):
+            layer.span_tiles = common_tiles([p.tiles if p.span_tiles is None else p.span_tiles for p in products])
+
+
+SPAN_UNIT = 64  # the unit of a prompt span's ladder where the usual one stops short (see span_tiles_for)
+
+
+def span_tiles_for(module: Linear, key: tuple) -> RowTiles | None:
+    """A ladder of larger calls for the rows of prompt spans, where `module.tiles` stops short of `2 * SPAN_UNIT`
+    rows and one of `SPAN_UNIT` rows and up verifies and goes further; else None (spans take `tiles`).
+
+    On an Intel Xeon with AMX (2 cores), oneDNN's bfloat16 kernel for the 1B's down projection (8,192 -> 2,048)
+    gives a row one set of bits in calls of 1 to 48 rows and another in calls of 56 to 512, so its ladder from
+    one row stops at 48 rows, where it ran at 1.06 TFLOP/s, against 1.4 at 64 rows and 1.7 at 128 and 256; every
+    product after attention then ran at 48 rows (the layer's common sizes, `DecoderLayer._rest_in_tiles`). A
+    position's bits need only be the same wherever it is computed, and a prompt's positions are always computed
+    in prompt spans (a prefill, a prefix another request computed, a resumed row's prompt), a drawn position
+    always in one-position steps (a decode step, a verify or a resumed row's drawn positions: `per_position`).
+    So spans may take a ladder of their own, and positions stay the same kind: a decode step then does not
+    write a span's bits (`decode_is_span`), as where attention is written out. The cost: a span's rows are
+    padded to a multiple of the unit in that product (a 5-token span runs 64 rows)."""
+    tiles = module.tiles
+    if tiles is None or tiles.sizes[-1] >= 2 * SPAN_UNIT:
+        return None
+    wide = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=SPAN_UNIT, cap=CAP)
+    return wide if wide is not None and wide.sizes[-1] > tiles.sizes[-1] else None
 
 
 def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:

@@ -19,6 +19,10 @@ What it costs: on a 2-core AMD EPYC (AVX-512 BF16, no AMX) a 512- or 2,048-row p
 ran in 256-row calls within 2% of one call, either way (benchmarks/row_tiles.py measures the whole prefill
 and decode). The check itself runs a few hundred rows per distinct weight shape, once per process.
 
+A weight may have two ladders: where the one from a unit of 1 or 2 rows stops short (on an AMX Xeon the 1B's
+down projection rounded one way up to 48 rows and another from 56), prompt spans take one from 64 rows
+(model.py's `span_tiles_for`): a prompt's positions are always computed in spans, a drawn position in steps.
+
 Where no ladder verifies (the unit itself disagrees with itself at a shifted offset, for every unit tried),
 `plan` returns None and the product runs as before: `Linear.tiles` stays None and the model says so
 (`row_invariant`).

@@ -323,19 +323,49 @@ def test_written_span_attention_is_attention(heads):
         assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item(), (T, S)
 
 
-def test_written_spans_give_a_position_one_set_of_bits_however_its_prompt_is_cut(make_checkpoint):
+def two_class_products(model, monkeypatch) -> None:
+    """Give every projection but the head a kernel that rounds as an AMX Xeon's did for the 1B's down projection
+    (benchmarks/RESULTS.md): one set of bits in calls of up to 48 rows, another in calls of more (here the
+    product's own, nudged by a relative 2^-7), and plan the row tiles again (`tile_products`). Each projection's
+    ladder from one row then stops at 48, and prompt spans take a ladder of their own from 64 (`span_tiles_for`)."""
+    from llama32 import tiles
+    from llama32.model import Linear, tile_products
+
+    def two_class(real):
+        def product(x):
+            y = real(x)
+            return y if x.numel() <= 48 * x.shape[-1] else (y.float() * (1 + 2 ** -7)).to(y.dtype)
+        return product
+
+    monkeypatch.setattr(tiles, "_plans", {})
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name != "lm_head":
+            module.product = two_class(module.product)
+    tile_products(model)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name != "lm_head":
+            assert module.tiles.sizes[-1] == 48 and module.span_tiles.unit == 64, name
+    assert all(layer.span_tiles.unit == 64 for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("kernel", ["as-is", "two-class"])
+def test_written_spans_give_a_position_one_set_of_bits_however_its_prompt_is_cut(make_checkpoint, kernel,
+                                                                                  monkeypatch):
     """Where prompt spans attend written out (`model.span_attention`), a position's logits and its keys and
     values must not depend on how its prompt was cut into spans, what shared their forward or how long the
     cache was (the prefix index serves one request's prompt positions to another): a prompt spanned whole from
     position 0, the same cut at odd places (spans continuing at 1, 70 and 333 positions), and the same beside a
     shorter row in one forward (that row padded with its next position, as the engine pads) in a longer cache,
-    all to the bit. Decode steps round otherwise, so `decode_is_span` is False."""
+    all to the bit. Decode steps round otherwise, so `decode_is_span` is False. "two-class": with products
+    whose ladder stops at 48 rows, spans taking their own from 64 (a 1-position span runs 64 rows)."""
     from llama32.model import decode_is_span
 
     model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
     if model.span_attention != "written":
         pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified, or decode "
                     "steps on the masked kernel)")
+    if kernel == "two-class":
+        two_class_products(model, monkeypatch)
     assert model.step_attention == "written" and not decode_is_span(model, "cpu", torch.bfloat16)
     config = model.config
     gen = torch.Generator().manual_seed(8)
@@ -382,17 +412,39 @@ def test_written_spans_are_taken_only_where_a_position_keeps_its_bits(make_check
     assert llama32.load(path, dtype="bfloat16", device="cpu").model.span_attention == "kernel"
 
 
-def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint):
+def test_spans_on_a_ladder_of_their_own_are_not_decode_steps(make_checkpoint, monkeypatch):
+    """Where prompt spans' products take row tiles of their own (`span_tiles_for`), a decode step does not write
+    a span's bits, so `decode_is_span` (whether the prefix index may serve drawn positions to other prompts) is
+    False, even where it held before: decode steps on the masked kernel, spans from position 0 on the causal
+    one (as on a CPU with AVX-512 BF16 and no AMX)."""
+    from llama32 import model as M
+
+    model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
+    if model.cpu_path == "widened":
+        pytest.skip("bfloat16 on a CPU without native bfloat16 has no row tiles (docs/API.md)")
+    for layer in model.model.layers:
+        layer.self_attn.written_steps = layer.self_attn.written_spans = False
+    monkeypatch.setattr(M, "causal_spans", lambda device, dtype: True)
+    assert M.decode_is_span(model, "cpu", torch.bfloat16)
+    two_class_products(model, monkeypatch)
+    assert not M.decode_is_span(model, "cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("kernel", ["as-is", "two-class"])
+def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint, kernel, monkeypatch):
     """Where decode steps attend written out (`choose_step_attention`), every one-position forward must too, with
     the same bits: a resume recomputing drawn positions and a verify forward pass several positions at once
     (`per_position`), beside other rows; decode steps run rows of other lengths beside each other. A position's
     logits and keys and values are the same whichever way, to the bit, and `decode_is_span` is False (a prompt
-    span rounds otherwise: the prefix index keeps drawn positions out)."""
+    span rounds otherwise: the prefix index keeps drawn positions out). "two-class": with products whose
+    ladder stops at 48 rows, where a forward of several positions must not take the spans' ladder."""
     from llama32.model import decode_is_span
 
     model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
     if model.step_attention != "written":
         pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified)")
+    if kernel == "two-class":
+        two_class_products(model, monkeypatch)
     assert not decode_is_span(model, "cpu", torch.bfloat16)
     config = model.config
     gen = torch.Generator().manual_seed(6)

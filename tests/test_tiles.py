@@ -79,6 +79,33 @@ def test_the_plan_leaves_out_what_rounds_otherwise():
     assert tail.sizes == (1, 2, 3, 4, 6, 8, 12)
 
 
+def test_prompt_spans_get_a_ladder_of_their_own_where_the_usual_one_stops_short():
+    """A kernel that rounds one way in calls of up to 48 rows and another in calls of more (as an AMX Xeon's
+    did for the 1B's down projection) verifies a ladder from one row only to 48; prompt spans take one from 64
+    rows (`model.span_tiles_for`), on which every row count gives every row its solo bits. A kernel whose ladder
+    reaches 128 rows keeps it for spans."""
+    from types import SimpleNamespace
+
+    from llama32.model import span_tiles_for
+
+    product = kernel(lambda M, i: M > 48)
+    tiles = plan(product, K, torch.bfloat16, ("fake", "two-class"), prefer=1, cap=CAP)
+    assert tiles.sizes[-1] == 48
+    module = SimpleNamespace(product=product, in_features=K, weight=W, tiles=tiles)
+    span = span_tiles_for(module, ("fake", "two-class"))
+    assert span.sizes == (64, 128, 192, 256)
+    x = torch.randn(600, K, generator=torch.Generator().manual_seed(4)).bfloat16()
+    alone = torch.cat([run(product, x[i:i + 1], span) for i in range(x.shape[0])])
+    assert not torch.equal(alone[:48], run(product, x[:48], tiles))  # (the two ladders' bits part)
+    product.sizes.clear()
+    for m in range(1, x.shape[0] + 1):
+        assert torch.equal(run(product, x[:m], span), alone[:m]), f"{m} rows"
+    assert set(product.sizes) <= set(span.sizes)
+    amx = SimpleNamespace(product=AMX_LIKE, in_features=K, weight=W,
+                          tiles=plan(AMX_LIKE, K, torch.bfloat16, ("fake", "amx-1"), prefer=1, cap=CAP))
+    assert amx.tiles.sizes[-1] >= 128 and span_tiles_for(amx, ("fake", "amx-1")) is None
+
+
 def test_a_kernel_whose_rows_move_with_their_place_gets_no_plan():
     shifted = kernel(lambda M, i: i % 2 == 1)  # every call: odd positions the other way
     assert plan(shifted, K, torch.bfloat16, ("fake", "shift-2"), prefer=2, cap=64) is None
@@ -128,11 +155,12 @@ def test_every_product_shape_every_row_every_row_count(smollm2_dir, smol_bf16, m
         for (k, _), (name, module) in seen.items():
             top = 2 * (CAP_HEAD if name == "lm_head" else CAP)
             x = torch.randn(top, k, generator=gen).bfloat16()
-            alone = torch.cat([module(x[i:i + 1]) for i in range(top)])
-            for m in range(1, top + 1):
-                got = module(x[None, :m])[0]
-                bad = (got != alone[:m]).any(-1).nonzero().flatten().tolist()
-                assert not bad, f"{name}: {m} rows, rows {bad[:10]} differ from the rows alone"
+            for span in {False, module.span_tiles is not None}:  # (a prompt span's ladder, where it has its own)
+                alone = torch.cat([module(x[i:i + 1], span=span) for i in range(top)])
+                for m in range(1, top + 1):
+                    got = module(x[None, :m], span=span)[0]
+                    bad = (got != alone[:m]).any(-1).nonzero().flatten().tolist()
+                    assert not bad, f"{name}: {m} rows, rows {bad[:10]} differ from the rows alone (span {span})"
 
 
 def test_a_layer_takes_the_sizes_its_products_share_whatever_their_units():
@@ -191,7 +219,8 @@ def test_the_layer_after_attention_runs_in_tiles_with_the_bits_of_the_layer_whol
     assert all(layer.tiles is not None for layer in layers)
     calls = []
     tiled = DecoderLayer._rest_in_tiles
-    monkeypatch.setattr(DecoderLayer, "_rest_in_tiles", lambda self, x, a: calls.append(x.shape) or tiled(self, x, a))
+    monkeypatch.setattr(DecoderLayer, "_rest_in_tiles",
+                        lambda self, x, a, tiles: calls.append(x.shape) or tiled(self, x, a, tiles))
     gen = torch.Generator().manual_seed(5)
     with torch.inference_mode():
         for batch, length in [(1, 3), (2, 200), (3, 301)]:
@@ -199,14 +228,14 @@ def test_the_layer_after_attention_runs_in_tiles_with_the_bits_of_the_layer_whol
             calls.clear()
             got = model(ids, output_hidden_states=True)
             assert len(calls) == len(layers)
-            plans = [layer.tiles for layer in layers]
+            plans = [(layer.tiles, layer.span_tiles) for layer in layers]
             for layer in layers:
-                layer.tiles = None
+                layer.tiles = layer.span_tiles = None
             try:
                 whole = model(ids, output_hidden_states=True)
             finally:
-                for layer, tiles in zip(layers, plans):
-                    layer.tiles = tiles
+                for layer, (tiles, span_tiles) in zip(layers, plans):
+                    layer.tiles, layer.span_tiles = tiles, span_tiles
             assert len(calls) == len(layers)  # the whole run did not take the tiles
             assert torch.equal(got.logits, whole.logits), (batch, length)
             for i, (a, b) in enumerate(zip(got.hidden_states, whole.hidden_states)):
