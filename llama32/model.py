@@ -383,10 +383,12 @@ def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tens
       key/value head's G query heads folded into the rows: one product of [K, G * SPAN_QUERIES, hd] queries
       with the keys up to the piece's furthest position, rounded up to `SPAN_KEYS` (padded with zero keys at
       a tight budget's edge, where the cache holds fewer);
-    - the scores scaled, the keys past each query's position set to -inf, the softmax in float32 rounded
-      to the model dtype (as transformers' eager attention does; masked keys get exactly 0);
-    - the probabilities times the values `SPAN_KEYS` keys at a time, those products summed in float32 in
-      key order (a product's sum over more keys is blocked otherwise by oneDNN; blocks of masked keys add 0).
+    - the scores scaled (the queries instead, where the scale is a power of two: the same bits, on a tensor
+      a piece's key count times smaller), the keys past each query's position set to -inf, the softmax in
+      float32 rounded to the model dtype (as transformers' eager attention does; masked keys get exactly 0);
+    - the probabilities times the values `SPAN_KEYS` keys at a time (one batched product of every block),
+      those products summed in float32 in key order (a product's sum over more keys is blocked otherwise by
+      oneDNN; blocks of masked keys add 0).
     What is left to oneDNN (a row's bits the same at any place in a product's rows, and over more keys) is
     what the load-time check (`span_attention_verified`) establishes on each CPU.
 
@@ -405,6 +407,9 @@ def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tens
     out = q.new_empty(B, T + extra, K, G, hd)
     keys = torch.arange(max(S, int(pos.max()) + KB), device=q.device)
     scale = hd ** -0.5
+    exact = math.frexp(scale)[0] == 0.5  # a power of two (head dims 16, 64, 256): scaling the queries is exact
+    if exact:
+        q = q * scale
     for b in range(B):
         kb, vb = k[b], v[b]  # (K, S, hd)
         for a in range(0, T + extra, Q):
@@ -414,12 +419,17 @@ def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tens
             if n > kb.shape[1]:  # a tight budget's edge: zero keys, masked below
                 kb, vb = (torch.cat([t, t.new_zeros(K, n - t.shape[1], hd)], dim=1) for t in (kb, vb))
             rows = q[b, :, a:a + Q].reshape(K, G * Q, hd)
-            scores = torch.matmul(rows, kb[:, :n].transpose(-1, -2)).mul_(scale)  # (K, G * Q, n)
+            scores = torch.matmul(rows, kb[:, :n].transpose(-1, -2))  # (K, G * Q, n)
+            if not exact:
+                scores.mul_(scale)
             scores.view(K, G, Q, n)[..., first:].masked_fill_(keys[first:n] > at[:, None], float("-inf"))
             probs = scores.softmax(-1)  # (float32 inside, rounded to the dtype)
-            y = torch.bmm(probs[:, :, :KB], vb[:, :KB]).float()
-            for j in range(KB, n, KB):
-                y += torch.bmm(probs[:, :, j:j + KB], vb[:, j:j + KB])
+            blocks = n // KB  # one batched product of each block of probabilities with its block of values
+            per_block = torch.bmm(probs.view(K, G * Q, blocks, KB).transpose(1, 2).reshape(K * blocks, G * Q, KB),
+                                  vb[:, :n].reshape(K * blocks, KB, hd)).view(K, blocks, G * Q, hd)
+            y = per_block[:, 0].float()
+            for j in range(1, blocks):
+                y += per_block[:, j]
             out[b, a:a + Q] = y.view(K, G, Q, hd).permute(2, 0, 1, 3)
     return out[:, :T].reshape(B, T, H * hd)
 
