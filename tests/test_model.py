@@ -31,6 +31,22 @@ def test_logits_match_transformers(make_checkpoint, kind, sharded):
     assert rel_err(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_over_many_rows_gives_each_row_the_bits_it_has_alone(dtype):
+    """`RMSNorm` over more than `NORM_ROWS` rows (a prompt's) goes a block of rows at a time: every row keeps the
+    bits of the norm over it alone, and the result is the model dtype's, as whole."""
+    from llama32.model import NORM_ROWS, RMSNorm
+
+    norm = RMSNorm(576, 1e-5)
+    norm.weight = torch.nn.Parameter(torch.randn(576, generator=torch.Generator().manual_seed(2)).to(dtype))
+    x = (torch.randn(3, NORM_ROWS + 77, 576, generator=torch.Generator().manual_seed(3)) * 5).to(dtype)
+    with torch.no_grad():
+        got = norm(x)
+        alone = torch.stack([torch.cat([norm(x[b, i:i + 1]) for i in range(x.shape[1])]) for b in range(3)])
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, alone)
+
+
 def test_legacy_config_spelling_loads_the_same(make_checkpoint):
     """rope_theta + rope_scaling (transformers 4.x files) and rope_parameters (5.x) give the same model."""
     new, old = make_checkpoint(kind="llama32"), make_checkpoint(kind="llama32", legacy_config=True)
