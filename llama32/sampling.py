@@ -79,6 +79,9 @@ class SamplingParams:
 ALL_STEPS = frozenset({"logit_bias", "repetition", "frequency_presence", "sampling", "temperature", "filter"})
 
 
+_CHANGE_GREEDY = frozenset({"logit_bias", "repetition", "frequency_presence", "sampling"})  # steps a greedy row sees
+
+
 def steps_used(params: Sequence[SamplingParams]) -> frozenset[str]:
     """The sampler steps some row of `params` uses (see `process_static`'s `steps`). The eager decode step
     passes it to skip, from Python, what no row uses: a step left off by every row is neutral for all of
@@ -415,6 +418,11 @@ def sample_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = Non
     allowed-token mask `allowed` and the `steps` to run), then the exponential race with `counter_noise`.
     Call `knobs.update(tokens)` after."""
     n = logits.shape[0]
+    if steps is not None and allowed is None and not steps & _CHANGE_GREEDY:
+        # Greedy rows with nothing to apply: the argmax of the logits as they are. Widened to float32 first
+        # (exactly) the argmax is the same index, first among ties either way; the copy it skips (32 rows of
+        # a 128,256-token vocabulary: a fresh 16 MB) took 14 ms a step on an AMX Xeon VM, its pages faulted in.
+        return logits.argmax(-1)
     x, greedy_tokens = process_static(logits, knobs, allowed, steps)
     if steps is not None and "sampling" not in steps:
         return greedy_tokens

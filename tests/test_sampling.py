@@ -625,3 +625,26 @@ def test_static_sampler_seed_reproducibility_and_batch_independence():
     b = sample_static(logits, knobs_for(rows, 500, seeds={0: 7, 1: 8}))
     alone = sample_static(logits[1:2], knobs_for(rows[1:2], 500, seeds={0: 8}))
     assert torch.equal(a, b) and a[1] == alone[0]
+
+
+def test_greedy_rows_with_nothing_to_apply_take_the_argmax_of_the_logits_as_they_are(monkeypatch):
+    """Where every row is greedy with no bias, penalty or mask (`steps_used` empty), `sample_static` takes the
+    argmax of the bfloat16 logits without widening them to float32 first: the same token as the full sampler,
+    first among ties, and without running the sampler's float32 path (`process_static`, watched here)."""
+    import llama32.sampling as S
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 500, generator=gen) * 4).bfloat16()
+    logits[1, 7] = logits[1, 300] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 499] = logits[2].max() + 1  # the last token
+    knobs = knobs_for([P(temperature=0)] * 6, 500)
+    steps = steps_used([P(temperature=0)] * 6)
+    want = process_static(logits, knobs, None, steps)[1]
+    assert want[1] == 7 and want[2] == 499
+    real, called = S.process_static, []
+    monkeypatch.setattr(S, "process_static", lambda *a, **k: called.append(1) or real(*a, **k))
+    assert torch.equal(sample_static(logits, knobs, None, steps), want) and not called
+    # with a penalty (or any step a greedy row sees) the full sampler runs
+    penalised = knobs_for([P(temperature=0, repetition_penalty=1.3)] * 6, 500, prompts=[[7]] * 6)
+    sample_static(logits, penalised, None, steps_used([P(temperature=0, repetition_penalty=1.3)]))
+    assert called
