@@ -19,6 +19,7 @@ from .generate import generate
 from .hub import resolve
 from .lora import apply_to_handle
 from .lora import projections as lora_projections
+from .malloc import keep_freed_memory
 from .meta import MetaCheckpoint, is_meta_dir
 from .openmp import on_own_thread
 from .tokenizer import Tokenizer
@@ -137,7 +138,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
     the plain one at a near tie). docs/API.md, "Speculative decoding".
 
     On the CPU the work is done on a short-lived thread of its own, so that the caller's thread keeps no OpenMP
-    pool to slow the generation loop's (openmp.py).
+    pool to slow the generation loop's (openmp.py), and glibc's malloc is told to keep freed memory for reuse
+    (malloc.py; `LLAMA32_MALLOC=default` leaves it as it is).
     """
     args = dict(device=device, dtype=dtype, lora=lora, quantize=quantize, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes, speculative=speculative)
@@ -145,6 +147,8 @@ def load(source: str | os.PathLike, *, device: str | torch.device | None = None,
         on_cpu = (torch.device(device) if device is not None else default_device()).type == "cpu"
     except (RuntimeError, TypeError):  # a bad device: `_load` names it
         on_cpu = False
+    if on_cpu:
+        keep_freed_memory()
     # (not on CUDA: a thread's current CUDA device is its own, and "cuda" means the caller's)
     return on_own_thread(_load, source, **args) if on_cpu else _load(source, **args)
 
