@@ -827,8 +827,8 @@ def tile_products(model: Transformer) -> None:
     for layer in model.model.layers:
         products = layer._after_attention()
         layer.tiles = common_tiles([p.tiles for p in products])
-        if any(p.span_tiles is not None for p in products):
-            layer.span_tiles = common_tiles([p.tiles if p.span_tiles is None else p.span_tiles for p in products])
+        own = any(p.span_tiles is not None for p in products)
+        layer.span_tiles = common_tiles([p.span_tiles or p.tiles for p in products]) if own else None
 
 
 SPAN_UNIT = 64  # the unit of a prompt span's ladder where the usual one stops short (see span_tiles_for)
