@@ -12,6 +12,7 @@ library's. Errors are one line on stderr, never a traceback; the exit status say
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -465,18 +466,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with(status: int) -> None:
-    """End the process with `status`. Interrupted (130): at once, past the interpreter's own exit. CPython 3.11
-    marks a KeyboardInterrupt that passed through `exec` of a string (fastjsonschema compiles the request
-    schemas so, in `schemas.py`, on a chat's first check) as never handled, even once `main` caught it, and then
-    ends the process by SIGINT instead of with 130 (tests/test_cli.py saw it in about a third of its runs)."""
-    if status == 130:
+    """End the process with `status`: the `atexit` functions run and the output is flushed, then the process ends
+    past the interpreter's own exit, whose native teardown is not needed once the work is done and can fail:
+    - a run that had answered and printed in full sometimes ended by SIGABRT ("terminate called without an active
+      exception", from a native thread still held at teardown; tests/test_cli.py saw it about once in a suite);
+    - CPython 3.11 marks a KeyboardInterrupt that passed through `exec` of a string (fastjsonschema compiles the
+      request schemas so, in `schemas.py`, on a chat's first check) as never handled, even once `main` caught it,
+      and then ends the process by SIGINT instead of with 130 (tests/test_cli.py saw it in about a third of its
+      runs)."""
+    try:
+        atexit._run_exitfuncs()
+    finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
                 pass
-        os._exit(130)
-    sys.exit(status)
+        os._exit(status or 0)
 
 
 if __name__ == "__main__":
