@@ -389,7 +389,7 @@ def process_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = No
         x = x - knobs.bias[:n]
     if allowed is not None:
         x = x.masked_fill(~allowed, _NEG_INF)
-    greedy_tokens = x.argmax(-1)
+    greedy_tokens = first_max(x)
     if "sampling" not in steps:
         return x, greedy_tokens
     if "temperature" in steps:
@@ -412,6 +412,15 @@ def process_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = No
     return x.masked_fill(x < cutoff, _NEG_INF), greedy_tokens
 
 
+def first_max(x: Tensor) -> Tensor:
+    """(n,) long: each row's argmax of x (n, V), the first index among ties, NaN above all (as `argmax`).
+
+    `max(-1).indices` gives the same index (ties, NaN, -inf: tests/test_sampling.py) and is what PyTorch's CPU
+    kernels do fastest: on 32 rows of a 128,256-token vocabulary on an AMX Xeon (2 threads), 1.6 ms in
+    bfloat16 and 1.2 in float32, against `argmax`'s 7.4 and 3.0."""
+    return x.max(-1).indices
+
+
 def sample_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = None,
                   steps: frozenset[str] | None = None) -> Tensor:
     """(n,) long: the next token of rows [0, n) of `knobs` from logits (n, V): `process_static` (with the
@@ -422,7 +431,7 @@ def sample_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = Non
         # Greedy rows with nothing to apply: the argmax of the logits as they are. Widened to float32 first
         # (exactly) the argmax is the same index, first among ties either way; the copy it skips (32 rows of
         # a 128,256-token vocabulary: a fresh 16 MB) took 14 ms a step on an AMX Xeon VM, its pages faulted in.
-        return logits.argmax(-1)
+        return first_max(logits)
     x, greedy_tokens = process_static(logits, knobs, allowed, steps)
     if steps is not None and "sampling" not in steps:
         return greedy_tokens

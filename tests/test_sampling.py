@@ -648,3 +648,20 @@ def test_greedy_rows_with_nothing_to_apply_take_the_argmax_of_the_logits_as_they
     penalised = knobs_for([P(temperature=0, repetition_penalty=1.3)] * 6, 500, prompts=[[7]] * 6)
     sample_static(logits, penalised, None, steps_used([P(temperature=0, repetition_penalty=1.3)]))
     assert called
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_first_max_is_argmax_among_ties_nan_and_minus_infinity(dtype):
+    """The greedy token (`first_max`) is `argmax`'s index on every row: the first of tied maxima, a NaN above
+    all, a row of -inf at index 0, at the row counts and vocabulary sizes a step meets."""
+    from llama32.sampling import first_max
+
+    gen = torch.Generator().manual_seed(5)
+    for rows, V in [(2, 128256), (3, 49152), (32, 1000), (8, 17)]:
+        x = torch.randint(-3, 4, (rows, V), generator=gen).to(dtype)  # few values: ties on every row
+        assert torch.equal(first_max(x), x.argmax(-1))
+        x[0, [V // 2, V - 1]] = float("nan")
+        x[-1] = float("-inf")
+        got = first_max(x)
+        assert torch.equal(got, x.argmax(-1)) and got[0] == V // 2 and got[-1] == 0
+        assert torch.equal(first_max(x[:1]), got[:1])  # one row alone
