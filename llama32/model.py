@@ -367,7 +367,9 @@ def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     whatever the batch and the attended length, which the load-time check establishes on each CPU."""
     # (a tight budget's edge: see `attend`; the check covers 256 keys and multiples of 512)
     k, v, mask = _pad_keys(k, v, mask, SHORT_KEYS if k.shape[2] < KEY_BLOCK else KEY_BLOCK)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, K, G, S)
+    # (the keys times the queries, transposed: the same products, in a third less time on an AMX Xeon at 32
+    # rows of 256 keys, 0.57 against 0.85 ms a layer, where the other way runs G-row products)
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).float()  # (B, K, G, S)
     bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     probs = scores.mul_(q.shape[-1] ** -0.5).add_(bias).softmax(-1).to(q.dtype)
     B, K, G, S = probs.shape
