@@ -413,7 +413,8 @@ def process_static(logits: Tensor, knobs: StepKnobs, allowed: Tensor | None = No
 
 
 def first_max(x: Tensor) -> Tensor:
-    """(n,) long: each row's argmax of x (n, V), the first index among ties, NaN above all (as `argmax`).
+    """The greedy token of each row of x (..., V): long (...), `argmax`'s index, the first among ties, NaN above
+    all. Every greedy choice takes it: a decode step's, a draft's proposal, a scored text's is-greedy flags.
 
     `max(-1).indices` gives the same index (ties, NaN, -inf: tests/test_sampling.py) and is what PyTorch's CPU
     kernels do fastest: on 32 rows of a 128,256-token vocabulary on an AMX Xeon (2 threads), 1.6 ms in

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..sampling import first_max
 from .job import _END, Job
 
 
@@ -88,7 +89,7 @@ class Delivery:
         targets = torch.tensor(scoring.ids[scoring.n_context:], dtype=torch.long, device=llm.device)
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, targets[:, None])[:, 0]
-        result = (chosen.tolist(), (logits.argmax(-1) == targets).tolist())
+        result = (chosen.tolist(), (first_max(logits) == targets).tolist())
         if scoring.top:
             values, ids = logp.topk(scoring.top, dim=-1)
             result += (ids.tolist(), values.tolist())

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ...model import KVCache
-from ...sampling import StepKnobs, sample_static
+from ...sampling import StepKnobs, first_max, sample_static
 
 
 class NgramProposer:
@@ -119,7 +119,7 @@ class DraftProposer:
         self.held = ids
         out: list[int] = []
         for i in range(k):
-            t = int(logits.argmax()) if draw is None else int(draw(logits, i))
+            t = int(first_max(logits)) if draw is None else int(draw(logits, i))
             if t >= self.vocab_size:
                 break
             out.append(t)
