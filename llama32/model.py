@@ -849,12 +849,20 @@ def span_tiles_for(module: Linear, key: tuple) -> RowTiles | None:
     always in one-position steps (a decode step, a verify or a resumed row's drawn positions: `per_position`).
     So spans may take a ladder of their own, and positions stay the same kind: a decode step then does not
     write a span's bits (`decode_is_span`), as where attention is written out. The cost: a span's rows are
-    padded to a multiple of the unit in that product (a 5-token span runs 64 rows)."""
+    padded to a multiple of the unit in that product (a 5-token span runs 64 rows).
+
+    Where 64 rows verify only themselves, the unit is 128: on the same Xeon, with weights packed for calls of
+    many rows (`pack_linear_weight`), the k/v and down projections give a 64-row call bits of its own, while 128
+    and 256 rows agree. A ladder of one size would hold every prompt product after attention to 64-row calls
+    (the layer takes the sizes its products share)."""
     tiles = module.tiles
     if tiles is None or tiles.sizes[-1] >= 2 * SPAN_UNIT:
         return None
-    wide = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=SPAN_UNIT, cap=CAP)
-    return wide if wide is not None and wide.sizes[-1] > tiles.sizes[-1] else None
+    for unit in (SPAN_UNIT, 2 * SPAN_UNIT):
+        wide = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=unit, cap=CAP)
+        if wide is not None and len(wide.sizes) > 1 and wide.sizes[-1] > tiles.sizes[-1]:
+            return wide
+    return None
 
 
 def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
@@ -1022,5 +1030,14 @@ def pack_for_cpu(model: Transformer) -> None:
 
 
 def pack_linear_weight(weight: Tensor) -> Tensor:
-    """A [out, in] weight in oneDNN's blocked layout, for `torch.ops.mkldnn._linear_pointwise`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    """A [out, in] weight in oneDNN's blocked layout, for `torch.ops.mkldnn._linear_pointwise`.
+
+    The layout is chosen for a row count. Packed for 1 row, the AMX Xeon's bfloat16 products ran 15-20% slower at
+    32 to 128 rows than packed for many rows (all 16 layers and the head, weights out of cache: 146-152 against
+    127-129 ms at 32 rows, 259-262 against 212-216 ms at 128) and no faster at 1 or 8 (benchmarks/RESULTS.md). So
+    on AMX bfloat16 weights are packed for many rows. The ladders the load-time check then finds (`tile_products`)
+    run decode steps in calls of up to 32 rows and prompt spans in 128- and 256-row calls (`span_tiles_for`).
+    Elsewhere (CPUs without AMX, and float32) weights stay packed for 1 row, the layout those paths were
+    measured and verified on; the other has not been measured there."""
+    hint = None if weight.dtype == torch.bfloat16 and _cpu_has("amx_tile") else 1
+    return torch.ops.mkldnn._reorder_linear_weight(weight, hint)

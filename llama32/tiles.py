@@ -20,8 +20,9 @@ ran in 256-row calls within 2% of one call, either way (benchmarks/row_tiles.py 
 and decode). The check itself runs a few hundred rows per distinct weight shape, once per process.
 
 A weight may have two ladders: where the one from a unit of 1 or 2 rows stops short (on an AMX Xeon the 1B's
-down projection rounded one way up to 48 rows and another from 56), prompt spans take one from 64 rows
-(model.py's `span_tiles_for`): a prompt's positions are always computed in spans, a drawn position in steps.
+down projection rounded one way up to 48 rows and another from 56), prompt spans take one from 64 rows, or 128
+where 64 rows verify no other size (model.py's `span_tiles_for`): a prompt's positions are always computed in
+spans, a drawn position in steps.
 
 Where no ladder verifies (the unit itself disagrees with itself at a shifted offset, for every unit tried),
 `plan` returns None and the product runs as before: `Linear.tiles` stays None and the model says so

@@ -106,6 +106,40 @@ def test_prompt_spans_get_a_ladder_of_their_own_where_the_usual_one_stops_short(
     assert amx.tiles.sizes[-1] >= 128 and span_tiles_for(amx, ("fake", "amx-1")) is None
 
 
+def test_prompt_spans_take_a_unit_of_128_where_64_rows_verify_only_themselves():
+    """A kernel with three roundings, as the AMX Xeon's k/v and down projections had with weights packed for many
+    rows: calls of up to 32 rows one way, 64 rows a second, 128 and 256 a third. The ladder from 64 rows would be
+    64 alone; spans take 128 and 256, on which every row count gives every row its solo bits."""
+    from types import SimpleNamespace
+
+    from llama32.model import span_tiles_for
+
+    def quarters(x):
+        q = K // 4
+        parts = [exact(x[:, a:a + q], W[:, a:a + q]).bfloat16().float() for a in range(0, K, q)]
+        return parts[0] + parts[1] + parts[2] + parts[3]
+
+    sizes = []
+
+    def product(x):
+        sizes.append(x.shape[0])
+        return (exact(x) if x.shape[0] <= 32 else halves(x) if x.shape[0] == 64 else quarters(x)).bfloat16()
+
+    key = ("fake", "three-way")
+    tiles = plan(product, K, torch.bfloat16, key, prefer=1, cap=CAP)
+    assert tiles.sizes[-1] == 32
+    assert plan(product, K, torch.bfloat16, key, prefer=64, cap=CAP).sizes == (64,)
+    span = span_tiles_for(SimpleNamespace(product=product, in_features=K, weight=W, tiles=tiles), key)
+    assert span.sizes == (128, 256)
+    x = torch.randn(600, K, generator=torch.Generator().manual_seed(5)).bfloat16()
+    alone = torch.cat([run(product, x[i:i + 1], span) for i in range(x.shape[0])])
+    assert not torch.equal(alone[:64], product(x[:64]))  # (64-row calls do round otherwise)
+    sizes.clear()
+    for m in range(1, x.shape[0] + 1):
+        assert torch.equal(run(product, x[:m], span), alone[:m]), f"{m} rows"
+    assert set(sizes) <= {128, 256}
+
+
 def test_a_kernel_whose_rows_move_with_their_place_gets_no_plan():
     shifted = kernel(lambda M, i: i % 2 == 1)  # every call: odd positions the other way
     assert plan(shifted, K, torch.bfloat16, ("fake", "shift-2"), prefer=2, cap=64) is None
