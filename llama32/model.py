@@ -858,11 +858,14 @@ def span_tiles_for(module: Linear, key: tuple) -> RowTiles | None:
     tiles = module.tiles
     if tiles is None or tiles.sizes[-1] >= 2 * SPAN_UNIT:
         return None
+    alone = None  # a ladder of its unit alone, taken where a unit of 128 verifies nothing longer
     for unit in (SPAN_UNIT, 2 * SPAN_UNIT):
         wide = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=unit, cap=CAP)
-        if wide is not None and len(wide.sizes) > 1 and wide.sizes[-1] > tiles.sizes[-1]:
-            return wide
-    return None
+        if wide is not None and wide.sizes[-1] > tiles.sizes[-1]:
+            if len(wide.sizes) > 1:
+                return wide
+            alone = alone or wide
+    return alone
 
 
 def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:

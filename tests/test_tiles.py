@@ -138,6 +138,18 @@ def test_prompt_spans_take_a_unit_of_128_where_64_rows_verify_only_themselves():
     for m in range(1, x.shape[0] + 1):
         assert torch.equal(run(product, x[:m], span), alone[:m]), f"{m} rows"
     assert set(sizes) <= {128, 256}
+    # where 128-row calls verify nothing (a row's bits move with its place in them), 64 rows alone serve
+    def moving(x):
+        M = x.shape[0]
+        if M <= 64:
+            return (exact(x) if M <= 32 else halves(x)).bfloat16()
+        odd = (torch.arange(M) % 2 == 1)[:, None]
+        return torch.where(odd, quarters(x), exact(x)).bfloat16()
+
+    key = ("fake", "three-way-moving")
+    tiles = plan(moving, K, torch.bfloat16, key, prefer=1, cap=CAP)
+    assert tiles.sizes[-1] == 32
+    assert span_tiles_for(SimpleNamespace(product=moving, in_features=K, weight=W, tiles=tiles), key).sizes == (64,)
 
 
 def test_a_kernel_whose_rows_move_with_their_place_gets_no_plan():
