@@ -215,9 +215,10 @@ class Attention(nn.Module):
     # Whether one-position attention (`step_attention`) runs written out (`written_attention`): set at load where
     # a check finds it gives every row the bits it has alone (`choose_step_attention`)
     written_steps: bool = False
-    # Whether prompt spans over the cache (input positions given, not `per_position`) attend written out
-    # (`written_span_attention`): set at load beside `written_steps`, where its own check verifies
-    written_spans: bool = False
+    # How prompt spans over the cache (input positions given, not `per_position`) attend: "written"
+    # (`written_span_attention`) or "fused" (`fused_span_attention`), set at load beside `written_steps` where
+    # a check verifies it; "kernel": PyTorch's fused kernels as `causal_attention` and `masked_attention` pad them
+    span_attention: str = "kernel"
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -261,8 +262,10 @@ class Attention(nn.Module):
         if probs is not None:
             y, p = explicit_attention(q, k, v, mask, self.n_heads // self.n_kv)
             probs.append(p)
-        elif self.written_spans and input_pos is not None and not per_position and not torch.compiler.is_compiling():
-            return written_span_attention(q, k, v, input_pos)  # (already [B, T, H * hd])
+        elif self.span_attention != "kernel" and input_pos is not None and not per_position \
+                and not torch.compiler.is_compiling():
+            spans = fused_span_attention if self.span_attention == "fused" else written_span_attention
+            return spans(q, k, v, input_pos)  # (already [B, T, H * hd])
         elif mask is None and input_pos is not None:  # spans from position 0, over the cache (`causal`)
             y = causal_attention(q, k, v, self.n_kv != self.n_heads)
         elif mask is None:
@@ -319,7 +322,7 @@ def attention_floor(device: torch.device, model: "Transformer | None" = None) ->
     is the shortest cache the scheduler makes (256: engine/scheduler.py's `MIN_LENGTH`) and not lower."""
     if torch.device(device).type != "cpu":
         return 1
-    written = model is not None and model.span_attention == "written"  # (only where steps are written too)
+    written = model is not None and model.span_attention != "kernel"  # (only where steps are written too)
     return SHORT_KEYS if written else KEY_BLOCK
 
 
@@ -448,6 +451,48 @@ def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tens
                 y += per_block[:, j]
             out[b, a:a + Q] = y.view(K, G, Q, hd).permute(2, 0, 1, 3)
     return out[:, :T].reshape(B, T, H * hd)
+
+
+FUSED_QUERIES = 256  # query positions per call of `fused_span_attention`
+
+
+def fused_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+    """q [B, H, T, hd] at positions pos [B, T] (non-decreasing along a row), k, v [B, K, S, hd] the rows' cache
+    -> [B, T, H * hd]: each query attends to the keys at or before its own position. A prompt span's attention
+    on a CPU with AMX in bfloat16, where `choose_step_attention` verified it: PyTorch's fused (flash) CPU kernel
+    under a mask, called so that a position's bits do not depend on how its prompt was cut into spans:
+    - every call attends over a multiple of `SPAN_KEYS` keys (the keys past the call's furthest position
+      masked; zero keys appended at a tight budget's edge, where the cache holds fewer). The kernel walks the
+      keys in blocks of 512 from key 0, and a block that ends on no multiple of 32 keys rounded its rows
+      otherwise (on an AMX Xeon a prompt of 777 positions attended whole parted from the same positions in a
+      longer prompt from position 550 on); masked keys past a multiple of 32, and whole masked blocks, add
+      exactly nothing.
+    - queries go `FUSED_QUERIES` positions a call, each call over the keys up to its own furthest position, so
+      a long prompt does about the causal half of the work. The kernel cuts a call's queries into blocks by
+      their count (32, 64 or 256), and each query row is worked alone within its block: on the same Xeon,
+      calls of 64, 100, 128, 256, 512 and 2,048 queries gave every position the same bits.
+    What is left to the kernel (a row's bits the same at any place among a call's queries, and over more keys)
+    is what the load-time check (`span_attention_verified`) establishes on each CPU.
+
+    Against `written_span_attention` on a 2-core Xeon with AMX (one layer of the 1B's 32 query heads over 8
+    key/value heads, benchmarks/RESULTS.md): 512 positions 3.0-3.2 against 9-10 ms, 2,048 positions 35-36
+    against 85-88 ms. The written form materialises a query piece's scores and probabilities, the kernel keeps
+    them in blocks in cache."""
+    B, H, T, hd = q.shape
+    K, S = k.shape[1], k.shape[2]
+    end = -(-(int(pos[:, -1].max()) + 1) // SPAN_KEYS) * SPAN_KEYS
+    if end > S:  # a tight budget's edge: zero keys, masked below
+        k, v = _pad_positions(k, end - S), _pad_positions(v, end - S)
+    keys = torch.arange(end, device=q.device)
+    out = q.new_empty(B, T, H, hd)
+    for a in range(0, T, FUSED_QUERIES):
+        at = pos[:, a:a + FUSED_QUERIES]
+        n = -(-(int(at[:, -1].max()) + 1) // SPAN_KEYS) * SPAN_KEYS
+        mask = (keys[:n] <= at[:, :, None])[:, None]  # (B, 1, queries, n)
+        y = F.scaled_dot_product_attention(q[:, :, a:a + FUSED_QUERIES], k[:, :, :n], v[:, :, :n], attn_mask=mask,
+                                           enable_gqa=K != H)
+        out[:, a:a + FUSED_QUERIES] = y.transpose(1, 2)
+    return out.view(B, T, H * hd)
 
 
 def _pad_positions(t: Tensor, extra: int) -> Tensor:
@@ -685,9 +730,10 @@ class Transformer(nn.Module):
 
     @property
     def span_attention(self) -> str:
-        """The attention of prompt spans over the cache, "written" (`written_span_attention`) or "kernel"
-        (PyTorch's fused kernels): what `choose_step_attention` set on the layers."""
-        return "written" if self.model.layers[0].self_attn.written_spans else "kernel"
+        """The attention of prompt spans over the cache, "fused" (`fused_span_attention`), "written"
+        (`written_span_attention`) or "kernel" (PyTorch's fused kernels as `causal_attention` and
+        `masked_attention` pad them): what `choose_step_attention` set on the layers."""
+        return self.model.layers[0].self_attn.span_attention
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight
@@ -882,7 +928,7 @@ def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
 
 
 def choose_step_attention(model: Transformer, device: torch.device | str, dtype: torch.dtype,
-                          allow: bool = True) -> None:
+                          allow: bool = True, fused: bool = True) -> None:
     """Pick the attention of one-position forwards (decode steps, and a verify's or a resume's positions, which
     must round as they do), once, at load: sets every layer's `Attention.written_steps` (`model.step_attention`
     names the choice).
@@ -894,16 +940,24 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
       else. Where its padding makes a decode step round as a prompt span does (`decode_is_span`), a request's
       drawn positions may serve later prompts from the prefix index; with "written" they may not.
 
-    Prompt spans over the cache (`model.span_attention`) attend written out too (`written_span_attention`) where
-    decode steps do and `span_attention_verified` finds their bits independent of how a prompt is cut; else
-    they keep PyTorch's fused kernels (`causal_attention`, `masked_attention`), which is also what lets a
-    decode step on the masked kernel give a position a span's bits."""
+    Prompt spans over the cache (`Attention.span_attention`, `model.span_attention`) leave PyTorch's kernels as
+    they are padded today only where decode steps attend written out, and then take the first of these that
+    `span_attention_verified` finds gives a position bits independent of how its prompt is cut:
+    - "fused" (`fused_span_attention`): on a CPU with AMX (where it measured about three times faster than the
+      written form), unless `fused` is False (LLAMA32_SPAN_ATTENTION=written);
+    - "written" (`written_span_attention`).
+    Else they keep PyTorch's kernels as padded (`causal_attention`, `masked_attention`), which is also what lets
+    a decode step on the masked kernel give a position a span's bits."""
     written = (allow and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and model.row_invariant
                and step_attention_verified(model.config, dtype))
-    spans = written and span_attention_verified(model.config, dtype)
+    spans = "kernel"
+    if written and fused and _cpu_has("amx_tile") and span_attention_verified(model.config, dtype, "fused"):
+        spans = "fused"
+    elif written and span_attention_verified(model.config, dtype, "written"):
+        spans = "written"
     for layer in model.model.layers:
         layer.self_attn.written_steps = written
-        layer.self_attn.written_spans = spans
+        layer.self_attn.span_attention = spans
 
 
 # (rows, attended keys, cache length) at which `step_attention_verified` compares every row with the row alone:
@@ -973,28 +1027,29 @@ SPAN_FAR = (4000, 4100, 8192)  # positions far into a cache, against the same sp
 
 
 @torch.inference_mode()
-def span_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
-    """Whether `written_span_attention`, at this config's heads and in `dtype`, gives every query position the
-    same bits however its span is cut and placed (`SPAN_CUTS`, `SPAN_FAR`), beside a second row, over random
-    queries, keys and values (keys past the positions hold other values). Kept per (heads, dtype, threads) for
-    the process, as `step_attention_verified` is."""
+def span_attention_verified(config: LlamaConfig, dtype: torch.dtype, kernel: str = "written") -> bool:
+    """Whether a prompt span's attention (`kernel`: "written", `written_span_attention`, or "fused",
+    `fused_span_attention`), at this config's heads and in `dtype`, gives every query position the same bits
+    however its span is cut and placed (`SPAN_CUTS`, `SPAN_FAR`), beside a second row, over random queries, keys
+    and values (keys past the positions hold other values). The queries are a transposed view, as the layer
+    gives them. Kept per (kernel, heads, dtype, threads) for the process, as `step_attention_verified` is."""
     K, hd = config.num_key_value_heads, config.head_dim
     H = config.num_attention_heads
-    key = (K, H, hd, dtype, torch.get_num_threads())
+    key = (kernel, K, H, hd, dtype, torch.get_num_threads())
     with _step_lock:
         if key in _span_checks:
             return _span_checks[key]
     gen = torch.Generator().manual_seed(1)
     far, end_far, most = SPAN_FAR
-    q = torch.randn(1, H, end_far, hd, generator=gen).to(dtype)
+    q = torch.randn(1, end_far, H, hd, generator=gen).to(dtype)  # (positions before heads, as `Attention.mix`)
     k = torch.randn(1, K, most, hd, generator=gen).to(dtype)
     v = torch.randn(1, K, most, hd, generator=gen).to(dtype)
+    spans = fused_span_attention if kernel == "fused" else written_span_attention
 
     def run(a: int, e: int, length: int) -> Tensor:  # positions [a, e) in a cache of `length`, beside a row
-        rows = torch.cat([q[:, :, a:e], q[:, :, a:e].flip(2)])
+        rows = torch.cat([q[:, a:e], q[:, a:e].flip(1)]).transpose(1, 2)
         pos = torch.arange(a, e).expand(2, e - a)
-        return written_span_attention(rows, k[:, :, :length].expand(2, -1, -1, -1),
-                                      v[:, :, :length].expand(2, -1, -1, -1), pos)[:1]
+        return spans(rows, k[:, :, :length].expand(2, -1, -1, -1), v[:, :, :length].expand(2, -1, -1, -1), pos)[:1]
 
     whole = run(0, 700, 1024)
     same = all(torch.equal(run(a, e, length), whole[:, a:e]) for cuts in SPAN_CUTS for a, e, length in cuts)

@@ -732,23 +732,24 @@ def test_a_process_leaving_a_stream_open_exits_cleanly(smollm2_dir, tmp_path):
 
 
 def test_with_every_attention_written_a_short_request_attends_over_256_keys(smollm2_dir, monkeypatch):
-    """Where decode steps and prompt spans both attend written out (bfloat16 on the CPU where the load-time
-    checks verify), the CPU's floor is 256 key positions, not 512 (`model.attention_floor`): a short request's
-    prompt goes through `written_span_attention` over its own positions and each decode step attends over
+    """Where decode steps attend written out and prompt spans written out or through the fused kernel as
+    `fused_span_attention` calls it (bfloat16 on the CPU where the load-time checks verify), the CPU's floor is
+    256 key positions, not 512 (`model.attention_floor`): a short request's prompt goes through its span
+    attention over its own positions and each decode step attends over
     256 keys; its answer and log-probabilities are, to the bit, what the same attention over the 512 floor
     gives. (With `LLAMA32_STEP_ATTENTION=masked` the floor is 512 again.)"""
     import llama32.engine.loop
     import llama32.model as model
 
     llm = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
-    if llm.model.span_attention != "written":
-        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified, or "
-                    "no native bfloat16)")
+    if llm.model.span_attention == "kernel":
+        pytest.skip("prompt spans take PyTorch's fused kernels as padded on this CPU (model.span_attention_verified, "
+                    "or no native bfloat16)")
     assert model.attention_floor("cpu", llm.model) == 256 and llm.loop.scheduler.min_length == 256
     spans, steps = [], []
-    real_span, real_step = model.written_span_attention, model.written_attention
-    monkeypatch.setattr(model, "written_span_attention", lambda q, k, v, pos: spans.append(q.shape[2]) or
-                        real_span(q, k, v, pos))
+    span_name = f"{llm.model.span_attention}_span_attention"  # (written out, or the fused kernel on AMX)
+    real_span, real_step = getattr(model, span_name), model.written_attention
+    monkeypatch.setattr(model, span_name, lambda q, k, v, pos: spans.append(q.shape[2]) or real_span(q, k, v, pos))
     monkeypatch.setattr(model, "written_attention", lambda q, k, v, mask: steps.append(k.shape[2]) or
                         real_step(q, k, v, mask))
     prompt = chatml("Which floor is this? A question asked once, so that no prefix is reused.")

@@ -314,26 +314,29 @@ def test_written_attention_is_attention(S):
     assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("spans", ["written", "fused"])
 @pytest.mark.parametrize("heads", [(32, 8), (9, 3)], ids=["1B", "SmolLM2"])
-def test_written_span_attention_is_attention(heads):
-    """`written_span_attention` (prompt spans' attention where verified) against attention in float64 over the
-    same bfloat16 inputs: two rows, one from position 0 and one continuing at 100 with its last positions
-    repeated (a batched span's padding), each query seeing the keys at or before its position; spans across
-    query pieces and key blocks, and one that reaches past a cache whose length is no multiple of `SPAN_KEYS`."""
-    from llama32.model import written_span_attention
+def test_span_attention_is_attention(heads, spans):
+    """`written_span_attention` and `fused_span_attention` (prompt spans' attention where verified) against
+    attention in float64 over the same bfloat16 inputs: two rows, one from position 0 and one continuing at 100
+    with its last positions repeated (a batched span's padding), each query seeing the keys at or before its
+    position; spans across query pieces and key blocks, and one that reaches past a cache whose length is no
+    multiple of `SPAN_KEYS`. The queries come as the layer gives them, a transposed view."""
+    from llama32 import model as M
 
+    attention = M.fused_span_attention if spans == "fused" else M.written_span_attention
     H, K = heads
     G, hd = H // K, 64
     gen = torch.Generator().manual_seed(12)
     for T, S in ((1, 512), (70, 512), (300, 512), (300, 405)):
-        q = torch.randn(2, H, T, hd, generator=gen).bfloat16()
+        q = torch.randn(2, T, H, hd, generator=gen).bfloat16().transpose(1, 2)
         k, v = (torch.randn(2, K, S, hd, generator=gen).bfloat16() for _ in range(2))
         pos = torch.stack([torch.arange(T), torch.arange(100, 100 + T).clamp(max=min(100 + T - 3, S - 1))])
         pos = pos.clamp(max=S - 1)
         scores = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) / hd ** 0.5  # (2, H, T, S)
         hide = torch.arange(S)[None, None] > pos[:, :, None]  # (2, T, S)
         want = scores.masked_fill(hide[:, None], float("-inf")).softmax(-1) @ v.double().repeat_interleave(G, 1)
-        got = written_span_attention(q, k, v, pos)
+        got = attention(q, k, v, pos)
         assert got.dtype == torch.bfloat16 and got.shape == (2, T, H * hd)
         want = want.transpose(1, 2).reshape(2, T, H * hd)
         assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item(), (T, S)
@@ -364,22 +367,40 @@ def two_class_products(model, monkeypatch) -> None:
     assert all(layer.span_tiles.unit == 64 for layer in model.model.layers)
 
 
+def spans_model(path, spans: str):
+    """The bfloat16 model of `path` with prompt spans on `spans` ("written" or "fused"), or a skip where no load
+    on this CPU would take that path: where its check (`span_attention_verified`) fails here, or decode steps
+    stay on the masked kernel. The fused kernel verified on a CPU without AMX is set by hand, since the load
+    takes it only with AMX, where it measured faster."""
+    from llama32.model import span_attention_verified
+
+    config = LlamaConfig.from_file(path / "config.json")
+    model = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_spans=spans == "fused")
+    if model.span_attention != spans and spans == "fused" and model.span_attention == "written" \
+            and span_attention_verified(config, torch.bfloat16, "fused"):
+        for layer in model.model.layers:
+            layer.self_attn.span_attention = "fused"
+    if model.span_attention != spans:
+        pytest.skip(f"prompt spans cannot take the {spans} attention on this CPU (model.span_attention_verified, "
+                    f"or decode steps on the masked kernel)")
+    return model
+
+
+@pytest.mark.parametrize("spans", ["written", "fused"])
 @pytest.mark.parametrize("kernel", ["as-is", "two-class"])
-def test_written_spans_give_a_position_one_set_of_bits_however_its_prompt_is_cut(make_checkpoint, kernel,
-                                                                                  monkeypatch):
-    """Where prompt spans attend written out (`model.span_attention`), a position's logits and its keys and
-    values must not depend on how its prompt was cut into spans, what shared their forward or how long the
-    cache was (the prefix index serves one request's prompt positions to another): a prompt spanned whole from
-    position 0, the same cut at odd places (spans continuing at 1, 70 and 333 positions), and the same beside a
-    shorter row in one forward (that row padded with its next position, as the engine pads) in a longer cache,
-    all to the bit. Decode steps round otherwise, so `decode_is_span` is False. "two-class": with products
-    whose ladder stops at 48 rows, spans taking their own from 64 (a 1-position span runs 64 rows)."""
+def test_span_attention_gives_a_position_one_set_of_bits_however_its_prompt_is_cut(make_checkpoint, kernel, spans,
+                                                                                   monkeypatch):
+    """Where prompt spans attend written out or through the fused kernel as `fused_span_attention` calls it
+    (`model.span_attention`), a position's logits and its keys and values must not depend on how its prompt was
+    cut into spans, what shared their forward or how long the cache was (the prefix index serves one request's
+    prompt positions to another): a prompt spanned whole from position 0, the same cut at odd places (spans
+    continuing at 1, 70 and 333 positions), and the same beside a shorter row in one forward (that row padded
+    with its next position, as the engine pads) in a longer cache, all to the bit. Decode steps round otherwise,
+    so `decode_is_span` is False. "two-class": with products whose ladder stops at 48 rows, spans taking their
+    own from 64 (a 1-position span runs 64 rows)."""
     from llama32.model import decode_is_span
 
-    model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
-    if model.span_attention != "written":
-        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified, or decode "
-                    "steps on the masked kernel)")
+    model = spans_model(make_checkpoint(kind="llama32"), spans)
     if kernel == "two-class":
         two_class_products(model, monkeypatch)
     assert model.step_attention == "written" and not decode_is_span(model, "cpu", torch.bfloat16)
@@ -405,25 +426,34 @@ def test_written_spans_give_a_position_one_set_of_bits_however_its_prompt_is_cut
         assert torch.equal(a[:, :, :600], b[:, :, :600]) and torch.equal(a[:1, :, :600], c[:1, :, :600])
 
 
-def test_written_spans_are_taken_only_where_a_position_keeps_its_bits(make_checkpoint, monkeypatch):
-    """The load-time check (`span_attention_verified`) turns written span attention down where a position's
-    result depends on how its span was cut: here an attention that moves with the span's length. Spans then
-    keep the fused kernels while decode steps stay written; and with decode steps on the masked kernel
-    (LLAMA32_STEP_ATTENTION=masked) spans keep the kernels too."""
+@pytest.mark.parametrize("spans", ["written", "fused"])
+def test_span_attention_is_taken_only_where_a_position_keeps_its_bits(make_checkpoint, monkeypatch, spans):
+    """The load-time check (`span_attention_verified`) turns a span attention down where a position's result
+    depends on how its span was cut: here one that moves with the span's length. Spans then fall back (from the
+    fused kernel to written out, from written out to PyTorch's kernels as padded) while decode steps stay
+    written; with decode steps on the masked kernel (LLAMA32_STEP_ATTENTION=masked) spans keep the kernels too,
+    and LLAMA32_SPAN_ATTENTION=written keeps them off the fused kernel."""
     import llama32
     from llama32 import model as M
 
     path = make_checkpoint(kind="llama32")
-    honest = ours(path, torch.bfloat16)
-    if honest.span_attention != "written":
-        pytest.skip("prompt spans take PyTorch's fused kernels on this CPU (model.span_attention_verified)")
-    real = M.written_span_attention
+    config = LlamaConfig.from_file(path / "config.json")
+    fused = spans == "fused"
+    honest = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_spans=fused)
+    if honest.span_attention != spans:
+        pytest.skip(f"a load does not take the {spans} span attention on this CPU (model.choose_step_attention)")
+    name = f"{spans}_span_attention"
+    real = getattr(M, name)
     monkeypatch.setattr(M, "_span_checks", {})
-    monkeypatch.setattr(M, "written_span_attention", lambda q, k, v, pos: real(q, k, v, pos) * (1 + q.shape[2] / 4096))
-    swayed = ours(path, torch.bfloat16)
-    assert swayed.span_attention == "kernel" and swayed.step_attention == "written"
-    assert not any(layer.self_attn.written_spans for layer in swayed.model.layers)
-    monkeypatch.setattr(M, "written_span_attention", real)
+    monkeypatch.setattr(M, name, lambda q, k, v, pos: real(q, k, v, pos) * (1 + q.shape[2] / 4096))
+    swayed = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_spans=fused)
+    fallback = "written" if fused else "kernel"
+    assert swayed.span_attention == fallback and swayed.step_attention == "written"
+    assert all(layer.self_attn.span_attention == fallback for layer in swayed.model.layers)
+    monkeypatch.setattr(M, name, real)
+    if fused:
+        monkeypatch.setenv("LLAMA32_SPAN_ATTENTION", "written")
+        assert llama32.load(path, dtype="bfloat16", device="cpu").model.span_attention == "written"
     monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
     assert llama32.load(path, dtype="bfloat16", device="cpu").model.span_attention == "kernel"
 
@@ -439,7 +469,7 @@ def test_spans_on_a_ladder_of_their_own_are_not_decode_steps(make_checkpoint, mo
     if model.cpu_path == "widened":
         pytest.skip("bfloat16 on a CPU without native bfloat16 has no row tiles (docs/API.md)")
     for layer in model.model.layers:
-        layer.self_attn.written_steps = layer.self_attn.written_spans = False
+        layer.self_attn.written_steps, layer.self_attn.span_attention = False, "kernel"
     monkeypatch.setattr(M, "causal_spans", lambda device, dtype: True)
     assert M.decode_is_span(model, "cpu", torch.bfloat16)
     two_class_products(model, monkeypatch)
