@@ -211,6 +211,16 @@ class KVCache:
         return out
 
 
+class Segments:
+    """Several cache rows' prompt spans packed one after another into the one row of a forward
+    (`Transformer.forward`'s `segments`): `parts` lists (cache row, first, end), the packed row's tokens
+    [first, end) belonging to that row of the forward's cache; `rows` gives each token's cache row."""
+
+    def __init__(self, parts: list[tuple[int, int, int]], device: torch.device | str = "cpu"):
+        self.parts = list(parts)
+        self.rows = torch.cat([torch.full((e - a,), r, dtype=torch.long) for r, a, e in self.parts]).to(device)
+
+
 class Attention(nn.Module):
     # Whether one-position attention (`step_attention`) runs written out (`written_attention`): set at load where
     # a check finds it gives every row the bits it has alone (`choose_step_attention`)
@@ -239,8 +249,10 @@ class Attention(nn.Module):
                            not per_position)
 
     def mix(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None, input_pos: Tensor | None,
-            mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
-        """`forward` up to the output projection: the heads' attention outputs side by side, [B, T, H * hd]."""
+            mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False,
+            segments: "Segments | None" = None) -> Tensor:
+        """`forward` up to the output projection: the heads' attention outputs side by side, [B, T, H * hd].
+        `segments`: several cache rows' prompt spans packed into one row (see `Transformer.forward`)."""
         B, T, _ = x.shape
         span = not per_position  # (see Linear.span_tiles)
         q = self.q_proj(x, lora, span).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
@@ -248,6 +260,13 @@ class Attention(nn.Module):
         v = self.v_proj(x, lora, span).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if segments is not None:  # each token written into its own row, each row's span attending alone
+            k_cache, v_cache, k_whole, v_whole, row0 = kv
+            k_whole[segments.rows + row0, :, input_pos[0]] = k[0].transpose(0, 1)
+            v_whole[segments.rows + row0, :, input_pos[0]] = v[0].transpose(0, 1)
+            spans = fused_span_attention if self.span_attention == "fused" else written_span_attention
+            return torch.cat([spans(q[:, :, a:e], k_cache[r:r + 1], v_cache[r:r + 1], input_pos[:, a:e])
+                              for r, a, e in segments.parts], dim=1)
         if kv is not None:
             k_cache, v_cache, k_whole, v_whole, row0 = kv  # (B, K, S, hd); see KVCache.layer
             if input_pos is None:  # prefill from position 0: store, then attend causally to the fresh keys
@@ -640,9 +659,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv, input_pos: Tensor | None,
-                mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False) -> Tensor:
+                mask: Tensor | None, lora=None, probs: list[Tensor] | None = None, per_position: bool = False,
+                segments: "Segments | None" = None) -> Tensor:
         attn, span = self.self_attn, not per_position  # (see Linear.span_tiles)
-        a = attn.mix(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position)
+        a = attn.mix(self.input_layernorm(x), cos, sin, kv, input_pos, mask, lora, probs, per_position, segments)
         tiles = self.span_tiles if span and self.span_tiles is not None else self.tiles
         if tiles is not None and lora is None and not self._adapted() and not torch.compiler.is_compiling():
             return self._rest_in_tiles(x, a, tiles)
@@ -752,7 +772,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                 logits_at: Tensor | None = None, lora=None, output_hidden_states: bool = False,
                 output_attentions: bool = False, per_position: bool = False,
-                causal: bool = False) -> Tensor | ModelOutput:
+                causal: bool = False, segments: "Segments | None" = None) -> Tensor | ModelOutput:
         """Logits for `input_ids` [B, T].
 
         - no cache: a plain causal forward over positions 0..T-1.
@@ -772,6 +792,12 @@ class Transformer(nn.Module):
         `causal` (with input_pos): every row's span starts at position 0 (its i-th token at position i; a row's
         padding, if any, after its tokens), so attention runs `causal_attention` over the cache instead of
         under a mask: the same bits, about half the work (engine/runner.py's prompt spans).
+        `segments` (with input_pos, B = 1; where prompt spans attend written out or through the fused kernel,
+        `span_attention`): the one row holds several cache rows' prompt spans one after another (`Segments`):
+        every product and norm runs over all their tokens at once, and each span attends over its own cache row
+        as it would in a forward of its own, with the same bits (the products run in row tiles, every other
+        step works a row at a time). Several short prompts then share their products' row tiles instead of
+        each padding its own (engine/prefill.py).
         """
         B, T = input_ids.shape
         if input_pos is None:
@@ -780,8 +806,10 @@ class Transformer(nn.Module):
         else:
             assert cache is not None, "input_pos needs a cache"
             positions = input_pos
+            assert segments is None or (B == 1 and self.span_attention != "kernel" and not per_position), \
+                "segments need one row, and prompt spans written out or fused"
             key_pos = torch.arange(cache.length, device=input_ids.device)
-            mask = None if causal else (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
+            mask = None if causal or segments else (key_pos <= input_pos[:, :, None])[:, None]  # (B, 1, T, S)
             assert not (causal and output_attentions), "output_attentions needs the mask"
         dtype = self.model.norm.weight.dtype  # the embedding may be mapped from the file, in its dtype
         cos, sin = rope_cos_sin(self.inv_freq, positions, dtype)
@@ -791,7 +819,7 @@ class Transformer(nn.Module):
         probs = [] if output_attentions else None
         for i, layer in enumerate(self.model.layers):
             kv = cache.layer(i) if cache is not None else None
-            x = layer(x, cos, sin, kv, input_pos, mask, lora, probs, per_position)
+            x = layer(x, cos, sin, kv, input_pos, mask, lora, probs, per_position, segments)
             if hidden is not None:
                 hidden.append(x)
         if hidden is not None or probs is not None:

@@ -137,6 +137,32 @@ def test_bfloat16_answers_sent_together_are_their_solo_answers(smol_bf16_solo, c
     assert all((r["usage"]["cached_tokens"] >= 32) == reuse for r in together)  # 32: one block (engine/memory.py)
 
 
+def test_bfloat16_prompts_share_packed_forwards_with_their_solo_answers(smol_bf16_solo, monkeypatch):
+    """Where the runner packs prompt spans (`Runner.packs`: the CPU, spans attending written out or fused), the
+    prompts of unlike lengths that an iteration prefills share forwards, their tokens one after another
+    (`Runner.prefill_packed`): sent together, and again while a long answer decodes (chunks beside its steps),
+    each answer and its log-probabilities are the solo ones, to the bit, and forwards carried several spans."""
+    llm, requests, alone = smol_bf16_solo
+    if not llm.loop.runner.packs:
+        pytest.skip("prompt spans attend through PyTorch's kernels as padded here (model.span_attention), so each "
+                    "row's span takes a forward of its own")
+    packed, real = [], llm.loop.runner.prefill_packed
+    monkeypatch.setattr(llm.loop.runner, "prefill_packed",
+                        lambda rows, spans, adapter: packed.append(len(spans)) or real(rows, spans, adapter))
+    together = llama32.generate_batch(llm, requests)  # submitted at once: nothing decoding yet
+    assert packed and max(packed) > 1
+    del packed[:]
+    stream = llama32.generate(llm, stream=True, **dict(requests[0], max_tokens=120))
+    next(stream)  # its first token: it decodes from now on
+    later = in_threads(lambda r: llama32.generate(llm, **r), [(r,) for r in requests[1:]])
+    assert "usage" in list(stream)[-1]
+    assert packed and max(packed) > 1
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert a["response"] == b["response"] and logprob_bits(a) == logprob_bits(b), BF16_PROMPTS[i]
+    for i, (a, b) in enumerate(zip(later, alone[1:]), start=1):
+        assert a["response"] == b["response"] and logprob_bits(a) == logprob_bits(b), BF16_PROMPTS[i]
+
+
 def test_bfloat16_lora_answers_sent_together_are_their_solo_answers(smol_bf16_solo, smollm2_dir):
     """The same to the bit for rows with a LoRA adapter: its rank-4 products sum in float64 where the base
     products run in row tiles (lora.adapter_term). In one bfloat16 call their sums rounded otherwise for 3 or 4

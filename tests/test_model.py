@@ -427,6 +427,47 @@ def test_span_attention_gives_a_position_one_set_of_bits_however_its_prompt_is_c
 
 
 @pytest.mark.parametrize("spans", ["written", "fused"])
+@pytest.mark.parametrize("kernel", ["as-is", "two-class"])
+def test_spans_packed_into_one_row_have_the_bits_of_a_forward_each(make_checkpoint, kernel, spans, monkeypatch):
+    """Several rows' prompt spans packed one after another into one row (`segments`, as engine/prefill.py packs
+    the spans of an iteration) give every position the logits, keys and values it has in a forward of its own
+    span, to the bit: spans of 37, 150, 1 and 90 positions, two from position 0 and two continuing a context
+    already in their rows, packed out of row order. "two-class": products whose ladder stops at 48 rows, spans
+    on a ladder of their own from 64."""
+    from llama32.model import Segments
+
+    model = spans_model(make_checkpoint(kind="llama32"), spans)
+    if kernel == "two-class":
+        two_class_products(model, monkeypatch)
+    config = model.config
+    gen = torch.Generator().manual_seed(9)
+    starts, lengths = (0, 0, 5, 200), (37, 150, 1, 90)
+    ids = [torch.randint(0, config.vocab_size, (s + n,), generator=gen) for s, n in zip(starts, lengths)]
+    alone = KVCache(config, 4, 512, device="cpu", dtype=torch.bfloat16)
+    packed = KVCache(config, 4, 512, device="cpu", dtype=torch.bfloat16)
+    order = (2, 0, 3, 1)
+    with torch.no_grad():
+        for r, start in enumerate(starts):  # the context before a continuing span, in both caches alike
+            for cache in (alone, packed) if start else ():
+                model(ids[r][None, :start], cache=cache.view(slice(r, r + 1)), input_pos=torch.arange(start)[None],
+                      logits_at=torch.tensor([[start - 1]]), causal=True)
+        want = {r: model(ids[r][None, starts[r]:], cache=alone.view(slice(r, r + 1)),
+                         input_pos=torch.arange(starts[r], starts[r] + lengths[r])[None],
+                         logits_at=torch.arange(lengths[r])[None], causal=starts[r] == 0)[0] for r in order}
+        parts, flat, pos, a = [], [], [], 0
+        for r in order:
+            parts.append((r, a, a + lengths[r]))
+            flat.append(ids[r][starts[r]:])
+            pos.append(torch.arange(starts[r], starts[r] + lengths[r]))
+            a += lengths[r]
+        got = model(torch.cat(flat)[None], cache=packed, input_pos=torch.cat(pos)[None],
+                    logits_at=torch.arange(a)[None], segments=Segments(parts))[0]
+    assert torch.equal(got, torch.cat([want[r] for r in order]))
+    for k_alone, k_packed in zip(alone.k + alone.v, packed.k + packed.v):
+        assert torch.equal(k_alone, k_packed)
+
+
+@pytest.mark.parametrize("spans", ["written", "fused"])
 def test_span_attention_is_taken_only_where_a_position_keeps_its_bits(make_checkpoint, monkeypatch, spans):
     """The load-time check (`span_attention_verified`) turns a span attention down where a position's result
     depends on how its span was cut: here one that moves with the span's length. Spans then fall back (from the

@@ -2,11 +2,14 @@
 computed into their rows, within the scheduler's budget of prompt tokens for the iteration.
 
 While some row decodes, contexts go in chunks (at most `prefill_chunk` tokens per iteration, in slot
-order), one forward per row; when none decodes, every waiting prompt goes whole, several in one forward
-(`Runner.prefill_rows`) unless their lengths differ so much that padding them to the longest would waste
-more than it saves (`padding_wasted`: then one forward each). A context's end: a prompt draws its first
-token (sampled with its row's settings and delivered) and keeps its whole blocks in the prefix index; a
-resumed row takes decode steps again with its sampler row restored; a scored text gets its result.
+order); when none decodes, every waiting prompt goes whole. Where the runner packs spans (`Runner.packs`: the
+CPU, prompt spans attending written out or fused), the iteration's prompt spans share forwards, their tokens
+one after another (`Runner.prefill_packed`, about `PACK_TOKENS` a forward, one adapter each); elsewhere each
+row's chunk takes a forward of its own, and prompts going whole share one (`Runner.prefill_rows`) unless their
+lengths differ so much that padding them to the longest would waste more than it saves (`padding_wasted`).
+A resumed row's context and a text being scored always take forwards of their own. A context's end: a prompt
+draws its first token (sampled with its row's settings and delivered) and keeps its whole blocks in the prefix
+index; a resumed row takes decode steps again with its sampler row restored; a scored text gets its result.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from ..sampling import sample_static
 from .batch import allowed_mask, logprobs_wanted, steps_of
 from .job import Job
 from .runner import token_logprobs
+
+
+# A packed forward (`Runner.prefill_packed`) takes no further span once it holds this many prompt tokens. Its
+# products run in row tiles of up to 256 rows whatever the total, so more buys little, while every prompt packed
+# waits for the whole forward for its first token: 64 chat requests from 32 clients (the 1B, an AMX Xeon,
+# benchmarks/RESULTS.md) ran at the same throughput with 512 as with 4,096, time to first token p50 0.8 s
+# against 2.8-3.7 s.
+PACK_TOKENS = 512
 
 
 def padding_wasted(lengths: list[int]) -> bool:
@@ -67,11 +78,13 @@ class Prefill:
         iteration."""
         loop = self.loop
         budget = loop.scheduler.prefill_budget(rows.jobs)
-        if budget is None:  # nothing decodes: the waiting prompts go whole, several in one forward
+        packs = loop.runner.packs
+        if budget is None and not packs:  # nothing decodes: the waiting prompts go whole, several in one forward
             spans = [j for j in rows.jobs if j is not None and not j.progress.decoding and not j.cancelled and j.req
                      and self.drawn_from(j) > len(j.progress.context)]  # (a resumed row's drawn positions: below)
             if len(spans) > 1 and not padding_wasted([len(j.progress.context) - j.progress.prefilled for j in spans]):
                 loop.guarded(spans, lambda: self._together(rows, spans))
+        chunks = []  # (slot, job, tokens to take), in slot order
         for slot, job in enumerate(rows.jobs):
             if job is None or job.progress.decoding or job.cancelled:
                 continue
@@ -81,7 +94,50 @@ class Prefill:
             take = left if budget is None else min(budget, left)
             if budget is not None:
                 budget -= take
+            chunks.append((slot, job, take))
+        if packs:
+            chunks = self._pack(rows, chunks)
+        for slot, job, take in chunks:
             loop.guarded([job], lambda: self._chunk(rows, slot, job, take))
+
+    def _pack(self, rows: Any, chunks: list[tuple[int, Job, int]]) -> list[tuple[int, Job, int]]:
+        """Run the prompt chunks of `chunks` that may share forwards in packed forwards (`Runner.prefill_packed`):
+        those of new prompts (not a resumed row's context, not a text being scored), grouped by adapter, each
+        forward closed once it holds `PACK_TOKENS` tokens. Returns the chunks left for forwards of their own, in
+        slot order."""
+        rest, groups = [], {}
+        for chunk in chunks:
+            job = chunk[1]
+            if job.scoring is not None or job.progress.resuming:
+                rest.append(chunk)
+            else:
+                groups.setdefault(id(job.adapter), []).append(chunk)
+        for group in groups.values():
+            packs: list[list[tuple[int, Job, int]]] = [[]]
+            for chunk in group:
+                if sum(take for _, _, take in packs[-1]) >= PACK_TOKENS:
+                    packs.append([])
+                packs[-1].append(chunk)
+            for pack in packs:
+                if len(pack) == 1:
+                    rest.append(pack[0])
+                else:
+                    self.loop.guarded([job for _, job, _ in pack], lambda: self._packed(rows, pack))
+        return sorted(rest, key=lambda chunk: chunk[0])
+
+    def _packed(self, rows: Any, pack: list[tuple[int, Job, int]]) -> None:
+        """The chunks of `pack` (new prompts, one adapter) in one forward, then each as its chunk would end."""
+        spans = []
+        for slot, job, take in pack:
+            p = job.progress
+            spans.append((slot, p.context[p.prefilled:p.prefilled + take], p.prefilled,
+                          p.prefilled + take == len(p.context)))
+        logits = self.loop.runner.prefill_packed(rows, spans, pack[0][1].adapter)
+        for slot, job, take in pack:
+            p = job.progress
+            p.prefilled += take
+            if p.prefilled == len(p.context):
+                self._done(rows, slot, job, logits[slot])
 
     def _together(self, rows: Any, jobs: list[Job]) -> None:
         """The rest of several contexts in one forward (none decoding; see `Runner.prefill_rows`), then

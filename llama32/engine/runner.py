@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..lora import GatheredAdapters, RowAdapters
-from ..model import KVCache, causal_spans, keep_address
+from ..model import KVCache, Segments, causal_spans, keep_address
 from ..sampling import SamplingParams, StepKnobs, sample_static
 from .memory import Rows
 from .scheduler import _pow2
@@ -154,6 +154,38 @@ class Runner:
         logits = llm.model(ids.to(llm.device), cache=cache, input_pos=pos.to(llm.device),
                            logits_at=last.to(llm.device), lora=RowAdapters.of(llm, adapters), causal=causal)
         return {slot: logits[slot - lo] for slot in spans}
+
+    def prefill_packed(self, rows: Rows, spans: list[tuple[int, list[int], int, bool]],
+                       adapter: Any) -> dict[int, Tensor]:
+        """Several rows' prompt spans in one forward, their tokens one after another in one row (the model's
+        `segments`), where `packs` says it may: `spans` lists (slot, ids, start, draw), each row's ids going at
+        its positions [start, start + len(ids)) and attending over its positions before, all with `adapter`.
+        Returns the logits (1, V) at the last token of each span that draws. Each position gets the bits a
+        forward of its own span gives it (`prefill`)."""
+        llm = self.llm
+        ids, pos, parts, at, drawing = [], [], [], [], []
+        for slot, span, start, draw in spans:
+            parts.append((slot, len(ids), len(ids) + len(span)))
+            ids += span
+            pos += range(start, start + len(span))
+            if draw:
+                at.append(len(ids) - 1)
+                drawing.append(slot)
+        end = max(start + len(span) for _, span, start, _ in spans)
+        cache = rows.cache.view(slice(0, rows.batch), attended_for(rows.length, end, rows.floor))
+        device = llm.device
+        logits = llm.model(torch.tensor([ids], device=device), cache=cache,
+                           input_pos=torch.tensor([pos], device=device),
+                           logits_at=torch.tensor([at], dtype=torch.long, device=device),
+                           lora=RowAdapters.of(llm, [adapter]), segments=Segments(parts, device))[0]
+        return {slot: logits[i:i + 1] for i, slot in enumerate(drawing)}
+
+    @property
+    def packs(self) -> bool:
+        """Whether prompt spans of several rows may share one forward (`prefill_packed`): on the CPU where
+        prompt spans attend written out or through the fused kernel (`model.span_attention`), whose calls are
+        per row of the cache anyway."""
+        return self.one_attention and self.llm.model.span_attention != "kernel"
 
     def verify(self, rows: Rows, n: int, batch: Any, per_position: Any) -> Tensor:
         """Speculative decoding's verify forward over rows [0, n), fed `batch` (engine/batch.py's `StepBatch`):
