@@ -507,12 +507,13 @@ def build_adapter(smollm2_dir, cache: Path | None = None) -> Path:
 
 
 def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32", speculative: str | None = None,
-            steps: str = "written"):
+            steps: str = "fused"):
     """A SmolLM2 handle to fuzz. budget: "tight" (1,800 positions in all) or "ample" (the default).
     speculative: None, "ngram" or "draft" (SmolLM2 drafting for itself). In bfloat16 the oracle must be
     bfloat16 too: a row's answer alone and beside others is the same to the bit there as well (the CPU's row
-    tiles and attention padding, model.py). steps: the decode steps' attention in bfloat16 ("written" where the
-    load-time check verifies it, or "masked": `model.choose_step_attention`), the oracle's alike (`load`)."""
+    tiles and attention padding, model.py). steps: the decode steps' attention in bfloat16 ("fused" on AMX where
+    the load-time check verifies it, else "written"; "written"; or "masked": `model.choose_step_attention`), the
+    oracle's alike (`load`)."""
     from llama32.engine.loop import position_bytes
     from llama32.config import LlamaConfig
     import torch
@@ -525,8 +526,9 @@ def handles(smollm2_dir, *, max_batch: int, budget: str, dtype: str = "float32",
                 speculative=source)
 
 
-def load(ckpt, steps: str = "written", **kwargs):
-    """`llama32.load` with decode steps' attention `steps` ("written" or "masked"; LLAMA32_STEP_ATTENTION)."""
+def load(ckpt, steps: str = "fused", **kwargs):
+    """`llama32.load` with decode steps' attention `steps` ("fused", "written" or "masked";
+    LLAMA32_STEP_ATTENTION)."""
     before = os.environ.get("LLAMA32_STEP_ATTENTION")
     os.environ["LLAMA32_STEP_ATTENTION"] = steps
     try:
@@ -547,7 +549,8 @@ def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
               timed_closes=True, follow=rng.choice([0.0, 0.5]))
     fault = rng.choice(faults)
     mix.own_pauses = rng.random() < 0.3  # drawn after the above, which stay what they were for a seed
-    steps = "masked" if rng.random() < 0.3 else "written"  # bfloat16: also the masked decode attention
+    u = rng.random()  # bfloat16: also the masked decode attention, and written out where fused would verify
+    steps = "masked" if u < 0.3 else "written" if u < 0.5 else "fused"
     return (*kind, steps), fault, mix
 
 

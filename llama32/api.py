@@ -176,17 +176,18 @@ def _load(source: str | os.PathLike, *, device, dtype, lora, quantize, max_batch
         check_budget(kv_cache_bytes, position_bytes(config, dtype), 2 * config.num_hidden_layers)
     tokenizer = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
     # LLAMA32_CPU_PACK=0 keeps plain dense weights on CPU (slower decoding; needed to torch.compile on CPU);
-    # LLAMA32_STEP_ATTENTION=masked keeps decode steps on the masked kernel (model.choose_step_attention)
-    steps = os.environ.get("LLAMA32_STEP_ATTENTION", "written")
-    if steps not in ("written", "masked"):
-        raise ValueError(f"LLAMA32_STEP_ATTENTION must be 'written' or 'masked', got {steps!r}")
+    # LLAMA32_STEP_ATTENTION=masked keeps decode steps on the masked kernel, =written off the fused one where it
+    # would verify (an AMX CPU) (model.choose_step_attention)
+    steps = os.environ.get("LLAMA32_STEP_ATTENTION", "fused")
+    if steps not in ("fused", "written", "masked"):
+        raise ValueError(f"LLAMA32_STEP_ATTENTION must be 'fused', 'written' or 'masked', got {steps!r}")
     # LLAMA32_SPAN_ATTENTION=written keeps prompt spans off the fused kernel where it would verify (an AMX CPU)
     spans = os.environ.get("LLAMA32_SPAN_ATTENTION", "fused")
     if spans not in ("fused", "written"):
         raise ValueError(f"LLAMA32_SPAN_ATTENTION must be 'fused' or 'written', got {spans!r}")
     model = load_model(path, config, device=device, dtype=dtype, pack=os.environ.get("LLAMA32_CPU_PACK", "1") != "0",
                        quantize=quantize, entries=entries, config_name=config_name,
-                       written_steps=steps == "written", fused_spans=spans == "fused")
+                       written_steps=steps != "masked", fused_spans=spans == "fused", fused_steps=steps == "fused")
     del checkpoint, entries  # the shards' mappings go with them (a packed tied embedding keeps its own view)
     llm = Llama(model, tokenizer, config, path=path, device=device, dtype=dtype, max_batch=max_batch,
                 kv_cache_bytes=kv_cache_bytes)

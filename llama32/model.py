@@ -225,6 +225,9 @@ class Attention(nn.Module):
     # Whether one-position attention (`step_attention`) runs written out (`written_attention`): set at load where
     # a check finds it gives every row the bits it has alone (`choose_step_attention`)
     written_steps: bool = False
+    # Where `written_steps`: whether they take PyTorch's fused kernel (`fused_step_attention`) instead, set at
+    # load where its own check verifies it
+    fused_steps: bool = False
     # How prompt spans over the cache (input positions given, not `per_position`) attend: "written"
     # (`written_span_attention`) or "fused" (`fused_span_attention`), set at load beside `written_steps` where
     # a check verifies it; "kernel": PyTorch's fused kernels as `causal_attention` and `masked_attention` pad them
@@ -308,10 +311,11 @@ class Attention(nn.Module):
     def step_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """One query position's attention, as every decode step (and a verify or resume position) takes it:
         q [B, K, G, hd] (each key/value head's G query heads), k, v [B, K, S, hd], mask [B, 1, G, S] ->
-        [B, K, G, hd]. `written_steps` (set at load, `choose_step_attention`): `written_attention`; else the
-        masked kernel with the query rows padded to `STEP_ROWS`."""
+        [B, K, G, hd]. `written_steps` (set at load, `choose_step_attention`): `written_attention`, or
+        `fused_step_attention` where `fused_steps`; else the masked kernel with the query rows padded to
+        `STEP_ROWS`."""
         if self.written_steps and not torch.compiler.is_compiling():  # (the compiled step is CUDA's)
-            return written_attention(q, k, v, mask[:, :, :1])
+            return (fused_step_attention if self.fused_steps else written_attention)(q, k, v, mask[:, :, :1])
         return masked_attention(q.contiguous(), k, v, mask.contiguous(), STEP_ROWS)
 
 
@@ -406,6 +410,25 @@ def written_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     for j in range(1, n):
         out += parts[:, :, j]
     return out.to(q.dtype)
+
+
+def fused_step_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """`written_attention`'s arguments and result, through PyTorch's fused (flash) CPU kernel: each query head
+    one query row, over its key/value head's keys (`enable_gqa`), the keys padded as `written_attention` pads
+    them (256 keys, or a multiple of 512). The decode step's attention on a CPU with AMX in bfloat16 where
+    `choose_step_attention` verified it (`step_attention_verified`: every row its solo bits at batch sizes 1-64
+    and attended lengths 256-32,768).
+
+    Each (row, head) is worked alone by one thread, one query row over blocks of 512 keys from key 0, so a row's
+    bits depend on neither the rows beside it nor masked keys past its own (as `fused_span_attention` has it:
+    whole blocks of masked keys, and masked keys past a multiple of 32, add nothing). Every one-position forward
+    takes it, so all of them round alike. On a 2-core AMX Xeon (the 1B's 32 query heads over 8 key/value heads,
+    a layer, benchmarks/RESULTS.md): 1 row over 256 keys 0.038 against 0.123 ms written out, 8 rows 0.28 against
+    0.58, 32 rows 1.19 against 1.76, 32 rows over 512 keys 2.07 against 3.55."""
+    k, v, mask = _pad_keys(k, v, mask, SHORT_KEYS if k.shape[2] < KEY_BLOCK else KEY_BLOCK)
+    B, K, G, hd = q.shape
+    y = F.scaled_dot_product_attention(q.reshape(B, K * G, 1, hd), k, v, attn_mask=mask, enable_gqa=G > 1)
+    return y.view(B, K, G, hd)
 
 
 SPAN_QUERIES = 64  # query positions per product of `written_span_attention` (its rows: G times as many)
@@ -751,9 +774,10 @@ class Transformer(nn.Module):
 
     @property
     def step_attention(self) -> str:
-        """The attention of one-position forwards, "written" or "masked": what `choose_step_attention` set on the
-        layers."""
-        return "written" if self.model.layers[0].self_attn.written_steps else "masked"
+        """The attention of one-position forwards, "fused" (`fused_step_attention`), "written"
+        (`written_attention`) or "masked" (`masked_attention`): what `choose_step_attention` set on the layers."""
+        attn = self.model.layers[0].self_attn
+        return ("fused" if attn.fused_steps else "written") if attn.written_steps else "masked"
 
     @property
     def span_attention(self) -> str:
@@ -963,17 +987,19 @@ def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
 
 
 def choose_step_attention(model: Transformer, device: torch.device | str, dtype: torch.dtype,
-                          allow: bool = True, fused: bool = True) -> None:
+                          allow: bool = True, fused: bool = True, fused_steps: bool = True) -> None:
     """Pick the attention of one-position forwards (decode steps, and a verify's or a resume's positions, which
-    must round as they do), once, at load: sets every layer's `Attention.written_steps` (`model.step_attention`
-    names the choice).
+    must round as they do), once, at load: sets every layer's `Attention.written_steps` and `fused_steps`
+    (`model.step_attention` names the choice).
 
-    - "written" (`written_attention`): bfloat16 on a CPU where every projection runs in verified row tiles
-      (`row_invariant`) and `step_attention_verified` finds that it gives each row its solo bits. `allow`
+    - "fused" (`fused_step_attention`): bfloat16 on a CPU with AMX where every projection runs in verified row
+      tiles (`row_invariant`) and `step_attention_verified` finds that it gives each row its solo bits; about
+      twice as fast as written out there. `fused_steps` False (LLAMA32_STEP_ATTENTION=written) keeps it off.
+    - "written" (`written_attention`): the same elsewhere, or where the fused kernel does not verify. `allow`
       False (LLAMA32_STEP_ATTENTION=masked) keeps the masked kernel.
     - "masked": the fused masked kernel, query rows padded to `STEP_ROWS` (`masked_attention`): everywhere
       else. Where its padding makes a decode step round as a prompt span does (`decode_is_span`), a request's
-      drawn positions may serve later prompts from the prefix index; with "written" they may not.
+      drawn positions may serve later prompts from the prefix index; with "written" or "fused" they may not.
 
     Prompt spans over the cache (`Attention.span_attention`, `model.span_attention`) leave PyTorch's kernels as
     they are padded today only where decode steps attend written out, and then take the first of these that
@@ -983,15 +1009,16 @@ def choose_step_attention(model: Transformer, device: torch.device | str, dtype:
     - "written" (`written_span_attention`).
     Else they keep PyTorch's kernels as padded (`causal_attention`, `masked_attention`), which is also what lets
     a decode step on the masked kernel give a position a span's bits."""
-    written = (allow and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and model.row_invariant
-               and step_attention_verified(model.config, dtype))
+    leave = allow and torch.device(device).type == "cpu" and dtype == torch.bfloat16 and model.row_invariant
+    fast = leave and fused_steps and _cpu_has("amx_tile") and step_attention_verified(model.config, dtype, "fused")
+    written = fast or (leave and step_attention_verified(model.config, dtype))
     spans = "kernel"
     if written and fused and _cpu_has("amx_tile") and span_attention_verified(model.config, dtype, "fused"):
         spans = "fused"
     elif written and span_attention_verified(model.config, dtype, "written"):
         spans = "written"
     for layer in model.model.layers:
-        layer.self_attn.written_steps = written
+        layer.self_attn.written_steps, layer.self_attn.fused_steps = written, fast
         layer.self_attn.span_attention = spans
 
 
@@ -1009,15 +1036,17 @@ _step_checks: dict[tuple, bool] = {}
 
 
 @torch.inference_mode()
-def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
-    """Whether `written_attention`, at this config's heads and in `dtype`, gives every row the bits it has alone
+def step_attention_verified(config: LlamaConfig, dtype: torch.dtype, kernel: str = "written") -> bool:
+    """Whether `written_attention` (`kernel` "written") or `fused_step_attention` ("fused"), at this config's
+    heads and in `dtype`, gives every row the bits it has alone
     at each of `STEP_CHECKS`: 16 random rows attending to 1-1,024 keys, each computed alone over the fewest
     512-key blocks that hold it, then at every place of larger batches (the rows repeated) over more keys
     (masked past each row's own, holding other values). oneDNN picks its blocking by the product's sizes and
-    the thread count, so the answer is kept per (heads, dtype, threads) for the process."""
+    the thread count, so the answer is kept per (kernel, heads, dtype, threads) for the process."""
     K, hd = config.num_key_value_heads, config.head_dim
     G = config.num_attention_heads // K
-    key = (K, G, hd, dtype, torch.get_num_threads())
+    key = (kernel, K, G, hd, dtype, torch.get_num_threads())
+    attention = fused_step_attention if kernel == "fused" else written_attention
     with _step_lock:
         if key in _step_checks:
             return _step_checks[key]
@@ -1033,7 +1062,7 @@ def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
 
     def alone(r: int) -> Tensor:
         S = SHORT_KEYS if ends[r] <= SHORT_KEYS else -(-int(ends[r]) // KEY_BLOCK) * KEY_BLOCK
-        return written_attention(q[r:r + 1], k[r:r + 1, :, :S], v[r:r + 1, :, :S], mask(torch.tensor([r]), S))
+        return attention(q[r:r + 1], k[r:r + 1, :, :S], v[r:r + 1, :, :S], mask(torch.tensor([r]), S))
 
     want = [alone(r) for r in range(base)]
     same = True
@@ -1042,7 +1071,7 @@ def step_attention_verified(config: LlamaConfig, dtype: torch.dtype) -> bool:
         reps = -(-length // most)
         kb = k[rows].repeat(1, 1, reps, 1)[:, :, :length]  # past a row's keys: copies of them, masked
         vb = v[rows].repeat(1, 1, reps, 1)[:, :, :length]
-        got = written_attention(q[rows], kb[:, :, :S], vb[:, :, :S], mask(rows, S))
+        got = attention(q[rows], kb[:, :, :S], vb[:, :, :S], mask(rows, S))
         same = same and all(torch.equal(got[i:i + 1], want[r]) for i, r in enumerate(rows.tolist()) if ends[r] <= S)
         if not same:
             break

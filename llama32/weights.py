@@ -126,7 +126,7 @@ def safetensors_entries(path: Path) -> Iterator[TensorEntry]:
 def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | str,
                dtype: torch.dtype, pack: bool = True, quantize: str | None = None,
                entries: Iterator[TensorEntry] | None = None, config_name: str = "the config",
-               written_steps: bool = True, fused_spans: bool = True) -> Transformer:
+               written_steps: bool = True, fused_spans: bool = True, fused_steps: bool = True) -> Transformer:
     """Build the model for `config` and fill it from the checkpoint at `path` (strict).
 
     `entries`: the checkpoint's tensors (default: the safetensors files at `path`; meta.py gives Meta's
@@ -136,7 +136,8 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     from the checkpoint file: lookups touch a few rows per step, and memory stays about one copy of the
     weights. (That one tensor does follow the file: overwrite the checkpoint in place and lookups change.)
     `written_steps`: let decode steps attend written out where a check verifies it (`choose_step_attention`);
-    `fused_spans`: let prompt spans then take the fused kernel where it verifies (else written out).
+    `fused_spans`, `fused_steps`: let prompt spans and decode steps then take PyTorch's fused kernel where it
+    verifies (else written out).
     """
     path = Path(path)
     packing = pack and can_pack_for_cpu(device, dtype)
@@ -200,5 +201,5 @@ def load_model(path: str | Path, config: LlamaConfig, *, device: torch.device | 
     model.reset_rope(device)
     model.eval().requires_grad_(False)
     model.cpu_path = choose_cpu_path(model, device, dtype, packing)
-    choose_step_attention(model, device, dtype, written_steps, fused_spans)
+    choose_step_attention(model, device, dtype, written_steps, fused_spans, fused_steps)
     return model

@@ -621,7 +621,7 @@ def test_with_written_decode_steps_a_follow_up_turn_copies_its_prompt_and_recomp
     from llama32.engine import BLOCK
 
     llm = llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
-    if llm.model.step_attention != "written":
+    if llm.model.step_attention == "masked":
         pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified found rows "
                     "parting from their solo bits, or no native bfloat16)")
     assert not llm.loop.memory.answers
@@ -758,8 +758,9 @@ def test_a_process_leaving_a_stream_open_exits_cleanly(smollm2_dir, tmp_path):
 
 
 def test_with_every_attention_written_a_short_request_attends_over_256_keys(smollm2_dir, monkeypatch):
-    """Where decode steps attend written out and prompt spans written out or through the fused kernel as
-    `fused_span_attention` calls it (bfloat16 on the CPU where the load-time checks verify), the CPU's floor is
+    """Where decode steps and prompt spans attend written out or through the fused kernel as
+    `fused_step_attention` and `fused_span_attention` call it (bfloat16 on the CPU where the load-time checks
+    verify), the CPU's floor is
     256 key positions, not 512 (`model.attention_floor`): a short request's prompt goes through its span
     attention over its own positions and each decode step attends over
     256 keys; its answer and log-probabilities are, to the bit, what the same attention over the 512 floor
@@ -774,10 +775,10 @@ def test_with_every_attention_written_a_short_request_attends_over_256_keys(smol
     assert model.attention_floor("cpu", llm.model) == 256 and llm.loop.scheduler.min_length == 256
     spans, steps = [], []
     span_name = f"{llm.model.span_attention}_span_attention"  # (written out, or the fused kernel on AMX)
-    real_span, real_step = getattr(model, span_name), model.written_attention
+    step_name = "fused_step_attention" if llm.model.step_attention == "fused" else "written_attention"
+    real_span, real_step = getattr(model, span_name), getattr(model, step_name)
     monkeypatch.setattr(model, span_name, lambda q, k, v, pos: spans.append(q.shape[2]) or real_span(q, k, v, pos))
-    monkeypatch.setattr(model, "written_attention", lambda q, k, v, mask: steps.append(k.shape[2]) or
-                        real_step(q, k, v, mask))
+    monkeypatch.setattr(model, step_name, lambda q, k, v, mask: steps.append(k.shape[2]) or real_step(q, k, v, mask))
     prompt = chatml("Which floor is this? A question asked once, so that no prefix is reused.")
     n = len(llm.tokenizer.encode(prompt))
     request = dict(prompt=prompt, raw=True, temperature=0, max_tokens=4, logprobs=True, top_logprobs=2)

@@ -295,13 +295,16 @@ def test_a_decode_step_gives_a_position_the_bits_a_span_gives_it(make_checkpoint
             assert all(torch.equal(a, b) for a, b in kv), head
 
 
+@pytest.mark.parametrize("steps", ["written", "fused"])
 @pytest.mark.parametrize("S", [512, 1024, 1800], ids=["one-block", "two-blocks", "padded"])
-def test_written_attention_is_attention(S):
-    """`written_attention` (decode steps' attention where verified) against attention in float64 over the same
-    bfloat16 inputs: each row's keys past its own masked, over one 512-key block, two (one product per block, the
-    blocks' sums added in float32) and a length the padding takes to four."""
-    from llama32.model import written_attention
+def test_step_attention_is_attention(S, steps):
+    """`written_attention` and `fused_step_attention` (decode steps' attention where verified) against attention
+    in float64 over the same bfloat16 inputs: each row's keys past its own masked, over one 512-key block, two
+    (written out: one product per block, the blocks' sums added in float32) and a length the padding takes to
+    four."""
+    from llama32.model import fused_step_attention, written_attention
 
+    attention = fused_step_attention if steps == "fused" else written_attention
     gen = torch.Generator().manual_seed(11)
     B, K, G, hd = 3, 2, 3, 64
     q, k, v = (torch.randn(B, K, n, hd, generator=gen).bfloat16() for n in (G, S, S))
@@ -309,7 +312,7 @@ def test_written_attention_is_attention(S):
     mask = (torch.arange(S)[None] < ends[:, None])[:, None, None]  # (B, 1, 1, S)
     scores = q.double() @ k.double().transpose(-1, -2) / hd ** 0.5
     want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()
-    got = written_attention(q, k, v, mask)
+    got = attention(q, k, v, mask)
     assert got.dtype == torch.bfloat16 and got.shape == (B, K, G, hd)
     assert (got.double() - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
@@ -403,7 +406,7 @@ def test_span_attention_gives_a_position_one_set_of_bits_however_its_prompt_is_c
     model = spans_model(make_checkpoint(kind="llama32"), spans)
     if kernel == "two-class":
         two_class_products(model, monkeypatch)
-    assert model.step_attention == "written" and not decode_is_span(model, "cpu", torch.bfloat16)
+    assert model.step_attention != "masked" and not decode_is_span(model, "cpu", torch.bfloat16)
     config = model.config
     gen = torch.Generator().manual_seed(8)
     ids = torch.randint(0, config.vocab_size, (2, 600), generator=gen)
@@ -489,7 +492,7 @@ def test_span_attention_is_taken_only_where_a_position_keeps_its_bits(make_check
     monkeypatch.setattr(M, name, lambda q, k, v, pos: real(q, k, v, pos) * (1 + q.shape[2] / 4096))
     swayed = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_spans=fused)
     fallback = "written" if fused else "kernel"
-    assert swayed.span_attention == fallback and swayed.step_attention == "written"
+    assert swayed.span_attention == fallback and swayed.step_attention != "masked"
     assert all(layer.self_attn.span_attention == fallback for layer in swayed.model.layers)
     monkeypatch.setattr(M, name, real)
     if fused:
@@ -517,19 +520,39 @@ def test_spans_on_a_ladder_of_their_own_are_not_decode_steps(make_checkpoint, mo
     assert not M.decode_is_span(model, "cpu", torch.bfloat16)
 
 
+def steps_model(path, steps: str):
+    """The bfloat16 model of `path` with one-position forwards on `steps` ("written" or "fused"), or a skip where
+    no load on this CPU would take that path (its check, `step_attention_verified`, fails here). The fused kernel
+    verified on a CPU without AMX is set by hand, since the load takes it only with AMX, where it measured
+    faster."""
+    from llama32.model import step_attention_verified
+
+    config = LlamaConfig.from_file(path / "config.json")
+    model = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_steps=steps == "fused")
+    if steps == "fused" and model.step_attention == "written" and step_attention_verified(config, torch.bfloat16,
+                                                                                          "fused"):
+        for layer in model.model.layers:
+            layer.self_attn.fused_steps = True
+    if model.step_attention != steps:
+        pytest.skip(f"one-position forwards cannot take the {steps} attention on this CPU "
+                    f"(model.step_attention_verified)")
+    return model
+
+
+@pytest.mark.parametrize("steps", ["written", "fused"])
 @pytest.mark.parametrize("kernel", ["as-is", "two-class"])
-def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint, kernel, monkeypatch):
-    """Where decode steps attend written out (`choose_step_attention`), every one-position forward must too, with
-    the same bits: a resume recomputing drawn positions and a verify forward pass several positions at once
+def test_step_attention_gives_a_position_one_set_of_bits_however_it_is_fed(make_checkpoint, kernel, steps,
+                                                                            monkeypatch):
+    """Where decode steps attend written out or through the fused kernel (`choose_step_attention`), every
+    one-position forward must too, with the same bits: a resume recomputing drawn positions and a verify
+    forward pass several positions at once
     (`per_position`), beside other rows; decode steps run rows of other lengths beside each other. A position's
     logits and keys and values are the same whichever way, to the bit, and `decode_is_span` is False (a prompt
     span rounds otherwise: the prefix index keeps drawn positions out). "two-class": with products whose
     ladder stops at 48 rows, where a forward of several positions must not take the spans' ladder."""
     from llama32.model import decode_is_span
 
-    model = ours(make_checkpoint(kind="llama32"), torch.bfloat16)
-    if model.step_attention != "written":
-        pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified)")
+    model = steps_model(make_checkpoint(kind="llama32"), steps)
     if kernel == "two-class":
         two_class_products(model, monkeypatch)
     assert not decode_is_span(model, "cpu", torch.bfloat16)
@@ -569,25 +592,35 @@ def test_written_steps_give_a_position_one_set_of_bits_however_it_is_fed(make_ch
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in kv), r
 
 
-def test_written_steps_are_taken_only_where_every_row_keeps_its_bits(make_checkpoint, monkeypatch):
-    """The load-time check (`step_attention_verified`) turns written decode attention down where a row's result
-    depends on what shares its call: here an attention that moves with the batch size. The layers then keep the
-    masked kernel, and `LLAMA32_STEP_ATTENTION=masked` asks for it; any other value is refused by name."""
+@pytest.mark.parametrize("steps", ["written", "fused"])
+def test_step_attention_is_taken_only_where_every_row_keeps_its_bits(make_checkpoint, monkeypatch, steps):
+    """The load-time check (`step_attention_verified`) turns a decode attention down where a row's result
+    depends on what shares its call: here one that moves with the batch size. The layers then fall back (from
+    the fused kernel to written out, from written out to the masked kernel); `LLAMA32_STEP_ATTENTION=written`
+    keeps decode steps off the fused kernel, `=masked` on the masked one; any other value is refused by name."""
     import llama32
     from llama32 import model as M
 
     path = make_checkpoint(kind="llama32")
-    honest = ours(path, torch.bfloat16)
-    if honest.step_attention != "written":
-        pytest.skip("decode steps take the masked kernel on this CPU (model.step_attention_verified)")
+    config = LlamaConfig.from_file(path / "config.json")
+    fused = steps == "fused"
+    honest = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_steps=fused)
+    if honest.step_attention != steps:
+        pytest.skip(f"a load does not take the {steps} decode attention on this CPU (model.choose_step_attention)")
     assert all(layer.self_attn.written_steps for layer in honest.model.layers)
-    real = M.written_attention
+    name = "fused_step_attention" if fused else "written_attention"
+    real = getattr(M, name)
     monkeypatch.setattr(M, "_step_checks", {})
-    monkeypatch.setattr(M, "written_attention", lambda q, k, v, mask: real(q, k, v, mask) * (1 + q.shape[0] / 256))
-    swayed = ours(path, torch.bfloat16)
-    assert swayed.step_attention == "masked"
-    assert not any(layer.self_attn.written_steps for layer in swayed.model.layers)
-    monkeypatch.setattr(M, "written_attention", real)
+    monkeypatch.setattr(M, name, lambda q, k, v, mask: real(q, k, v, mask) * (1 + q.shape[0] / 256))
+    swayed = load_model(path, config, device="cpu", dtype=torch.bfloat16, fused_steps=fused)
+    fallback = "written" if fused else "masked"
+    assert swayed.step_attention == fallback
+    assert all(layer.self_attn.written_steps == fused and not layer.self_attn.fused_steps
+               for layer in swayed.model.layers)
+    monkeypatch.setattr(M, name, real)
+    if fused:
+        monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "written")
+        assert llama32.load(path, dtype="bfloat16", device="cpu").model.step_attention == "written"
     monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "masked")
     assert llama32.load(path, dtype="bfloat16", device="cpu").model.step_attention == "masked"
     monkeypatch.setenv("LLAMA32_STEP_ATTENTION", "fast")

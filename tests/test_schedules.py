@@ -22,7 +22,7 @@ from schedule_fuzz import Mix  # noqa: E402
 def oracles(smollm2_dir):
     made = {}
 
-    def oracle(dtype: str, steps: str = "written"):
+    def oracle(dtype: str, steps: str = "fused"):
         if (dtype, steps) not in made:
             made[dtype, steps] = schedule_fuzz.Oracle(schedule_fuzz.load(smollm2_dir, steps, dtype=dtype, device="cpu",
                                                                          max_batch=1))
@@ -36,7 +36,7 @@ def under_test(smollm2_dir):
     schedules below."""
     made = {}
 
-    def handle(max_batch: int, budget: str, dtype: str, speculative: str | None = None, steps: str = "written"):
+    def handle(max_batch: int, budget: str, dtype: str, speculative: str | None = None, steps: str = "fused"):
         kind = (max_batch, budget, dtype, speculative, steps)
         if kind not in made:
             made[kind] = schedule_fuzz.handles(smollm2_dir, max_batch=max_batch, budget=budget, dtype=dtype,
