@@ -34,9 +34,10 @@ paused, the KV bytes those the prefix index keeps.
 
 SmolLM2-135M-Instruct (real weights, tests/fixtures.py builds it) on the CPU, in float32, (`--dtype bfloat16`)
 bfloat16 or (`--dtype both`) each in turn, schedule by schedule, the report counting each apart; the LoRA adapter
-is made by PEFT (random, from a fixed seed) and cached beside the checkpoint. About a third of the handles keep
-their decode steps on the masked kernel (`LLAMA32_STEP_ATTENTION=masked`; in bfloat16 the others attend written
-out where the load-time check verifies it, model.py), each checked against an oracle on the same path.
+is made by PEFT (random, from a fixed seed) and cached beside the checkpoint. In bfloat16 about a third of the
+handles keep their decode steps on the masked kernel (`LLAMA32_STEP_ATTENTION=masked`), a fifth attend written
+out, and the rest take the fused kernel where the load-time check verifies it (else written out, model.py); each
+is checked against an oracle on the same path.
 tests/test_schedules.py runs a few schedules in the suite.
 """
 
