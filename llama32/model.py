@@ -267,7 +267,7 @@ class Attention(nn.Module):
             k_cache, v_cache, k_whole, v_whole, row0 = kv
             k_whole[segments.rows + row0, :, input_pos[0]] = k[0].transpose(0, 1)
             v_whole[segments.rows + row0, :, input_pos[0]] = v[0].transpose(0, 1)
-            spans = fused_span_attention if self.span_attention == "fused" else written_span_attention
+            spans = span_kernel(self.span_attention)
             return torch.cat([spans(q[:, :, a:e], k_cache[r:r + 1], v_cache[r:r + 1], input_pos[:, a:e])
                               for r, a, e in segments.parts], dim=1)
         if kv is not None:
@@ -286,8 +286,7 @@ class Attention(nn.Module):
             probs.append(p)
         elif self.span_attention != "kernel" and input_pos is not None and not per_position \
                 and not torch.compiler.is_compiling():
-            spans = fused_span_attention if self.span_attention == "fused" else written_span_attention
-            return spans(q, k, v, input_pos)  # (already [B, T, H * hd])
+            return span_kernel(self.span_attention)(q, k, v, input_pos)  # (already [B, T, H * hd])
         elif mask is None and input_pos is not None:  # spans from position 0, over the cache (`causal`)
             y = causal_attention(q, k, v, self.n_kv != self.n_heads)
         elif mask is None:
@@ -463,10 +462,7 @@ def written_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tens
     B, H, T, hd = q.shape
     K = k.shape[1]
     G, S, Q, KB = H // K, k.shape[2], SPAN_QUERIES, SPAN_KEYS
-    extra = -T % Q
-    if extra:
-        q = _pad_positions(q, extra)
-        pos = torch.cat([pos, pos[:, -1:].expand(B, extra)], dim=1)
+    q, pos, extra = _pad_queries(q, pos, Q)
     out = q.new_empty(B, T + extra, K, G, hd)
     keys = torch.arange(max(S, int(pos.max()) + KB), device=q.device)
     scale = hd ** -0.5
@@ -525,10 +521,7 @@ def fused_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor
     them in blocks in cache."""
     B, H, T, hd = q.shape
     K, S = k.shape[1], k.shape[2]
-    extra = -T % SPAN_ROWS
-    if extra:  # zero queries at the row's last position, dropped below
-        q = _pad_positions(q, extra)
-        pos = torch.cat([pos, pos[:, -1:].expand(B, extra)], dim=1)
+    q, pos, extra = _pad_queries(q, pos, SPAN_ROWS)
     end = -(-(int(pos[:, -1].max()) + 1) // SPAN_KEYS) * SPAN_KEYS
     if end > S:  # a tight budget's edge: zero keys, masked below
         k, v = _pad_positions(k, end - S), _pad_positions(v, end - S)
@@ -542,6 +535,22 @@ def fused_span_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor
                                            enable_gqa=K != H)
         out[:, a:a + FUSED_QUERIES] = y.transpose(1, 2)
     return out[:, :T].reshape(B, T, H * hd)
+
+
+def span_kernel(name: str):
+    """The prompt span attention named "fused" (`fused_span_attention`) or "written" (`written_span_attention`),
+    looked up when called (`Attention.span_attention` and `span_attention_verified` take it by name)."""
+    return fused_span_attention if name == "fused" else written_span_attention
+
+
+def _pad_queries(q: Tensor, pos: Tensor, multiple: int) -> tuple[Tensor, Tensor, int]:
+    """q [B, H, T, hd] at positions pos [B, T] padded with zero queries at each row's last position to a multiple
+    of `multiple` positions: (q, pos, the positions added), the caller dropping their outputs."""
+    extra = -q.shape[2] % multiple
+    if extra:
+        q = _pad_positions(q, extra)
+        pos = torch.cat([pos, pos[:, -1:].expand(pos.shape[0], extra)], dim=1)
+    return q, pos, extra
 
 
 def _pad_positions(t: Tensor, extra: int) -> Tensor:
@@ -1111,7 +1120,7 @@ def span_attention_verified(config: LlamaConfig, dtype: torch.dtype, kernel: str
     q = torch.randn(1, end_far, H, hd, generator=gen).to(dtype)  # (positions before heads, as `Attention.mix`)
     k = torch.randn(1, K, most, hd, generator=gen).to(dtype)
     v = torch.randn(1, K, most, hd, generator=gen).to(dtype)
-    spans = fused_span_attention if kernel == "fused" else written_span_attention
+    spans = span_kernel(kernel)
 
     def run(a: int, e: int, length: int) -> Tensor:  # positions [a, e) in a cache of `length`, beside a row
         rows = torch.cat([q[:, a:e], q[:, a:e].flip(1)]).transpose(1, 2)
