@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 import threading
 import warnings
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
-from torch._inductor.utils import run_and_get_code
+from torch._inductor.graph import GraphLowering
 
 import llama32
 from fixtures import without_cached
@@ -127,10 +129,12 @@ def test_one_graph_per_shape_for_every_setting_and_batch_size(handle):
     assert counters["stats"]["unique_graphs"] == graphs  # same shapes again: nothing new compiled
 
 
-def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
-    """`Runner.warm_up` compiles the step at four shapes on a scratch cache; afterwards requests at every
-    batch size, several attended lengths and two cache lengths run compiled and compile nothing more. While
-    it compiles (in the background), steps run eagerly and answer the same."""
+@pytest.fixture(scope="module")
+def warmed(handle):
+    """`Runner.warm_up` from nothing (dynamo reset), with the code inductor writes for each of its graphs kept in
+    order (as `run_and_get_code` keeps it: the hook is global, so the warm-up's thread is seen too); then
+    requests at every batch size, several attended lengths and two cache lengths. Shared by the warm-up test
+    and the generated-code test, so the suite compiles these graphs once."""
     llm, _, _ = handle
     requests = [dict(prompt="word " * n, raw=True, temperature=t, seed=i + 1, top_p=0.9, max_tokens=6)
                 for i, (n, t) in enumerate([(3, 0), (40, 0.8), (100, 0), (12, 0.9)])]
@@ -142,29 +146,45 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(handle):
     llm.compiled, llm._compiled_step = True, None
     llm.compiled_shapes.clear()
     runner.warmed.clear()
+    code = []
     try:
-        runner.warm_up()
-        assert runner.warming
-        during = llama32.generate(llm, **requests[0])
-        assert runner.wait_warm(timeout=900)
-        assert llm.compiled  # it compiled (a failure would have turned it off)
+        with mock.patch.object(GraphLowering, "save_output_code", code.append):
+            runner.warm_up()
+            warming = runner.warming
+            during = llama32.generate(llm, **requests[0])
+            finished = runner.wait_warm(timeout=900)
+        compiled = llm.compiled  # it compiled (a failure would have turned it off)
         warmed = counters["stats"]["unique_graphs"]
-        assert set(runner.warmed) == set(runner.warm_shapes()) and not llm.compiled_shapes
+        seen = dict(runner.warmed), dict(llm.compiled_shapes)
         alone = [llama32.generate(llm, **r) for r in requests]
         together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
     finally:
         llm.compiled, llm._compiled_step = False, None
-    assert warmed == len(runner.warm_shapes()) == 4
-    assert counters["stats"]["unique_graphs"] == warmed  # nothing compiled while serving
-    assert not counters["graph_break"]
-    want = tokens(without_cached(want))  # (the prompts' prefixes are reused in the later runs)
-    assert tokens(without_cached([during])) == want[:1]
-    assert tokens(without_cached(alone)) == want
-    for results in together:
+    return SimpleNamespace(
+        llm=llm, warming=warming, finished=finished, compiled=compiled, warmed=warmed, seen=seen, code=code,
+        want=want, during=during, alone=alone, together=together, graphs=counters["stats"]["unique_graphs"],
+        breaks=dict(counters["graph_break"]), shapes=set(llm.compiled_shapes))
+
+
+def test_warm_up_leaves_nothing_to_compile_while_serving(warmed):
+    """`Runner.warm_up` compiles the step at four shapes on a scratch cache; afterwards requests at every
+    batch size, several attended lengths and two cache lengths run compiled and compile nothing more. While
+    it compiles (in the background), steps run eagerly and answer the same."""
+    w = warmed
+    runner = w.llm.loop.runner
+    assert w.warming and w.finished and w.compiled
+    warm, lazy = w.seen
+    assert set(warm) == set(runner.warm_shapes()) and not lazy
+    assert w.warmed == len(runner.warm_shapes()) == 4
+    assert w.graphs == w.warmed  # nothing compiled while serving
+    assert not w.breaks
+    want = tokens(without_cached(w.want))  # (the prompts' prefixes are reused in the later runs)
+    assert tokens(without_cached([w.during])) == want[:1]
+    assert tokens(without_cached(w.alone)) == want
+    for results in w.together:
         assert tokens(without_cached(results)) == want[:len(results)]
-    shapes = set(llm.compiled_shapes)
-    assert {rows for rows, _ in shapes} == {1, 2, 4}
-    assert len({attended for _, attended in shapes}) >= 3  # 16, 32 and longer: the 100-token prompt's
+    assert {rows for rows, _ in w.shapes} == {1, 2, 4}
+    assert len({attended for _, attended in w.shapes}) >= 3  # 16, 32 and longer: the 100-token prompt's
 
 
 def step_args(llm, rows=MAX_BATCH, attended=256, adapters=True):
@@ -194,34 +214,34 @@ def test_the_step_has_no_graph_break(handle):
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
-def test_the_step_holds_no_cache_sized_temporary(handle):
-    """Inductor's code for the step allocates nothing as big as a layer's cache: the cache is updated in
-    place. (Writing through a view of the cache instead made inductor copy the view out and back.)"""
-    llm, _, _ = handle
-    c = llm.config
-    attended = 256
-    args = step_args(llm, attended=attended, adapters=False)
-    with torch.inference_mode():
-        _, code = run_and_get_code(torch.compile(static_decode_step, dynamic=False), *args)
-    code = "\n".join(code)
-    sizes = []
-    for dims in re.findall(r"empty_strided\w*\(\(([\d, ]+)\)", code):
-        shape = [int(d) for d in dims.split(",") if d.strip()]
-        sizes.append((torch.Size(shape).numel(), shape))
-    assert sizes, "no buffer found: the generated code's form changed"
-    layer = MAX_BATCH * c.num_key_value_heads * attended * c.head_dim
-    # the logits and the sampler's (rows, vocabulary) buffers are allowed; nothing cache-shaped or bigger
-    big = [s for n, s in sizes if n >= layer and s[-1] not in (c.vocab_size, 1024)]
+def buffers(code: str) -> list[list[str]]:
+    """The sizes of the buffers a graph's generated code allocates, each as its dimensions (digits or symbols)."""
+    found = re.findall(r"empty_strided\w*\(\(([^)]*)\)", code)
+    return [[d.strip() for d in dims.split(",") if d.strip()] for dims in found]
+
+
+def test_the_step_holds_no_cache_sized_temporary(warmed):
+    """Inductor's code for the step allocates no buffer of a layer cache's form (rows, KV heads, positions,
+    head_dim) over the positions attended, and nothing as big as a layer's cache: the cache is updated in
+    place. (Writing through a view of the cache instead made inductor copy the view out and back.) Read from
+    the warm-up's graphs, the ones the loop runs: the first with every size static, the others symbolic."""
+    c = warmed.llm.config
+    shapes = warmed.llm.loop.runner.warm_shapes()
+    assert len(warmed.code) == len(shapes)  # one graph's code per warm-up shape, in their order
+    graphs = [buffers(code) for code in warmed.code]
+    assert all(graphs), "no buffer found: the generated code's form changed"
+    assert all(d.isdigit() for dims in graphs[0] for d in dims)
+    assert all(any(not d.isdigit() for dims in g for d in dims) for g in graphs[1:]), "no symbolic size"
+    rows, _, _, attended = shapes[0]
+    layer = rows * c.num_key_value_heads * attended * c.head_dim
+    # the logits and the sampler's (rows, vocabulary) buffers are allowed; nothing cache-sized or bigger
+    big = [dims for dims in graphs[0] if torch.Size([int(d) for d in dims]).numel() >= layer
+           and dims[-1] not in (str(c.vocab_size), "1024")]
     assert not big, big
-    # The graphs the loop runs have symbolic sizes (Runner.warm_up): no buffer of the cache's form
-    # (rows, KV heads, positions, head_dim) with a symbolic number of positions either.
-    with torch.inference_mode():
-        _, code = run_and_get_code(torch.compile(static_decode_step, dynamic=True), *args)
-    found = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(code))
-    shapes = [[d.strip() for d in dims.split(",")] for dims in found]
-    assert any(not d.isdigit() for dims in shapes for d in dims if d), "no symbolic size: the code's form changed"
-    cache_like = [dims for dims in shapes if len(dims) == 4 and dims[1] == str(c.num_key_value_heads)
-                  and dims[3] == str(c.head_dim) and not dims[2].isdigit()]
+    # (rows, KV heads, positions, head_dim) over the positions attended, or a symbolic number of them (fewer:
+    # the step's own new key and value, its queries padded)
+    cache_like = [dims for g in graphs for dims in g if len(dims) == 4 and dims[1] == str(c.num_key_value_heads)
+                  and dims[3] == str(c.head_dim) and not (dims[2].isdigit() and int(dims[2]) < attended)]
     assert not cache_like, cache_like
 
 
