@@ -982,6 +982,21 @@ def span_tiles_for(module: Linear, key: tuple) -> RowTiles | None:
     return alone
 
 
+def span_unit(model: Transformer) -> int:
+    """The rows a prompt span's products are padded to a multiple of: the largest of the smallest call sizes
+    (`span_tiles`, else `tiles`) of the projections prompts run through and of the layers (whose products
+    after attention take the sizes they share); 1 where none runs in tiles. On the Xeon with AMX the 1B's
+    k/v and down projections take 128-row calls for spans (`span_tiles_for`), so a 64-token span costs about
+    what a 128-token one does (the scheduler's `prefill_budget`)."""
+    unit = 1
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, DecoderLayer)) and name != "lm_head":
+            tiles = module.span_tiles or module.tiles
+            if tiles is not None:
+                unit = max(unit, tiles.sizes[0])
+    return unit
+
+
 def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
     """The call sizes verified for every one of these products, or None (a product without tiles, or no size
     common to all). At any of its verified sizes a product gives each row the bits of its own unit, so a size

@@ -14,6 +14,7 @@ import llama32
 from fixtures import without_cached
 from llama32 import InvalidRequest
 from llama32.engine.scheduler import budget_for
+from llama32.model import DecoderLayer, Linear, span_unit
 from test_lora import write_adapter
 
 GREEDY = dict(raw=True, temperature=0)
@@ -686,9 +687,32 @@ def test_the_prefill_budget_grows_with_the_rows_decoding(smol):
     scheduler = Scheduler(None, max_batch=32, context=4096, prefill_chunk=64, chunk_rows=8)
     assert scheduler.prefill_budget(rows(0, 3)) is None  # nothing decodes: prompts go whole
     assert [scheduler.prefill_budget(rows(n)) for n in (1, 7, 8, 15, 16, 31, 32)] == [64, 64, 64, 64, 128, 192, 256]
+    # where prompt spans' products run in calls of 128 rows, two rows decoding or more take whole such units;
+    # a lone stream keeps its chunk
+    scheduler.span_unit = 128
+    assert [scheduler.prefill_budget(rows(n)) for n in (1, 2, 8, 16, 24, 32)] == [64, 128, 128, 128, 256, 256]
+    scheduler.span_unit = 1
     scheduler.chunk_rows = None
     assert scheduler.prefill_budget(rows(32)) == 64
     assert smol.loop.scheduler.chunk_rows == 8 and smol.loop.prefill_chunk == 64  # the CPU's defaults
+    assert smol.loop.scheduler.span_unit == span_unit(smol.model)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_span_unit_is_what_a_short_prompt_span_pays(smollm2_dir, dtype):
+    """`model.span_unit`: the most rows a prompt-span product (not the head) computes for a span of one row,
+    what shorter spans pay; 1 where no product runs in tiles (float32 here, bfloat16 widened)."""
+    llm = llama32.load(smollm2_dir, dtype=dtype, device="cpu")
+    unit = span_unit(llm.model)
+    tiles = [m.span_tiles or m.tiles for n, m in llm.model.named_modules()
+             if isinstance(m, (Linear, DecoderLayer)) and n != "lm_head"]
+    tiles = [t for t in tiles if t is not None]
+    if not tiles:
+        assert unit == 1
+        return
+    assert all(sum(t.calls(1)) <= unit for t in tiles)
+    assert any(sum(t.calls(1)) == unit for t in tiles)
+    assert llm.loop.scheduler.span_unit == unit
 
 
 def test_chunked_prefill_equals_transformers_greedy_on_a_long_prompt(smollm2_dir, smol_hf):

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..model import attention_floor, decode_is_span, keep_address
+from ..model import attention_floor, decode_is_span, keep_address, span_unit
 from ..sampling import StepKnobs
 from .batch import allowed_mask, logprobs_wanted, step_batch, steps_of
 from .deliver import Delivery
@@ -87,7 +87,7 @@ class GenerationLoop:
         self.scheduler = Scheduler(self.memory, max_batch=self.max_batch, context=llm.context_length,
                                    prefill_chunk=DEFAULT_PREFILL_CHUNK.get(device, 64),
                                    min_length=max(MIN_LENGTH, attention_floor(llm.device, llm.model)),
-                                   chunk_rows=CHUNK_ROWS.get(device))
+                                   chunk_rows=CHUNK_ROWS.get(device), span_unit=span_unit(llm.model))
         self.runner = Runner(llm)
         # The sampler's per-row state (settings, seed counter, history), one row per slot of the rows' cache
         # (a step over rows [0, n) samples with rows [0, n) of it).

@@ -93,11 +93,14 @@ class Scheduler:
     `KVMemory`)."""
 
     def __init__(self, memory: Any, *, max_batch: int, context: int, prefill_chunk: int, min_length: int = MIN_LENGTH,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int | None = None, span_unit: int = 1):
         self.memory = memory  # its budget, its rows' share of it, the bytes of a position, the rows it may hold
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         # `prefill_budget`: one more `prefill_chunk` per this many decoding rows (None: one chunk however many)
         self.chunk_rows = chunk_rows
+        # `prefill_budget`: with several rows decoding, budgets in whole units of the rows a prompt span's
+        # products are padded to (model.py's `span_unit`)
+        self.span_unit = span_unit
         self.min_length = min_length  # the shortest cache (positions), at the budget's edge fewer
 
     @property
@@ -210,8 +213,17 @@ class Scheduler:
         more as rows join it (on the 2-core EPYC, a 1B step takes about 60 ms at 1 row and 200 ms at 32), so
         the same hold-up relative to a step allows more prompt tokens: at 32 rows, 4 chunks (256 tokens, about
         0.7 s). 32 streamed chat requests in process (benchmarks/RESULTS.md): 1.01-1.10x the throughput and time
-        to first token p50 1.3 s against 3.1-3.4 s, inter-token p99 unchanged."""
+        to first token p50 1.3 s against 3.1-3.4 s, inter-token p99 unchanged.
+
+        With two rows or more decoding, the budget is rounded up to whole `span_unit`s: the span's products
+        compute that many rows anyway (on the Xeon with AMX the 1B's k/v and down projections run a 64-token
+        chunk as a 128-row call). Streamed chat clients in process there (benchmarks/RESULTS.md): 1.08-1.11x
+        the throughput at 8, 1.00-1.04x at 32. A lone stream keeps `prefill_chunk`: its step is the shortest,
+        so its chunk is what its stall is (at most 4x its median gap, benchmarks/peers.py)."""
         decoding = sum(1 for j in rows if j is not None and j.progress.decoding)
         if not decoding:
             return None
-        return self.prefill_chunk * (max(1, decoding // self.chunk_rows) if self.chunk_rows else 1)
+        budget = self.prefill_chunk * (max(1, decoding // self.chunk_rows) if self.chunk_rows else 1)
+        if decoding > 1:
+            budget = -(-budget // self.span_unit) * self.span_unit
+        return budget
