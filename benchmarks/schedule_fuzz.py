@@ -5,16 +5,17 @@ checked against the same request run alone.
     python benchmarks/schedule_fuzz.py --schedules 20 --seed 7  # a fixed number, from a seed
 
 One schedule (`run_schedule`) runs on one handle under test: a small `max_batch` (2 or 3), a KV budget drawn
-from tight (rows pause, resume, chunk and reuse prefixes) to ample (the batch fills up), and optionally
-speculative decoding ("ngram", or SmolLM2 drafting for itself). 6-14 calls are fired from threads, in bursts
-and at random delays: `generate` (blocking), streams read to the end, streams closed after k chunks or from
-another thread at a random moment, `score` of long texts (prefilled in chunks beside decoding rows),
-`generate_batch`. Requests are greedy, seeded or penalised, some JSON-constrained, many sharing a long system
-prompt; a schedule's `Mix` may add rows naming a LoRA adapter beside base rows, and prompts asking to repeat a
-text (what n-gram proposals are accepted on), and next turns: once a `generate` call's answer is in, its
-prompt, that answer and a new question (the prefix index may serve the answer's keys and values). Closing at
-a random moment lands while the request waits behind a full batch, between prompt chunks, while it is paused
-for memory, or (speculative handles) between verify steps: where exactly is not observed, so the mix is wide.
+from tight (rows pause, resume, chunk and reuse prefixes) to ample (the batch fills up), a prefill chunk (64,
+40 or 24 tokens beside decoding rows), and optionally speculative decoding ("ngram", or SmolLM2 drafting for
+itself). 6-14 calls are fired from threads, in bursts and at random delays: `generate` (blocking), streams
+read to the end, streams closed after k chunks or from another thread at a random moment, `score` of long
+texts (prefilled in chunks beside decoding rows), `generate_batch`. Requests are greedy, seeded or penalised,
+some JSON-constrained, many sharing a long system prompt; a schedule's `Mix` may add rows naming a LoRA
+adapter beside base rows, and prompts asking to repeat a text (what n-gram proposals are accepted on), and
+next turns: once a `generate` call's answer is in, its prompt, that answer and a new question (the prefix
+index may serve the answer's keys and values). Closing at a random moment lands while the request waits behind
+a full batch, between prompt chunks, while it is paused for memory, or (speculative handles) between verify
+steps: where exactly is not observed, so the mix is wide.
 
 A schedule may inject one fault into the handle under test, at its n-th occasion (`inject`):
 - a forward: the runner's `prefill_rows`, `prefill` (one row's chunk), `decode` or `verify` (speculation)
@@ -94,6 +95,10 @@ class Mix:
     # a paused row's drawn blocks kept for its resume alone, as where a decode step is not a span (AMX;
     # engine/memory.py, `KVMemory.pause`), whatever this CPU's path says: `memory.answers` off for the schedule
     own_pauses: bool = False
+    # the prompt tokens an iteration computes beside decoding rows (the loop's `prefill_chunk`) for the schedule,
+    # None: the handle's own; chunks shorter than a prompt span's products pad to (`model.span_unit`) are what
+    # rows decoding together round up (`Scheduler.prefill_budget`)
+    prefill_chunk: int | None = None
 
 
 @dataclass
@@ -305,6 +310,8 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
     fired, restore = inject(llm, fault, rng) if fault else ([0], None)
     answers = llm.loop.memory.answers  # (the loop is idle between schedules)
     llm.loop.memory.answers = answers and not mix.own_pauses
+    chunk = llm.loop.prefill_chunk
+    llm.loop.prefill_chunk = mix.prefill_chunk or chunk
     start = time.monotonic()
 
     def work(i: int, call: Call) -> None:
@@ -348,7 +355,7 @@ def run_schedule(llm, oracle: Oracle, seed: int, *, calls: int | None = None, fa
     if restore:
         restore()
     if not report.hangs:
-        llm.loop.memory.answers = answers
+        llm.loop.memory.answers, llm.loop.prefill_chunk = answers, chunk
     report.faults_fired = fired[0]
     report.spec_accepted = spec.stats.accepted - accepted if spec is not None else 0
     report.lora_rows = sum("lora" in r for c in plan if c.kind != "score" and c.request is not None
@@ -552,6 +559,7 @@ def draw(rng: random.Random, adapter: str) -> tuple[tuple, str | None, Mix]:
     mix.own_pauses = rng.random() < 0.3  # drawn after the above, which stay what they were for a seed
     u = rng.random()  # bfloat16: also the masked decode attention, and written out where fused would verify
     steps = "masked" if u < 0.3 else "written" if u < 0.5 else "fused"
+    mix.prefill_chunk = rng.choice([64, 64, 24, 40])
     return (*kind, steps), fault, mix
 
 
@@ -590,7 +598,8 @@ def main() -> None:
         total.add(one)
         by_dtype[dtype].add(one)
         handle = {"dtype": dtype, "max_batch": kind[0], "budget": kind[1], "speculative": kind[2],
-                  "lora": bool(mix.lora), "fault": fault, "own_pauses": mix.own_pauses, "steps": steps}
+                  "lora": bool(mix.lora), "fault": fault, "own_pauses": mix.own_pauses, "steps": steps,
+                  "prefill_chunk": mix.prefill_chunk}
         print(f"seed {seed}: {json.dumps(dict(handle, **one.as_dict()))}", flush=True)
         seed += 1
         if one.hangs:
