@@ -217,7 +217,8 @@ class Scheduler:
 
         With two rows or more decoding, the budget is rounded up to whole `span_unit`s: the span's products
         compute that many rows anyway (on the Xeon with AMX the 1B's k/v and down projections run a 64-token
-        chunk as a 128-row call). Streamed chat clients in process there (benchmarks/RESULTS.md): 1.08-1.11x
+        chunk as a 128-row call: a 64-token prompt took 235-252 ms there, a 128-token one 249-255, a 192-token
+        one 351-371). Streamed chat clients in process there (benchmarks/RESULTS.md): 1.08-1.11x
         the throughput at 8, 1.00-1.04x at 32. A lone stream keeps `prefill_chunk`: its step is the shortest,
         so its chunk is what its stall is (at most 4x its median gap, benchmarks/peers.py)."""
         decoding = sum(1 for j in rows if j is not None and j.progress.decoding)
