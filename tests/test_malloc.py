@@ -21,7 +21,8 @@ if sys.argv[1] == "kept":
     from llama32.malloc import keep_freed_memory
     assert keep_freed_memory()
 else:
-    assert ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, fixed
+    from llama32.malloc import M_MMAP_THRESHOLD
+    assert ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixed: no dynamic raising
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -42,11 +43,8 @@ def glibc() -> bool:
 
 @pytest.mark.skipif(not glibc(), reason="the settings are glibc's (malloc.py does nothing elsewhere)")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    runs = {}
-    for how in ("released", "kept"):
-        out = subprocess.run([sys.executable, "-c", CHURN, how], capture_output=True, text=True, check=True).stdout
-        faults, kept_bytes = map(int, out.split())
-        runs[how] = faults, kept_bytes
+    runs = {how: tuple(map(int, subprocess.run([sys.executable, "-c", CHURN, how], capture_output=True, text=True,
+                                               check=True).stdout.split())) for how in ("released", "kept")}
     assert runs["released"][1] < 20 << 20, runs  # the control: freed memory went back to the kernel
     assert runs["kept"][1] > 100 << 20, runs  # kept: the 120 MB stay with the process...
     assert runs["kept"][0] < 2000, runs  # ...and the third round faults nothing in
