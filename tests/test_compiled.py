@@ -1,10 +1,10 @@
 """The compiled decode step (torch.compile: inductor on CPU here, CUDA graphs on a GPU).
 
-What it must show on a CPU, since CI has no GPU: a mix of every sampler setting, LoRA on and off and every
-batch size compiles at most one graph per (rows, positions attended), with no graph break and no cache-sized
-temporary in the generated code; its answers equal the eager step's, greedy and sampled alike (one sampler,
-one noise); compiling ahead (`Runner.warm_up`, what `load` starts on CUDA) leaves nothing to compile while
-serving requests of any batch size and length; a failed compile warns once and answers eagerly.
+What it must show on a CPU, since CI has no GPU: compiling ahead (`Runner.warm_up`, what `load` starts on CUDA)
+leaves nothing to compile while serving requests of any batch size and length, nor for a mix of every sampler
+setting with LoRA on and off; no graph break and no cache-sized temporary in the generated code; answers equal
+the eager step's, greedy and sampled alike (one sampler, one noise); a failed compile warns once and answers
+eagerly.
 """
 
 from __future__ import annotations
@@ -83,59 +83,16 @@ def tokens(results):
     return [(r["response"], r["usage"]) for r in results]
 
 
-def test_one_graph_per_shape_for_every_setting_and_batch_size(handle):
-    llm, a, b = handle
-    requests = mix(a, b)
-    greedy = [i for i, r in enumerate(requests) if r["temperature"] == 0]
-    eager = [llama32.generate(llm, **r) for r in requests]  # the reference step; loads both adapters
-
-    # The same static step, uncompiled: what the compiled one must reproduce, sampled rows included.
-    llm.compiled, llm._compiled_step = True, static_decode_step
-    try:
-        static_alone = [llama32.generate(llm, **r) for r in requests]
-    finally:
-        llm.compiled, llm._compiled_step = False, None
-
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    llm.compiled_shapes.clear()
-    llm.compiled = True
-    try:
-        alone = [llama32.generate(llm, **r) for r in requests]  # batch size 1
-        together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
-        together.append(in_threads(llm, requests))  # more than max_batch: some wait, rows come and go
-    finally:
-        llm.compiled = False
-
-    assert tokens([alone[i] for i in greedy]) == tokens([eager[i] for i in greedy])
-    assert tokens(alone) == tokens(static_alone) == tokens(eager)  # sampled rows too: one sampler, one noise
-    for results in together:  # every request gets its solo answer in any batch
-        assert tokens(results) == tokens(alone[:len(results)])
-    lp = [e["logprob"] for e in alone[-1]["logprobs"]]
-    assert lp == pytest.approx([e["logprob"] for e in eager[-1]["logprobs"]], abs=1e-4)
-
-    shapes = set(llm.compiled_shapes)
-    assert {rows for rows, _ in shapes} == {1, 2, 4}  # every batch bucket ran, compiled
-    assert {n for _, n in shapes} == {16}
-    # at most one graph per shape, whatever the settings (fewer: a size seen to change turns symbolic)
-    assert 1 <= counters["stats"]["unique_graphs"] <= len(shapes)
-    assert not counters["graph_break"]
-    graphs = counters["stats"]["unique_graphs"]
-    llm.compiled = True
-    try:
-        assert tokens(in_threads(llm, requests[::-1][:MAX_BATCH])) == tokens(alone[::-1][:MAX_BATCH])
-    finally:
-        llm.compiled = False
-    assert counters["stats"]["unique_graphs"] == graphs  # same shapes again: nothing new compiled
-
-
 @pytest.fixture(scope="module")
 def warmed(handle):
     """`Runner.warm_up` from nothing (dynamo reset), with the code inductor writes for each of its graphs kept in
     order (as `run_and_get_code` keeps it: the hook is global, so the warm-up's thread is seen too); then
     requests at every batch size, several attended lengths and two cache lengths. Shared by the warm-up test
-    and the generated-code test, so the suite compiles these graphs once."""
-    llm, _, _ = handle
+    and the generated-code test and the settings test, so the suite compiles these graphs once. Both adapters are
+    loaded first, so the graphs take the adapters' stacks as the loop passes them."""
+    llm, a, b = handle
+    for lora in (a, b):
+        llama32.generate(llm, prompt="x", raw=True, lora=lora, max_tokens=1)
     requests = [dict(prompt="word " * n, raw=True, temperature=t, seed=i + 1, top_p=0.9, max_tokens=6)
                 for i, (n, t) in enumerate([(3, 0), (40, 0.8), (100, 0), (12, 0.9)])]
     want = [llama32.generate(llm, **r) for r in requests]  # eager
@@ -159,9 +116,9 @@ def warmed(handle):
         alone = [llama32.generate(llm, **r) for r in requests]
         together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
     finally:
-        llm.compiled, llm._compiled_step = False, None
+        llm.compiled = False  # (its compiled step is kept for the settings test)
     return SimpleNamespace(
-        llm=llm, warming=warming, finished=finished, compiled=compiled, warmed=warmed, seen=seen, code=code,
+        llm=llm, a=a, b=b, step=llm._compiled_step, warming=warming, finished=finished, compiled=compiled, warmed=warmed, seen=seen, code=code,
         want=want, during=during, alone=alone, together=together, graphs=counters["stats"]["unique_graphs"],
         breaks=dict(counters["graph_break"]), shapes=set(llm.compiled_shapes))
 
@@ -185,6 +142,50 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(warmed):
         assert tokens(without_cached(results)) == want[:len(results)]
     assert {rows for rows, _ in w.shapes} == {1, 2, 4}
     assert len({attended for _, attended in w.shapes}) >= 3  # 16, 32 and longer: the 100-token prompt's
+
+
+def test_every_setting_and_batch_size_runs_the_warm_up_graphs(warmed):
+    """After `warm_up`, a mix of every sampler setting, adapters on and off, and every batch size (more requests
+    than rows too) runs compiled and compiles nothing more, with no graph break: the warm-up's graph for a shape
+    serves whatever the settings. Its answers are the eager step's and the same static step's run uncompiled,
+    greedy and sampled alike (one sampler, one noise), and each request's in any batch is its solo answer."""
+    llm = warmed.llm
+    requests = mix(warmed.a, warmed.b)
+    greedy = [i for i, r in enumerate(requests) if r["temperature"] == 0]
+    eager = [llama32.generate(llm, **r) for r in requests]  # the reference step
+
+    # The same static step, uncompiled: what the compiled one must reproduce, sampled rows included.
+    llm.compiled, llm._compiled_step = True, static_decode_step
+    try:
+        static_alone = [llama32.generate(llm, **r) for r in requests]
+    finally:
+        llm.compiled, llm._compiled_step = False, warmed.step
+
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    llm.compiled_shapes.clear()
+    llm.compiled = True
+    try:
+        alone = [llama32.generate(llm, **r) for r in requests]  # batch size 1
+        together = [in_threads(llm, requests[:size]) for size in range(2, MAX_BATCH + 1)]
+        together.append(in_threads(llm, requests))  # more than max_batch: some wait, rows come and go
+        reversed_ = in_threads(llm, requests[::-1][:MAX_BATCH])
+    finally:
+        llm.compiled = False
+
+    assert tokens([alone[i] for i in greedy]) == tokens([eager[i] for i in greedy])
+    assert tokens(alone) == tokens(static_alone) == tokens(eager)  # sampled rows too: one sampler, one noise
+    for results in together:  # every request gets its solo answer in any batch
+        assert tokens(results) == tokens(alone[:len(results)])
+    assert tokens(reversed_) == tokens(alone[::-1][:MAX_BATCH])
+    lp = [e["logprob"] for e in alone[-1]["logprobs"]]
+    assert lp == pytest.approx([e["logprob"] for e in eager[-1]["logprobs"]], abs=1e-4)
+
+    shapes = set(llm.compiled_shapes)
+    assert {rows for rows, _ in shapes} == {1, 2, 4}  # every batch bucket ran, compiled
+    assert {n for _, n in shapes} == {16}
+    assert counters["stats"]["unique_graphs"] == 0, "a setting or batch size compiled a graph of its own"
+    assert not counters["graph_break"]
 
 
 def step_args(llm, rows=MAX_BATCH, attended=256, adapters=True):
