@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .config import LlamaConfig
 from .quant import int8_linear
 from .scratch import linear_converted
-from .tiles import CAP, CAP_HEAD, RowTiles, pad_rows
+from .tiles import CAP, CAP_HEAD, RowTiles, least_call, pad_rows
 from .tiles import parts as tile_parts
 from .tiles import plan as plan_tiles
 from .tiles import run as run_tiles
@@ -900,11 +900,11 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
     checked here, per weight shape, to give each row the bits it has alone, so a request's logits do not depend on
     what shares its forward. On AVX-512 BF16 without AMX the unit tried first is 2 rows (a decode step of one
     request runs as 2): there oneDNN's 1-row kernel rounds otherwise than its kernel for more rows, so a 1-row unit
-    verified no other size for the 1B's larger weights (tiles.py), while 2 rows verify every size of the ladder. On
-    a 2-core EPYC a token's products in layer order (16 layers' distinct weights and the head) took 35 ms at 1 row,
-    36 at 2, 40.5 at 4 and 50 at 8, and a batch-1 decode ran 10-12% faster with 2 rows than with 4
-    (benchmarks/peers.py, 2 alternating pairs), the other scenarios even. (Measured before `load` moved off the
-    caller's thread, 4 rows had looked faster: openmp.py.) Elsewhere the unit tried first is 1 row.
+    verified no other size for the 1B's larger weights (tiles.py), while 2 rows verify every size of the ladder.
+    Elsewhere the unit tried first is 1 row. Which call size is fastest for a few rows is timed at load instead
+    (`tiles.least_call`): on one 2-core EPYC VM a token's products in layer order (16 layers' distinct weights
+    and the head) took 35 ms at 1 row, 36 at 2, 40.5 at 4 and 50 at 8; on another (2026-12-06), 90 ms
+    at 2 rows and 61 at 4.
     """
     if torch.device(device).type != "cpu":
         return "plain"
@@ -925,9 +925,12 @@ def choose_cpu_path(model: Transformer, device: torch.device | str, dtype: torch
 
 def tile_products(model: Transformer) -> None:
     """Give every floating-point projection its row tiles (tiles.py), checked once per weight shape and kernel;
-    `model.row_invariant` says whether every one verified."""
+    `model.row_invariant` says whether every one verified. Then each weight shape's smallest call is timed on
+    the model's own weights of that shape (`tiles.least_call`: where a larger verified size runs faster, fewer
+    rows are padded up to it, which changes no bits)."""
     prefer = PREFERRED_UNIT if _cpu_has("avx512_bf16") and not _cpu_has("amx_tile") else 1
     every = True
+    shapes: dict[tuple, list[Linear]] = {}  # the projections of one kernel, shape and ladder, in layer order
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or module.weight.dtype != torch.bfloat16:
             continue
@@ -937,9 +940,15 @@ def tile_products(model: Transformer) -> None:
         module.tiles = plan_tiles(module.product, module.in_features, module.weight.dtype, key, prefer=prefer,
                                   cap=cap)
         every = every and module.tiles is not None
+        if module.tiles is not None:
+            shapes.setdefault((key, module.in_features, cap), []).append(module)
         if name != "lm_head":  # (the head runs on prompt rows only when scoring; its own ladder serves them)
             module.span_tiles = span_tiles_for(module, key)
     model.row_invariant = every
+    for (key, in_features, _), modules in shapes.items():
+        fastest = least_call([m.product for m in modules], in_features, torch.bfloat16, modules[0].tiles, key)
+        for module in modules:
+            module.tiles = fastest
     for layer in model.model.layers:
         products = layer._after_attention()
         layer.tiles = common_tiles([p.tiles for p in products])
@@ -983,11 +992,13 @@ def span_tiles_for(module: Linear, key: tuple) -> RowTiles | None:
 
 
 def span_unit(model: Transformer) -> int:
-    """The rows a prompt span's products are padded to a multiple of: the largest of the smallest call sizes
-    (`span_tiles`, else `tiles`) of the projections prompts run through and of the layers (whose products
-    after attention take the sizes they share); 1 where none runs in tiles. On the Xeon with AMX the 1B's
-    k/v and down projections take 128-row calls for spans (`span_tiles_for`), so a 64-token span costs about
-    what a 128-token one does (the scheduler's `prefill_budget`)."""
+    """The rows a prompt span's products are padded to a multiple of: the largest of the units (`span_tiles`,
+    else `tiles`) of the projections prompts run through and of the layers (whose products after attention
+    take the sizes they share); 1 where none runs in tiles. On the Xeon with AMX the 1B's k/v and down
+    projections take 128-row calls for spans (`span_tiles_for`), so a 64-token span costs about what a
+    128-token one does (the scheduler's `prefill_budget`). A timed smallest call (`RowTiles.least`, at most
+    16 rows) is left out: it pads only spans shorter than itself, and its multiples need not be sizes of the
+    ladder (6 rows, where 64 is one)."""
     unit = 1
     for name, module in model.named_modules():
         if isinstance(module, (Linear, DecoderLayer)) and name != "lm_head":
@@ -1001,13 +1012,15 @@ def common_tiles(plans: list[RowTiles | None]) -> RowTiles | None:
     """The call sizes verified for every one of these products, or None (a product without tiles, or no size
     common to all). At any of its verified sizes a product gives each row the bits of its own unit, so a size
     verified for every product serves them all, whatever their units. The sizes kept are multiples of the
-    smallest common one (what `RowTiles` covers rows with)."""
+    smallest common one (what `RowTiles` covers rows with); the smallest call, the largest of theirs."""
     if not plans or any(p is None for p in plans):
         return None
     sizes = sorted(set.intersection(*(set(p.sizes) for p in plans)))
     if not sizes:
         return None
-    return RowTiles(tuple(s for s in sizes if s % sizes[0] == 0), max(p.fixed for p in plans))
+    least = max((p.least or p.unit) for p in plans)
+    return RowTiles(tuple(s for s in sizes if s % sizes[0] == 0), max(p.fixed for p in plans),
+                    least if least > sizes[0] else None)
 
 
 def choose_step_attention(model: Transformer, device: torch.device | str, dtype: torch.dtype,

@@ -13,7 +13,9 @@ unit) at any position in the call: checked on random rows, every row compared, e
 offset. `run` then covers M rows with calls of those sizes only, zero rows padding the last (a zero row
 changes no other row: a product's row depends on its own input row and the call's size alone). Which sizes
 cover M is a small cost model (`RowTiles.calls`): each call costs its rows plus a fixed part, reading the
-weight, measured in rows during the check.
+weight, measured in rows during the check. For a few rows that model is not enough: oneDNN's kernel may read a
+weight faster at 4 or 6 rows than at 2, so the smallest call is timed at load on the model's own weights
+(`least_call`), and fewer rows are padded up to it.
 
 What it costs: on a 2-core AMD EPYC (AVX-512 BF16, no AMX) a 512- or 2,048-row product of the 1B's shapes
 ran in 256-row calls within 2% of one call, either way (benchmarks/row_tiles.py measures the whole prefill
@@ -31,9 +33,10 @@ Where no ladder verifies (the unit itself disagrees with itself at a shifted off
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -52,10 +55,12 @@ CAP_HEAD = 64  # the output head's largest call (prompt logits only when scoring
 @dataclass(frozen=True)
 class RowTiles:
     """The call sizes verified for one weight: `sizes` ascending, `sizes[0]` the unit; `fixed` the cost of
-    one call beyond its rows, in rows (reading the weight)."""
+    one call beyond its rows, in rows (reading the weight); `least`: the smallest call the cover makes, where
+    a larger verified size was timed faster than the smaller ones (`least_call`); None: the unit."""
 
     sizes: tuple[int, ...]
     fixed: float = 8.0
+    least: int | None = None
     _covers: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -63,17 +68,21 @@ class RowTiles:
         return self.sizes[0]
 
     def calls(self, rows: int) -> tuple[int, ...]:
-        """Call sizes, largest first, whose sum is at least `rows` (by less than the unit where one call can
-        hold them), cheapest by the cost model: sum of (size + fixed)."""
+        """Call sizes, largest first, whose sum is at least `rows` (by less than the smallest call where one
+        call can hold them), cheapest by the cost model: sum of (size + fixed), over the sizes from `least`."""
         got = self._covers.get(rows)
         if got is None:
-            got = self._covers[rows] = _cover(self.sizes, self.fixed, rows)
+            sizes = self.sizes
+            if self.least is not None:
+                sizes = tuple(s for s in sizes if s >= self.least) or sizes[-1:]
+            got = self._covers[rows] = _cover(sizes, self.fixed, rows)
         return got
 
 
 def _cover(sizes: tuple[int, ...], fixed: float, rows: int) -> tuple[int, ...]:
-    """Cheapest multiset of `sizes` covering `rows` (dynamic programme over row counts in units)."""
-    unit, top = sizes[0], sizes[-1]
+    """Cheapest multiset of `sizes` covering `rows` (dynamic programme over row counts in units: the sizes'
+    greatest common divisor, the smallest size unless `least` left some out)."""
+    unit, top = math.gcd(*sizes), sizes[-1]
     whole, rest = divmod(rows, top)
     if rest == 0:
         return (top,) * whole
@@ -175,3 +184,48 @@ def _verify(product: Product, in_features: int, dtype: torch.dtype, unit: int, c
     per_row = max((top_time - unit_time) / max(good[-1] - unit, 1), 1e-9)
     fixed = min(max((unit_time - per_row * unit) / per_row, 2.0), 64.0)
     return RowTiles(tuple(good), fixed)
+
+
+SMALL = 16  # the largest call size `least_call` times: past it a call's rows, not its weight, set its cost
+_leasts: dict[tuple, int | None] = {}
+
+
+@torch.inference_mode()
+def least_call(products: list[Product], in_features: int, dtype: torch.dtype, tiles: RowTiles, key: tuple,
+               repeats: int = 3) -> RowTiles:
+    """`tiles` with `least` set where a larger verified call size runs faster than the smaller ones: each size
+    of the ladder up to `SMALL` rows timed over `products` (every weight of one shape, one after another, so
+    the weights are read from memory as a decode step reads them), the best of `repeats` rounds. The smallest
+    size within 2% of the fastest is taken; every size of the ladder gives a row its unit's bits, so this moves
+    time only, never a result.
+
+    Why: on a 2-core AMD EPYC (AVX-512 BF16, no AMX) oneDNN's bfloat16 products of the 1B's shapes took about
+    20% less time at 4 or 6 rows than at 2 (its unit there): the 8,192 x 2,048 weights 1.60 ms a call at 2
+    rows, 1.28 at 4, 1.20 at 6, 1.37 at 8; a batch-1 decode padded to 6 rows ran 10.1-11.6 tok/s against
+    8.1-9.0 at 2 (benchmarks/RESULTS.md). Another day, another EPYC VM had measured 2 rows faster than 4, so
+    it is timed here, per weight shape and process, rather than fixed per CPU."""
+    small = [s for s in tiles.sizes if s <= SMALL]
+    if len(small) < 2:
+        return tiles
+    key = (*key, in_features, dtype, tiles.sizes, len(products), torch.get_num_threads())
+    with _lock:
+        known = key in _leasts
+        least = _leasts.get(key)
+    if not known:
+        gen = torch.Generator().manual_seed(0)
+        xs = {s: torch.randn(s, in_features, generator=gen).to(dtype) for s in small}
+        for s in small:  # the first call at a row count includes oneDNN's code generation
+            products[0](xs[s])
+        best = dict.fromkeys(small, float("inf"))
+        for _ in range(repeats):  # sizes interleaved, so a drift of the machine's speed slows them alike
+            for s in small:
+                started = time.perf_counter()
+                for product in products:
+                    product(xs[s])
+                best[s] = min(best[s], time.perf_counter() - started)
+        fastest = min(best.values())
+        least = next(s for s in small if best[s] <= 1.02 * fastest)
+        least = None if least == tiles.unit else least
+        with _lock:
+            _leasts[key] = least
+    return tiles if least is None else replace(tiles, least=least, _covers={})

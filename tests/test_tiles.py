@@ -14,7 +14,7 @@ import torch
 
 import llama32
 from llama32.model import Linear
-from llama32.tiles import CAP, CAP_HEAD, RowTiles, _cover, plan, run
+from llama32.tiles import CAP, CAP_HEAD, SMALL, RowTiles, _cover, least_call, plan, run
 
 K, N = 64, 48
 W = torch.randn(N, K, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -174,6 +174,82 @@ def test_covers_use_the_sizes_and_hold_the_rows():
     assert _cover((16, 32, 64), 100.0, 20) == (32,)  # a costly call: pad rather than split
 
 
+LADDER = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # a unit of 2, as on an AMD EPYC
+
+
+def test_covers_from_a_least_size_use_only_ladder_sizes():
+    """With `least` set, rows fewer than it are padded up to it, and every cover takes only ladder sizes from it
+    up (6 leaves 8, 16, 32 ... which are not its multiples: a cover in units of 6 would make 30-row calls, a
+    size never verified)."""
+    tiles = RowTiles(LADDER, fixed=8.0, least=6)
+    assert [tiles.calls(rows) for rows in (1, 2, 6, 7, 8)] == [(6,), (6,), (6,), (8,), (8,)]
+    for rows in range(1, 1100):
+        calls = tiles.calls(rows)
+        assert set(calls) <= {s for s in LADDER if s >= 6} and sum(calls) >= rows, (rows, calls)
+        assert sum(calls) - rows < 64 or rows < 64
+    # the same ladder without it covers as before, from its unit
+    assert RowTiles(LADDER, fixed=8.0).calls(1) == (2,) and RowTiles(LADDER, fixed=8.0).calls(7) == (8,)
+
+
+def timed(seconds: dict[int, float]):
+    """A product that takes `seconds[rows]` (every call at a size, so rounds of timing agree)."""
+    import time
+
+    def product(x):
+        time.sleep(seconds.get(x.shape[0], 0.02))
+        return exact(x)
+
+    return product
+
+
+def test_the_least_call_is_the_smallest_size_about_as_fast_as_the_fastest():
+    """`least_call` times the ladder's sizes up to `SMALL` rows over the given products and keeps the smallest
+    within 2% of the fastest; where that is the unit, the tiles come back as they were."""
+    tiles = RowTiles(LADDER, fixed=8.0)
+    slow_two = {2: 0.04, 4: 0.03, 6: 0.02, 8: 0.0245, 12: 0.045, 16: 0.06}
+    got = least_call([timed(slow_two)] * 2, K, torch.bfloat16, tiles, ("fake", "slow-two"), repeats=2)
+    assert got.least == 6 and got.sizes == tiles.sizes and got.calls(3) == (6,)
+    near = {**slow_two, 4: 0.0202}  # 4 rows within 2% of 6 (1% slower): the smaller size is taken
+    assert least_call([timed(near)] * 4, K, torch.bfloat16, tiles, ("fake", "near"), repeats=2).least == 4
+    fast_two = {2: 0.01, 4: 0.02, 6: 0.03, 8: 0.04, 12: 0.05, 16: 0.06}
+    assert least_call([timed(fast_two)], K, torch.bfloat16, tiles, ("fake", "fast-two"), repeats=2) is tiles
+    assert max(s for s in LADDER if s <= SMALL) == 16  # (sizes past SMALL are not timed: 24 was given 20 ms)
+
+
+def test_a_least_call_changes_no_bits(smol_bf16):
+    """Every projection with its smallest call held at the largest size `least_call` may choose: each row count
+    from 1 to 40 gives every row the bits it had with the ladder's own unit, and a greedy answer is unchanged."""
+    from dataclasses import replace
+
+    model = smol_bf16.model
+    if model.cpu_path == "widened":
+        pytest.skip("bfloat16 on a CPU without native bfloat16 is not row-invariant (docs/API.md)")
+    tiled = {m: m.tiles for m in model.modules() if getattr(m, "tiles", None) is not None}
+    request = dict(prompt="Name three rivers of Europe.", temperature=0, max_tokens=12)
+    gen = torch.Generator().manual_seed(5)
+    xs = {}
+    with torch.inference_mode():
+        for m in tiled:
+            if isinstance(m, Linear):
+                xs.setdefault(m.in_features, torch.randn(40, m.in_features, generator=gen).bfloat16())
+        shapes = {(m.in_features, m.out_features): m for m in tiled if isinstance(m, Linear)}
+        try:
+            for m, tiles in tiled.items():
+                m.tiles = replace(tiles, least=None, _covers={})
+            want = {shape: [m(xs[shape[0]][None, :n])[0] for n in range(1, 41)] for shape, m in shapes.items()}
+            plain = llama32.generate(smol_bf16, **request)
+            for m, tiles in tiled.items():
+                m.tiles = replace(tiles, least=max(s for s in tiles.sizes if s <= SMALL), _covers={})
+            for shape, m in shapes.items():
+                assert m.tiles.calls(1) == (m.tiles.least,)
+                for n in range(1, 41):
+                    assert torch.equal(m(xs[shape[0]][None, :n])[0], want[shape][n - 1]), (shape, n)
+            assert llama32.generate(smol_bf16, **request)["response"] == plain["response"]
+        finally:
+            for m, tiles in tiled.items():
+                m.tiles = tiles
+
+
 @pytest.fixture(scope="module")
 def smol_bf16(smollm2_dir):
     return llama32.load(smollm2_dir, dtype="bfloat16", device="cpu")
@@ -219,6 +295,9 @@ def test_a_layer_takes_the_sizes_its_products_share_whatever_their_units():
     assert common_tiles([RowTiles((1, 8, 12, 16)), RowTiles((4, 8, 12, 16))]).sizes == (8, 16)
     assert common_tiles([one, RowTiles((64, 128))]) is None
     assert common_tiles([one, None]) is None
+    # the layer's smallest call: the largest of its products' (`least_call`)
+    assert common_tiles([RowTiles(LADDER, 8.0, 6), RowTiles(LADDER, 8.0, 4), RowTiles(LADDER)]).least == 6
+    assert common_tiles([RowTiles(LADDER), RowTiles(LADDER)]).least is None
 
 
 def test_no_rows_is_one_call():
