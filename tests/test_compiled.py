@@ -118,7 +118,8 @@ def warmed(handle):
     finally:
         llm.compiled = False  # (its compiled step is kept for the settings test)
     return SimpleNamespace(
-        llm=llm, a=a, b=b, step=llm._compiled_step, warming=warming, finished=finished, compiled=compiled, warmed=warmed, seen=seen, code=code,
+        llm=llm, a=a, b=b, step=llm._compiled_step, warming=warming, finished=finished, compiled=compiled,
+        warmed=warmed, seen=seen, code=code,
         want=want, during=during, alone=alone, together=together, graphs=counters["stats"]["unique_graphs"],
         breaks=dict(counters["graph_break"]), shapes=set(llm.compiled_shapes))
 
