@@ -61,7 +61,8 @@ class RowTiles:
     sizes: tuple[int, ...]
     fixed: float = 8.0
     least: int | None = None
-    _covers: dict = field(default_factory=dict, compare=False, repr=False)
+    # covers by row count, cached; not an init field, so `dataclasses.replace` starts each copy afresh
+    _covers: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def unit(self) -> int:
@@ -228,4 +229,4 @@ def least_call(products: list[Product], in_features: int, dtype: torch.dtype, ti
         least = None if least == tiles.unit else least
         with _lock:
             _leasts[key] = least
-    return tiles if least is None else replace(tiles, least=least, _covers={})
+    return tiles if least is None else replace(tiles, least=least)

@@ -712,7 +712,7 @@ def test_the_span_unit_is_what_a_short_prompt_span_pays(smollm2_dir, dtype):
     if not tiles:
         assert unit == 1
         return
-    untimed = [replace(t, least=None, _covers={}) for t in tiles]
+    untimed = [replace(t, least=None) for t in tiles]
     assert all(sum(t.calls(1)) <= unit for t in untimed)
     assert any(sum(t.calls(1)) == unit for t in untimed)
     assert all(sum(t.calls(1)) <= max(unit, t.least or 0) for t in tiles)
